@@ -1,0 +1,301 @@
+"""ARLM -> diffusion student conversion: mask token, diffusion settings, attention checks, views.
+
+The student is the *unchanged* Hugging Face model: no forked modeling code and no patched forward.
+What makes it a diffusion LM is (1) a ``[MASK]`` token it reads at undecided positions and (2) the
+block-causal 4D masks of :mod:`opdlm_trl.masks`, passed through the model's own attention interface
+by :func:`student_forward`. The teacher view (:func:`teacher_forward`) is the same weights with the
+ordinary causal mask and, for a peft student, the adapters disabled: a LoRA conversion needs no
+second copy of the model.
+
+The diffusion settings live in ``model.config.opdlm`` so that ``save_pretrained`` and
+``from_pretrained`` round-trip them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+from .masks import block_causal_mask, position_ids_from_mask
+
+__all__ = [
+    "CONFIG_KEY",
+    "DEFAULT_MASK_TOKEN",
+    "SUPPORTED_ATTENTION",
+    "DiffusionSettings",
+    "adapters_disabled",
+    "cache_keyword",
+    "diffusion_settings",
+    "load_diffusion_model",
+    "probe_4d_mask_support",
+    "student_forward",
+    "suppress_mask_logit",
+    "teacher_forward",
+    "to_diffusion",
+    "unwrap_model",
+]
+
+CONFIG_KEY = "opdlm"
+DEFAULT_MASK_TOKEN = "<|mask|>"
+SUPPORTED_ATTENTION = ("sdpa", "eager")
+
+
+@dataclass(frozen=True)
+class DiffusionSettings:
+    """What turns an ARLM into this project's diffusion student (stored in ``config.opdlm``)."""
+
+    block_size: int | None
+    mask_token_id: int
+    shift: bool
+    teacher_vocab_size: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The underlying ``PreTrainedModel`` of a peft / DDP / DeepSpeed wrapper."""
+    while True:
+        if hasattr(model, "get_base_model"):
+            model = model.get_base_model()
+        elif hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
+            model = model.module
+        else:
+            return model
+
+
+def diffusion_settings(model: torch.nn.Module) -> DiffusionSettings:
+    """Read the diffusion settings of a converted student; a clear error if it was never converted."""
+    stored = getattr(unwrap_model(model).config, CONFIG_KEY, None)
+    if not stored:
+        raise ValueError(
+            "This model is not a diffusion student (no `config.opdlm`). Convert it with "
+            "`opdlm_trl.to_diffusion(model, tokenizer)` or load one with `opdlm_trl.load_diffusion_model`."
+        )
+    return DiffusionSettings(**stored)
+
+
+def _check_attention_backend(model: torch.nn.Module) -> None:
+    implementation = getattr(unwrap_model(model).config, "_attn_implementation", None)
+    if implementation not in SUPPORTED_ATTENTION:
+        raise ValueError(
+            f"Attention backend {implementation!r} cannot take the block-causal 4D masks a diffusion student "
+            f"needs. Load the model with attn_implementation='sdpa' (recommended) or 'eager', or call "
+            f"`model.set_attn_implementation('sdpa')`."
+        )
+
+
+def cache_keyword(model: torch.nn.Module) -> str:
+    """Name of the KV-cache argument of the model's forward (``cache`` in transformers >= 5.2x)."""
+    parameters = inspect.signature(unwrap_model(model).forward).parameters
+    return "cache" if "cache" in parameters else "past_key_values"
+
+
+@torch.no_grad()
+def probe_4d_mask_support(model: torch.nn.Module) -> None:
+    """Prove with a 3-token forward that the model honours a custom 4D mask.
+
+    Position 0 is run twice: once allowed to see only itself, once allowed to see all three tokens.
+    If the logits agree the model ignored the mask (its attention builds its own), and a diffusion
+    student would silently stay causal, so we refuse it.
+    """
+    base = unwrap_model(model)
+    device = next(base.parameters()).device
+    dtype = next(base.parameters()).dtype
+    vocab = base.config.vocab_size
+    input_ids = torch.tensor([[1 % vocab, 2 % vocab, 3 % vocab]], device=device)
+    attention_mask = torch.ones_like(input_ids)
+    position_ids = position_ids_from_mask(attention_mask)
+    causal = block_causal_mask(attention_mask, 1, dtype)
+    bidirectional = block_causal_mask(attention_mask, None, dtype)
+    was_training = base.training
+    base.eval()
+    try:
+        first = base(input_ids=input_ids, attention_mask=causal, position_ids=position_ids).logits[0, 0]
+        second = base(input_ids=input_ids, attention_mask=bidirectional, position_ids=position_ids).logits[0, 0]
+    finally:
+        base.train(was_training)
+    if torch.equal(first, second):
+        raise ValueError(
+            f"{type(base).__name__} ignores custom 4D attention masks (a probe forward gave the same logits "
+            "with a causal and a bidirectional mask), so it cannot become a block-causal student. Use an "
+            "architecture whose attention accepts 4D masks (Llama, Qwen2/3, Mistral, ...)."
+        )
+
+
+def _resolve_mask_token(model: torch.nn.Module, tokenizer, mask_token: str | int | None) -> int:
+    """Mask-token policy: explicit > tokenizer's own > free embedding row > new token (resize)."""
+    base = unwrap_model(model)
+    vocab_size = base.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) > vocab_size:
+        raise ValueError(
+            f"Tokenizer has {len(tokenizer)} tokens but the model has only {vocab_size} embedding rows: "
+            "they do not belong together. Pass the tokenizer saved with this model."
+        )
+    if isinstance(mask_token, int):
+        if not 0 <= mask_token < vocab_size:
+            raise ValueError(f"mask_token id {mask_token} is outside the model vocabulary [0, {vocab_size}).")
+        return mask_token
+    if mask_token is None and tokenizer.mask_token_id is not None:
+        return int(tokenizer.mask_token_id)
+    token = mask_token or DEFAULT_MASK_TOKEN
+    if token in tokenizer.get_vocab():
+        mask_id = int(tokenizer.convert_tokens_to_ids(token))
+        tokenizer.mask_token = token
+        return mask_id
+    tokenizer.add_special_tokens({"mask_token": token})
+    mask_id = int(tokenizer.mask_token_id)
+    if mask_id >= vocab_size:  # no free row: grow the embedding, new row = mean of the existing ones
+        old_rows = vocab_size
+        base.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+        with torch.no_grad():
+            embeddings = base.get_input_embeddings().weight
+            embeddings[old_rows:] = embeddings[:old_rows].mean(0, keepdim=True)
+            output = base.get_output_embeddings()
+            if output is not None and output.weight.data_ptr() != embeddings.data_ptr():
+                output.weight[old_rows:] = output.weight[:old_rows].mean(0, keepdim=True)
+                if getattr(output, "bias", None) is not None:
+                    output.bias[old_rows:] = output.bias[:old_rows].mean()
+    return mask_id
+
+
+def to_diffusion(
+    model: torch.nn.Module,
+    tokenizer,
+    block_size: int | None = 4,
+    mask_token: str | int | None = None,
+    shift: bool = False,
+    probe: bool = True,
+):
+    """Configure ``model`` in place as a block-diffusion student; return ``(model, tokenizer)``.
+
+    Args:
+        model: a Hugging Face decoder-only causal LM (optionally peft-wrapped) loaded with sdpa or
+            eager attention.
+        tokenizer: its tokenizer; it receives a mask token when it has none (see the policy in
+            ``docs/conversion.md``).
+        block_size: tokens per denoising block; ``None`` = one block for the whole completion.
+        mask_token: a token string or id to use as ``[MASK]``; default: the tokenizer's own mask
+            token, else a free embedding row, else a new token (the embedding grows by one row).
+        shift: read token ``i`` from the logit at ``i - 1`` (Dream / Fast-dLLM v2 convention) instead
+            of the paper's ``i`` (see ``docs/conversion.md``).
+        probe: run a 3-token forward proving the model honours 4D masks.
+    """
+    if block_size is not None and block_size < 1:
+        raise ValueError(f"block_size must be a positive integer or None, got {block_size}.")
+    _check_attention_backend(model)
+    base = unwrap_model(model)
+    stored = getattr(base.config, CONFIG_KEY, None)
+    teacher_vocab = stored["teacher_vocab_size"] if stored else base.get_input_embeddings().weight.shape[0]
+    mask_id = _resolve_mask_token(model, tokenizer, mask_token)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    settings = DiffusionSettings(
+        block_size=block_size, mask_token_id=mask_id, shift=bool(shift), teacher_vocab_size=int(teacher_vocab)
+    )
+    setattr(base.config, CONFIG_KEY, settings.to_dict())
+    if probe:
+        probe_4d_mask_support(model)
+    return model, tokenizer
+
+
+def load_diffusion_model(path_or_id: str, tokenizer_path: str | None = None, **from_pretrained_kwargs):
+    """Load a saved student and its tokenizer with identical behaviour; returns ``(model, tokenizer)``.
+
+    Defaults to ``attn_implementation="sdpa"`` and ``trust_remote_code=False``; weights load with
+    safetensors. Raises if the checkpoint is not a converted student or its tokenizer lost the mask.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from_pretrained_kwargs.setdefault("attn_implementation", "sdpa")
+    from_pretrained_kwargs.setdefault("trust_remote_code", False)
+    from_pretrained_kwargs.setdefault("use_safetensors", True)
+    model = AutoModelForCausalLM.from_pretrained(path_or_id, **from_pretrained_kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(
+        tokenizer_path or path_or_id, trust_remote_code=from_pretrained_kwargs["trust_remote_code"]
+    )
+    settings = diffusion_settings(model)
+    _check_attention_backend(model)
+    if tokenizer.mask_token_id is not None and tokenizer.mask_token_id != settings.mask_token_id:
+        raise ValueError(
+            f"Tokenizer mask token id {tokenizer.mask_token_id} differs from the model's "
+            f"{settings.mask_token_id}: load the tokenizer saved with this student."
+        )
+    return model, tokenizer
+
+
+def suppress_mask_logit(logits: torch.Tensor, mask_token_id: int) -> torch.Tensor:
+    """The student never predicts ``[MASK]``: give its logit the dtype's minimum (out of place).
+
+    ``finfo.min`` rather than ``-inf`` keeps ``p * log p`` terms finite (``0 * finite = 0``).
+    """
+    if mask_token_id >= logits.shape[-1]:
+        return logits
+    fill = torch.finfo(logits.dtype).min
+    index = torch.tensor([mask_token_id], device=logits.device)
+    return logits.index_fill(-1, index, fill)
+
+
+def student_forward(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    block_size: int | None = None,
+    position_ids: torch.Tensor | None = None,
+    cache=None,
+    prompt_length: int | None = None,
+    **kwargs,
+):
+    """Block-causal forward of the student over a canvas (or the last blocks of one, with a cache).
+
+    ``attention_mask`` is either the 2D ``(B, K)`` padding mask over every key (cached + new) or an
+    already built 4D mask (e.g. :func:`opdlm_trl.masks.training_layout`). ``block_size`` defaults
+    to the model's diffusion setting.
+    """
+    if attention_mask.dim() == 2:
+        if block_size is None:
+            block_size = diffusion_settings(model).block_size
+        if position_ids is None:
+            position_ids = position_ids_from_mask(attention_mask)[:, -input_ids.shape[1] :]
+        dtype = next(unwrap_model(model).parameters()).dtype
+        attention_mask = block_causal_mask(
+            attention_mask, block_size, dtype, query_length=input_ids.shape[1], prompt_length=prompt_length
+        )
+    if cache is not None:
+        kwargs[cache_keyword(model)] = cache
+        kwargs.setdefault("use_cache", True)
+    return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **kwargs)
+
+
+@contextlib.contextmanager
+def adapters_disabled(model: torch.nn.Module):
+    """Run the base weights of a peft model (no-op for a plain model)."""
+    if hasattr(model, "disable_adapter") and hasattr(model, "peft_config"):
+        with model.disable_adapter():
+            yield model
+    else:
+        yield model
+
+
+def teacher_forward(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    position_ids: torch.Tensor | None = None,
+    **kwargs,
+):
+    """The original causal ARLM computed from a student (adapters off, ordinary causal mask).
+
+    Position ids count real tokens (as ``generate`` does for left padding), so the result equals
+    the unconverted model's forward on the same batch.
+    """
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    if position_ids is None:
+        position_ids = position_ids_from_mask(attention_mask)
+    with adapters_disabled(model):
+        return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **kwargs)
