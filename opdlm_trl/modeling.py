@@ -185,8 +185,8 @@ def to_diffusion(
             of the paper's ``i`` (see ``docs/conversion.md``).
         probe: run a 3-token forward proving the model honours 4D masks.
     """
-    if block_size is not None and block_size < 1:
-        raise ValueError(f"block_size must be a positive integer or None, got {block_size}.")
+    if block_size is not None and (isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1):
+        raise ValueError(f"block_size must be a positive integer or None, got {block_size!r}.")
     _check_attention_backend(model)
     base = unwrap_model(model)
     stored = getattr(base.config, CONFIG_KEY, None)
