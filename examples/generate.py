@@ -1,0 +1,102 @@
+"""Generate with a converted (or trained) diffusion student from the command line.
+
+    python examples/generate.py --model out/student --prompt "Write a function that adds two numbers."
+    python examples/generate.py --model out/student --prompts-file prompts.txt --chat \\
+        --remasking dynamic --threshold 0.9 --max-new-tokens 128 --batch-size 4 --output answers.jsonl
+
+Prompts are wrapped in the tokenizer's chat template with ``--chat`` (one user turn each), else fed
+as plain text. Sampler options mirror :class:`opdlm_trl.sampling.SamplerConfig` (docs/sampling.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import torch
+from tqdm.auto import tqdm
+
+from opdlm_trl import load_diffusion_model
+from opdlm_trl.sampling import DiffusionSampler, SamplerConfig, default_stop_token_ids, encode_prompts
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="directory of a saved diffusion student")
+    parser.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
+    parser.add_argument("--prompts-file", help="a text file with one prompt per line")
+    parser.add_argument("--chat", action="store_true", help="apply the chat template (one user message per prompt)")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--block-size", type=int, default=None, help="default: the model's block size")
+    parser.add_argument("--steps-per-block", type=int, default=None, help="default: block size (1 token/step)")
+    parser.add_argument("--remasking", choices=["static", "dynamic"], default="static")
+    parser.add_argument("--threshold", type=float, default=0.9)
+    parser.add_argument("--confidence", choices=["prob", "margin", "entropy"], default="prob")
+    parser.add_argument("--temperature", type=float, default=0.0)
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument("--no-cache", action="store_true", help="recompute the whole canvas each step (slow)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--output", help="write JSON lines {prompt, completion, finish_reason, nfe} here")
+    return parser.parse_args(argv)
+
+
+def read_prompts(args: argparse.Namespace) -> list[str]:
+    prompts = list(args.prompt)
+    if args.prompts_file:
+        with open(args.prompts_file) as handle:
+            prompts.extend(line.rstrip("\n") for line in handle if line.strip())
+    if not prompts:
+        raise SystemExit("Give at least one --prompt or a --prompts-file.")
+    return prompts
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    prompts = read_prompts(args)
+    model, tokenizer = load_diffusion_model(args.model, dtype=getattr(torch, args.dtype))
+    model.to(args.device).eval()
+    config = SamplerConfig(
+        block_size=args.block_size,
+        max_new_tokens=args.max_new_tokens,
+        steps_per_block=args.steps_per_block,
+        remasking=args.remasking,
+        threshold=args.threshold,
+        confidence=args.confidence,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        stop_token_ids=default_stop_token_ids(tokenizer),
+        use_cache=not args.no_cache,
+    )
+    sampler = DiffusionSampler(config, pad_token_id=tokenizer.pad_token_id)
+    generator = torch.Generator(device=args.device).manual_seed(args.seed)
+    inputs = [[{"role": "user", "content": p}] for p in prompts] if args.chat else prompts
+    encoded = encode_prompts(tokenizer, inputs)
+    output = open(args.output, "w") if args.output else None
+    try:
+        for start in tqdm(range(0, len(encoded), args.batch_size), desc="batches", unit="batch"):
+            rollout = sampler.sample(model, encoded[start : start + args.batch_size], generator=generator)
+            for offset, text in enumerate(rollout.texts(tokenizer)):
+                record = {
+                    "prompt": prompts[start + offset],
+                    "completion": text,
+                    "finish_reason": rollout.finish_reason[offset],
+                    "tokens_per_step": rollout.tokens_per_step,
+                    "nfe": rollout.nfe,
+                }
+                if output:
+                    output.write(json.dumps(record) + "\n")
+                else:
+                    tqdm.write(f"### {record['prompt']}\n{text}\n", file=sys.stdout)
+    finally:
+        if output:
+            output.close()
+
+
+if __name__ == "__main__":
+    main()
