@@ -1,0 +1,231 @@
+"""`OPDConfig`: every knob of an OPD conversion run, TRL-style (dataclass fields with ``help``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from trl import DistillationConfig
+
+__all__ = ["OPDConfig"]
+
+_STATE_SELECTIONS = ("per_block", "global_step", "random_remask")
+_LOSS_TYPES = ("forward_kl", "reverse_kl", "jsd", "token_pg")
+_TEACHER_BACKENDS = ("auto", "local", "shared", "vllm_server", "vllm_colocate")
+_CURRICULA = ("linear", "cosine", "none")
+_NORMALIZATIONS = ("sequence", "token")
+
+
+@dataclass
+class OPDConfig(DistillationConfig):
+    r"""Configuration of [`OPDTrainer`]: on-policy self-distillation of an ARLM into a block-diffusion LM.
+
+    Extends TRL's `DistillationConfig`. Inherited fields keep their TRL meaning where it applies: `temperature`,
+    `top_p`, `top_k` control the student's *rollout* sampler (the loss always compares distributions at
+    temperature 1, as the method prescribes), `max_completion_length` is the final rollout length of the length
+    curriculum, and `beta` is the JSD interpolation when `loss_type="jsd"` (TRL convention: 0 = forward KL,
+    1 = reverse KL). `use_vllm` (student generation with vLLM) is refused: the student decodes with the diffusion
+    sampler. The *teacher* can be vLLM-served (`teacher_backend`).
+
+    Defaults follow the paper's training recipe (method.md §7): block 4, dynamic decoding at threshold 0.9 and
+    temperature 1.0, one state per block, full-vocabulary forward KL, per-sequence normalisation.
+    """
+
+    # Overridden TRL defaults
+    learning_rate: float = field(default=1e-5, metadata={"help": "Initial AdamW learning rate (paper: 1e-5)."})
+    max_completion_length: int | None = field(
+        default=256,
+        metadata={"help": "Final rollout length (tokens) reached by the length curriculum; rounded up to a block."},
+    )
+
+    # Diffusion student
+    block_size: int = field(
+        default=4,
+        metadata={
+            "help": "Tokens per denoising block of the student (paper: 4). Ignored if the model is "
+            "already a converted student (its own setting is used)."
+        },
+    )
+    mask_token: str | None = field(
+        default=None,
+        metadata={
+            "help": "Mask token string; default: the tokenizer's own, else a free embedding row, else a new "
+            "token (see docs/conversion.md)."
+        },
+    )
+    shift: bool = field(
+        default=False,
+        metadata={
+            "help": "Shifted student: token i is read from the logit at i-1 (Dream / Fast-dLLM v2). The "
+            "paper's recipe is shift=False; see docs/results.md for the measured comparison."
+        },
+    )
+
+    # Rollout sampler
+    steps_per_block: int | None = field(
+        default=None,
+        metadata={
+            "help": "Denoising steps per block for static decoding (commits block_size/steps tokens a step). "
+            "Default: block_size (one token per step)."
+        },
+    )
+    remasking: str = field(
+        default="dynamic",
+        metadata={
+            "help": "Rollout commit rule: 'dynamic' (every masked token with confidence >= threshold, at "
+            "least the static count) or 'static' (a fixed number per step)."
+        },
+    )
+    threshold: float = field(default=0.9, metadata={"help": "Confidence threshold of dynamic decoding."})
+    confidence: str = field(
+        default="prob", metadata={"help": "Confidence score: 'prob', 'margin' (top1 - top2) or 'entropy'."}
+    )
+    use_kv_cache: bool = field(
+        default=True, metadata={"help": "Decode rollouts with the exact block KV cache (False: full canvas)."}
+    )
+
+    # Training states and loss
+    state_selection: str = field(
+        default="per_block",
+        metadata={
+            "help": "Which visited states are trained: 'per_block' (one uniformly chosen step per block, "
+            "reference code), 'global_step' (one step of the whole trajectory, paper Alg. 1) or "
+            "'random_remask' (random masks on the on-policy x0: the OPDLM_off ablation)."
+        },
+    )
+    loss_type: str = field(
+        default="forward_kl",
+        metadata={
+            "help": "'forward_kl' (paper), 'reverse_kl', 'jsd' (uses beta) or 'token_pg' (sampled-token "
+            "policy gradient with reward log p_T - log p_S)."
+        },
+    )
+    teacher_top_k: int | None = field(
+        default=None,
+        metadata={
+            "help": "Restrict the divergence to the teacher's top-k tokens (reference: 16 at 4B/8B). None = "
+            "full vocabulary (local/shared teachers only)."
+        },
+    )
+    tail_bucket: bool = field(
+        default=False,
+        metadata={"help": "With teacher_top_k: add the leftover probability mass as one extra category."},
+    )
+    loss_normalization: str = field(
+        default="sequence",
+        metadata={
+            "help": "'sequence': per-row mean over supervised positions, then mean over rows (reference "
+            "code); 'token': global mean over all supervised tokens of the batch."
+        },
+    )
+
+    # Teacher
+    teacher_backend: str = field(
+        default="auto",
+        metadata={
+            "help": "'local' (a separate frozen model), 'shared' (the student's base weights with LoRA "
+            "adapters disabled: zero extra memory), 'vllm_server', 'vllm_colocate', or 'auto' (shared with "
+            "peft and no teacher model, local otherwise)."
+        },
+    )
+    teacher_url: str | None = field(
+        default=None, metadata={"help": "Base URL of the vLLM server scoring the teacher (vllm_server backend)."}
+    )
+    teacher_model_name: str | None = field(
+        default=None, metadata={"help": "Model name on the vLLM server (default: the only one it serves)."}
+    )
+    teacher_timeout: float = field(default=120.0, metadata={"help": "Seconds per teacher-server request."})
+    teacher_max_retries: int = field(default=3, metadata={"help": "Retries of a failed teacher-server request."})
+    teacher_max_concurrency: int = field(default=4, metadata={"help": "Parallel requests to the teacher server."})
+    teacher_chunk_size: int = field(
+        default=1024,
+        metadata={"help": "Positions per lm_head chunk when scoring with a local/shared teacher (memory bound)."},
+    )
+    teacher_gpu_memory_utilization: float = field(
+        default=0.3, metadata={"help": "GPU memory fraction of the in-process vLLM teacher (vllm_colocate)."}
+    )
+
+    # Length curriculum
+    min_completion_length: int | None = field(
+        default=None,
+        metadata={"help": "Rollout length at step 0 of the curriculum (default: max_completion_length)."},
+    )
+    curriculum_steps: int = field(
+        default=0, metadata={"help": "Optimizer steps over which the rollout length ramps from min to max."}
+    )
+    curriculum: str = field(
+        default="linear",
+        metadata={"help": "'linear' (paper), 'cosine' (reference code: 1 - cos(pi/2 * s/S)) or 'none'."},
+    )
+
+    # Prompts and export
+    max_prompt_length: int | None = field(
+        default=512, metadata={"help": "Longest prompt in tokens; longer prompts follow `prompt_truncation`."}
+    )
+    prompt_truncation: str = field(
+        default="error",
+        metadata={"help": "'error' (refuse over-long prompts, naming the row) or 'left' (keep the last tokens)."},
+    )
+    merge_lora_on_save: bool = field(
+        default=False,
+        metadata={
+            "help": "With peft: the final `save_model` also writes a merged full student to `<output_dir>/merged`."
+        },
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        self._validate_choices()
+        self._validate_numbers()
+        if self.use_vllm:
+            raise ValueError(
+                "use_vllm=True asks TRL to generate the student's rollouts with vLLM, but a diffusion student "
+                "decodes with opdlm_trl's block sampler. To serve the *teacher* with vLLM set "
+                "teacher_backend='vllm_server' (teacher_url=...) or 'vllm_colocate'."
+            )
+        if self.steps_per_block is None:
+            self.steps_per_block = self.block_size
+        if self.min_completion_length is None:
+            self.min_completion_length = self.max_completion_length
+
+    def _validate_choices(self) -> None:
+        for name, allowed in (
+            ("state_selection", _STATE_SELECTIONS),
+            ("loss_type", _LOSS_TYPES),
+            ("teacher_backend", _TEACHER_BACKENDS),
+            ("curriculum", _CURRICULA),
+            ("loss_normalization", _NORMALIZATIONS),
+            ("remasking", ("static", "dynamic")),
+            ("confidence", ("prob", "margin", "entropy")),
+            ("prompt_truncation", ("error", "left")),
+        ):
+            value = getattr(self, name)
+            if value not in allowed:
+                raise ValueError(f"{name}={value!r} is not one of {allowed}.")
+        if self.teacher_backend in ("vllm_server", "vllm_colocate") and self.teacher_top_k is None:
+            raise ValueError(
+                f"teacher_backend={self.teacher_backend!r} returns top-k log-probs only: set teacher_top_k "
+                "(e.g. 16 as in the paper's reference code)."
+            )
+        if self.teacher_backend == "vllm_server" and not self.teacher_url:
+            raise ValueError("teacher_backend='vllm_server' needs teacher_url, e.g. http://127.0.0.1:8000.")
+
+    def _validate_numbers(self) -> None:
+        if self.block_size is None or self.block_size < 1:
+            raise ValueError(f"block_size must be a positive integer, got {self.block_size}.")
+        if self.steps_per_block is not None and not 1 <= self.steps_per_block <= self.block_size:
+            raise ValueError(f"steps_per_block must be in [1, block_size={self.block_size}].")
+        if not 0.0 <= self.threshold <= 1.0:
+            raise ValueError(f"threshold must be in [0, 1], got {self.threshold}.")
+        if self.max_completion_length is None or self.max_completion_length < 1:
+            raise ValueError("max_completion_length must be a positive number of tokens.")
+        if (
+            self.min_completion_length is not None
+            and not 1 <= self.min_completion_length <= self.max_completion_length
+        ):
+            raise ValueError("min_completion_length must be in [1, max_completion_length].")
+        if self.curriculum_steps < 0:
+            raise ValueError("curriculum_steps must be >= 0.")
+        if self.teacher_top_k is not None and self.teacher_top_k < 1:
+            raise ValueError("teacher_top_k must be a positive integer or None.")
+        if self.tail_bucket and self.teacher_top_k is None:
+            raise ValueError("tail_bucket=True needs teacher_top_k (the bucket is the mass outside the top-k).")

@@ -1,0 +1,524 @@
+"""`OPDTrainer`: on-policy self-distillation of an ARLM into a block-diffusion LM, on TRL's DistillationTrainer.
+
+One optimisation step, as data (docs/trainer.md has the long version):
+
+1. prompts -> chat template -> token lists                           (TRL's ``_tokenize_prompts``)
+2. the student decodes them with the diffusion sampler               (:mod:`opdlm_trl.sampling`)
+3. the frozen teacher scores the finished sequences                  (:mod:`opdlm_trl.teachers`)
+4. visited states are chosen from the trajectory record              (:mod:`opdlm_trl.states`)
+5. one block-causal ``[prompt | x0 | x_t]`` forward of the student   (:mod:`opdlm_trl.masks`)
+6. divergence to the teacher at the still-masked positions           (:mod:`opdlm_trl.losses`)
+
+The trainer only orchestrates: it overrides TRL's generation hook (``_generate_and_score_completions``) and its
+loss hook (``compute_loss``), each kept short, and keeps the method in the modules above. Everything else —
+generation-batch buffering across gradient accumulation, DDP/DeepSpeed preparation, logging of ``_metrics``,
+checkpointing, model cards — is TRL's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import os
+import textwrap
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+from transformers.trainer_callback import ExportableState
+from trl import DistillationTrainer
+from trl.models.utils import prepare_deepspeed, unwrap_model_for_generation
+
+from . import losses as L
+from .config import OPDConfig
+from .curriculum import completion_length
+from .masks import training_layout
+from .modeling import DiffusionSettings, diffusion_settings, suppress_mask_logit, to_diffusion, unwrap_model
+from .sampling import DiffusionSampler, Rollout, SamplerConfig
+from .states import TrainingStates, select_states
+from .teachers import TeacherTargets, build_teacher
+
+__all__ = ["OPDProgress", "OPDTrainer"]
+
+_OPDLM_CITATION = textwrap.dedent("""\
+    @article{su2026opdlm,
+        title   = {{Data-Efficient Autoregressive-to-Diffusion Language Models via On-Policy Distillation}},
+        author  = {Xingyu Su and Jacob Helwig and Shubham Parashar and Atharv Chagi and Lakshmi Jotsna and Degui Zhi
+                   and James Caverlee and Dileep Kalathil and Shuiwang Ji},
+        journal = {arXiv preprint arXiv:2606.06712},
+        year    = {2026},
+    }""")
+
+
+class OPDProgress(TrainerCallback, ExportableState):
+    """Counters that must survive a resume: cumulative training tokens (the paper's headline unit)."""
+
+    def __init__(self, training_tokens: int = 0):
+        self.training_tokens = training_tokens
+
+    def state(self) -> dict:
+        return {"args": {}, "attributes": {"training_tokens": self.training_tokens}}
+
+
+def _check_prompt_dataset(dataset, name: str) -> None:
+    """Refuse an empty dataset or one without prompts before any model work starts."""
+    if dataset is None:
+        return
+    if hasattr(dataset, "__len__") and len(dataset) == 0:
+        raise ValueError(f"{name} is empty: OPD needs prompts to roll out the student on.")
+    columns = getattr(dataset, "column_names", None)
+    if columns is not None and "prompt" not in columns:
+        hint = " Rename `messages` to `prompt`." if "messages" in columns else ""
+        raise ValueError(
+            f"{name} has no `prompt` column (found {columns}). Provide plain-text or conversational prompts in a "
+            f"`prompt` column, e.g. with opdlm_trl.data.load_prompt_dataset.{hint}"
+        )
+
+
+def _load_pretrained(path: str, init_kwargs: dict | None, trust_remote_code: bool):
+    kwargs = dict(init_kwargs or {})
+    kwargs.setdefault("attn_implementation", "sdpa")
+    kwargs.setdefault("trust_remote_code", trust_remote_code)
+    dtype = kwargs.get("dtype", "float32")
+    kwargs["dtype"] = getattr(torch, dtype) if isinstance(dtype, str) and dtype != "auto" else dtype
+    return AutoModelForCausalLM.from_pretrained(path, **kwargs)
+
+
+def _is_converted(model) -> bool:
+    return bool(getattr(unwrap_model(model).config, "opdlm", None))
+
+
+def _mask_row_trainable(peft_config, settings: DiffusionSettings):
+    """LoRA never touches embeddings, but a new mask token has an untrained row: train just that row."""
+    if not hasattr(peft_config, "trainable_token_indices"):
+        return peft_config
+    peft_config = copy.deepcopy(peft_config)
+    indices = peft_config.trainable_token_indices
+    if indices is None:
+        peft_config.trainable_token_indices = [settings.mask_token_id]
+    elif isinstance(indices, list) and settings.mask_token_id not in indices:
+        peft_config.trainable_token_indices = [*indices, settings.mask_token_id]
+    return peft_config
+
+
+class OPDTrainer(DistillationTrainer):
+    """On-policy self-distillation (OPDLM) of an autoregressive LM into a block-diffusion LM.
+
+    Args:
+        model: a path / hub id, an autoregressive ``PreTrainedModel`` (converted on entry with
+            :func:`opdlm_trl.to_diffusion` using ``args.block_size``, ``args.mask_token``, ``args.shift``) or an
+            already converted student.
+        teacher_model: the frozen original ARLM (path or model). Defaults: with ``peft_config`` the student's own
+            base weights with adapters disabled (``shared``: no extra memory); otherwise a frozen copy of ``model``
+            taken before conversion. Ignored for vLLM teacher backends.
+        args: an :class:`OPDConfig`.
+        train_dataset / eval_dataset: datasets with a ``prompt`` column (text or chat messages).
+        processing_class: the tokenizer (loaded from ``model`` when it is a path).
+        peft_config: a peft config (LoRA); the mask-token row is added to ``trainable_token_indices``.
+        teacher: an explicit :class:`opdlm_trl.teachers.Teacher` (overrides ``teacher_backend``).
+    """
+
+    _tag_names = ["trl", "opdlm", "diffusion-lm", "on-policy-distillation"]
+    # Subclasses that train on given text without teacher targets (the MDLM baseline) set this to False: no
+    # frozen teacher copy is kept and no teacher is built.
+    _needs_teacher = True
+    _name = "OPD"
+    _paper = {
+        "title": "Data-Efficient Autoregressive-to-Diffusion Language Models via On-Policy Distillation",
+        "id": "2606.06712",
+        "citation": _OPDLM_CITATION,
+    }
+
+    def __init__(
+        self,
+        model,
+        teacher_model=None,
+        args: OPDConfig | None = None,
+        train_dataset=None,
+        eval_dataset=None,
+        processing_class=None,
+        callbacks=None,
+        optimizers=(None, None),
+        peft_config=None,
+        teacher=None,
+    ):
+        args = args or OPDConfig(output_dir="opd-output")
+        if not isinstance(args, OPDConfig):
+            raise TypeError(f"OPDTrainer needs an OPDConfig, got {type(args).__name__}.")
+        _check_prompt_dataset(train_dataset, "train_dataset")
+        _check_prompt_dataset(eval_dataset, "eval_dataset")
+        model, processing_class, teacher_model = self._prepare_student(
+            model, teacher_model, args, processing_class, peft_config, teacher
+        )
+        self.settings = diffusion_settings(model)
+        if peft_config is not None:
+            peft_config = _mask_row_trainable(peft_config, self.settings)
+        self._progress = OPDProgress()
+        super().__init__(
+            model=model,
+            teacher_model=None,  # TRL's teacher path assumes equal vocabularies and its own JSD; we score ourselves
+            args=args,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            callbacks=[*(callbacks or []), self._progress],
+            optimizers=optimizers,
+            peft_config=peft_config,
+        )
+        self.teacher = teacher or (self._build_teacher(teacher_model) if self._needs_teacher else None)
+        self._teacher_params = self._count_teacher_parameters(teacher_model)
+        self._student_params = sum(p.numel() for p in unwrap_model(self.model).parameters())
+
+    # ----------------------------------------------------------------------------------------------- setup
+    def _prepare_student(self, model, teacher_model, args, processing_class, peft_config, teacher):
+        """Load and convert the student; keep a frozen copy of the original as teacher when one is needed."""
+        if isinstance(model, str):
+            path = model
+            model = _load_pretrained(path, args.model_init_kwargs, args.trust_remote_code)
+            if processing_class is None:
+                processing_class = AutoTokenizer.from_pretrained(path, trust_remote_code=args.trust_remote_code)
+        if processing_class is None:
+            raise ValueError("Pass `processing_class` (the tokenizer) when `model` is an instantiated model.")
+        if isinstance(teacher_model, str):
+            teacher_model = _load_pretrained(teacher_model, args.teacher_model_init_kwargs, args.trust_remote_code)
+        needs_local_copy = (
+            self._needs_teacher
+            and teacher is None
+            and teacher_model is None
+            and peft_config is None
+            and args.teacher_backend in ("auto", "local")
+            and not hasattr(model, "peft_config")
+        )
+        if not _is_converted(model):
+            if needs_local_copy:
+                teacher_model = copy.deepcopy(model)
+            model, processing_class = to_diffusion(
+                model, processing_class, block_size=args.block_size, mask_token=args.mask_token, shift=args.shift
+            )
+        elif needs_local_copy:
+            raise ValueError(
+                "The student is already converted and is fully fine-tuned, so its weights are not the original "
+                "ARLM: pass `teacher_model` (the original model or its path), use a vLLM teacher backend, or "
+                "train with a peft_config (the shared-weights teacher)."
+            )
+        if teacher_model is not None:
+            self._check_teacher_vocab(model, teacher_model)
+        return model, processing_class, teacher_model
+
+    @staticmethod
+    def _check_teacher_vocab(student, teacher_model) -> None:
+        settings = diffusion_settings(student)
+        teacher_vocab = unwrap_model(teacher_model).get_input_embeddings().weight.shape[0]
+        if teacher_vocab != settings.teacher_vocab_size:
+            raise ValueError(
+                f"Teacher vocabulary ({teacher_vocab} rows) differs from the student's original vocabulary "
+                f"({settings.teacher_vocab_size}): the teacher must be the ARLM the student was converted from."
+            )
+
+    def _build_teacher(self, teacher_model):
+        args = self.args
+        backend = args.teacher_backend
+        if backend == "auto":
+            backend = "local" if teacher_model is not None else "shared"
+        common = dict(student=self.model, top_k=args.teacher_top_k)
+        if backend == "shared":
+            if not hasattr(self.model, "peft_config"):
+                raise ValueError(
+                    "teacher_backend='shared' runs the student's base weights with adapters disabled, which only "
+                    "equals the original ARLM for a peft (LoRA) student. Pass a peft_config or a teacher_model."
+                )
+            return build_teacher("shared", student=self.model, chunk_size=args.teacher_chunk_size)
+        if backend == "local":
+            if teacher_model is None:
+                raise ValueError("teacher_backend='local' needs `teacher_model` (a model or a path).")
+            teacher_model.eval().requires_grad_(False)
+            if self.is_deepspeed_enabled:
+                teacher_model = prepare_deepspeed(teacher_model, self.accelerator)
+            else:
+                teacher_model = self.accelerator.prepare_model(teacher_model, evaluation_mode=True)
+            return build_teacher("local", model=teacher_model, chunk_size=args.teacher_chunk_size, **common)
+        if backend == "vllm_server":
+            return build_teacher(
+                "vllm_server",
+                base_url=args.teacher_url,
+                tokenizer=self._tokenizer,
+                model_name=args.teacher_model_name,
+                timeout=args.teacher_timeout,
+                max_retries=args.teacher_max_retries,
+                max_concurrency=args.teacher_max_concurrency,
+                **common,
+            )
+        if not args.teacher_model_name_or_path:
+            raise ValueError("teacher_backend='vllm_colocate' needs teacher_model_name_or_path (a local model dir).")
+        return build_teacher(
+            "vllm_colocate",
+            model=args.teacher_model_name_or_path,
+            gpu_memory_utilization=args.teacher_gpu_memory_utilization,
+            **common,
+        )
+
+    def _count_teacher_parameters(self, teacher_model) -> int:
+        if teacher_model is not None:
+            return sum(p.numel() for p in unwrap_model(teacher_model).parameters())
+        return sum(p.numel() for p in unwrap_model(self.model).parameters())  # same architecture (shared / vLLM)
+
+    # ----------------------------------------------------------------------------------------------- rollouts
+    def current_completion_length(self) -> int:
+        """Rollout length of the curriculum at the current optimizer step (restored on resume)."""
+        args = self.args
+        return completion_length(
+            self.state.global_step,
+            args.min_completion_length,
+            args.max_completion_length,
+            args.curriculum_steps,
+            args.curriculum,
+            self.settings.block_size,
+        )
+
+    def sampler_config(self, max_new_tokens: int) -> SamplerConfig:
+        args = self.args
+        return SamplerConfig(
+            block_size=self.settings.block_size,
+            max_new_tokens=max_new_tokens,
+            steps_per_block=args.steps_per_block,
+            remasking=args.remasking,
+            threshold=args.threshold,
+            confidence=args.confidence,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            top_k=args.top_k or 0,
+            stop_token_ids=list(self.eos_token_ids),
+            use_cache=args.use_kv_cache,
+        )
+
+    def _prompt_token_lists(self, prompts: list) -> list[list[int]]:
+        prompt_ids, _, _ = self._tokenize_prompts(prompts)
+        limit = self.args.max_prompt_length
+        if limit is None:
+            return [list(ids) for ids in prompt_ids]
+        too_long = [i for i, ids in enumerate(prompt_ids) if len(ids) > limit]
+        if too_long and self.args.prompt_truncation == "error":
+            raise ValueError(
+                f"{len(too_long)} prompt(s) exceed max_prompt_length={limit} tokens (first: batch row {too_long[0]}, "
+                f"{len(prompt_ids[too_long[0]])} tokens). Raise max_prompt_length or set prompt_truncation='left'."
+            )
+        return [list(ids)[-limit:] for ids in prompt_ids]
+
+    @contextlib.contextmanager
+    def _rollout_mode(self):
+        """Decode with gathered ZeRO-3 weights, in eval mode (no dropout, no gradient checkpointing), no grad."""
+        with unwrap_model_for_generation(
+            self.model_wrapped,
+            self.accelerator,
+            gather_deepspeed3_params=self.args.ds3_gather_for_generation,
+            gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs,
+        ) as unwrapped:
+            was_training = unwrapped.training
+            unwrapped.eval()
+            try:
+                with torch.no_grad():
+                    yield unwrapped
+            finally:
+                unwrapped.train(was_training)
+
+    def _roll_out(self, prompts: list) -> Rollout:
+        length = self.current_completion_length()
+        sampler = DiffusionSampler(self.sampler_config(length), pad_token_id=self._tokenizer.pad_token_id)
+        with self._rollout_mode() as student:
+            rollout = sampler.sample(student, self._prompt_token_lists(prompts))
+        return rollout
+
+    def _generate_and_score_completions(self, inputs: list[dict]) -> dict:
+        mode = "train" if self.model.training else "eval"
+        rollout = self._roll_out([example["prompt"] for example in inputs])
+        targets = self.teacher.score(
+            rollout.prompt_ids,
+            rollout.prompt_mask,
+            rollout.completion_ids,
+            rollout.completion_mask,
+            top_k=self.args.teacher_top_k,
+        )
+        states = select_states(rollout, self.args.state_selection)
+        self._log_rollout(rollout, states, mode)
+        batch = self._training_batch(rollout, targets, states)
+        # Normaliser of the whole generation batch (all accumulation steps, all processes), see compute_loss.
+        per_row = states.loss_mask.sum(1).to(self.accelerator.device)
+        count = per_row.sum() if self.args.loss_normalization == "token" else (per_row > 0).sum()
+        batch["num_items_in_batch"] = self.accelerator.gather(count.reshape(1)).sum()
+        return batch
+
+    def _training_batch(self, rollout: Rollout, targets: TeacherTargets, states: TrainingStates) -> dict:
+        """The tensors ``compute_loss`` reads, from a rollout, its teacher targets and the chosen states.
+
+        A separate step so tests and tools can train on a fixed (recorded, seeded) rollout exactly as the trainer
+        does; ``num_items_in_batch`` is added by the caller because it depends on the whole generation batch.
+        """
+        return {
+            "prompt_ids": rollout.prompt_ids,
+            "prompt_mask": rollout.prompt_mask,
+            "clean_ids": self._clean_canvas(rollout),
+            "noisy_ids": states.noisy_ids,
+            "decoded_mask": rollout.decoded_mask,
+            "loss_mask": states.loss_mask,
+            "completion_ids": rollout.completion_ids,
+            **_targets_to_batch(targets),
+        }
+
+    def _clean_canvas(self, rollout: Rollout) -> torch.Tensor:
+        """x0 as the sampler last saw it: never-committed positions of decoded blocks were still [MASK]."""
+        never = (rollout.step_map < 0) & rollout.decoded_mask.bool()
+        return rollout.completion_ids.masked_fill(never, self.settings.mask_token_id)
+
+    def _log_rollout(self, rollout: Rollout, states, mode: str) -> None:
+        device = self.accelerator.device
+        lengths = self.accelerator.gather(rollout.completion_mask.sum(1).to(device)).float()
+        supervised = self.accelerator.gather(states.loss_mask.sum(1).to(device)).float()
+        per_step = self.accelerator.gather(torch.tensor([rollout.tokens_per_step], device=device)).float()
+        metrics = self._metrics[mode]
+        metrics["rollout/length"].append(lengths.mean().item())
+        metrics["rollout/tokens_per_step"].append(per_step.mean().item())
+        metrics["rollout/nfe"].append(float(rollout.nfe))
+        metrics["rollout/stopped_ratio"].append(
+            sum(r == "stop" for r in rollout.finish_reason) / len(rollout.finish_reason)
+        )
+        metrics["supervised_per_row"].append(supervised.mean().item())
+        metrics["curriculum/length"].append(float(self.current_completion_length()))
+        if mode == "train":
+            self._progress.training_tokens += int(lengths.sum().item())
+            tokens = self._progress.training_tokens
+            metrics["training_tokens"] = [float(tokens)]
+            metrics["flops"] = [float(2 * self._teacher_params * tokens + 6 * self._student_params * tokens)]
+        if self.log_completions:
+            self._logs["prompt"].extend(self._gather_texts(rollout.prompt_ids, rollout.prompt_mask))
+            self._logs["completion"].extend(self._gather_texts(rollout.completion_ids, rollout.completion_mask))
+
+    def _gather_texts(self, ids: torch.Tensor, mask: torch.Tensor) -> list[str]:
+        from accelerate.utils import gather_object
+
+        texts = [
+            self._tokenizer.decode(row[m.bool()], skip_special_tokens=True) for row, m in zip(ids, mask, strict=True)
+        ]
+        return gather_object(texts)
+
+    # ----------------------------------------------------------------------------------------------- loss
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        mode = "train" if self.model.training else "eval"
+        student_logits = self._student_logits(model, inputs)  # (N, V) at supervised positions
+        targets = _batch_to_targets(inputs)
+        per_position = self._divergence(student_logits, inputs, targets)
+        row_index = inputs["loss_mask"].nonzero()[:, 0]
+        # The generation batch's count over all processes / num_processes: summing the micro-batch losses of one
+        # accumulation window and averaging gradients over processes (DDP) gives the mean over the whole batch.
+        normaliser = inputs.get("num_items_in_batch") if self.model.training else None
+        if normaliser is not None:
+            normaliser = normaliser.float() / self.accelerator.num_processes
+        loss = L.reduce_loss(
+            per_position,
+            row_index,
+            inputs["loss_mask"].shape[0],
+            self.args.loss_normalization,
+            num_items_in_batch=normaliser,
+            num_rows_in_batch=normaliser,
+        )
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"Non-finite OPD loss ({loss.item()}) at step {self.state.global_step}. Lower the learning rate, "
+                "check the teacher's targets (a vLLM teacher returning -inf?), or train in float32/bf16 rather "
+                "than fp16."
+            )
+        self._log_loss_metrics(student_logits, per_position, targets, inputs, mode)
+        return (loss, None) if return_outputs else loss
+
+    def _student_logits(self, model, inputs) -> torch.Tensor:
+        """One block-causal forward over ``[prompt | x0 | x_t]``; logits only at the supervised positions."""
+        dtype = next(unwrap_model(self.model).parameters()).dtype
+        layout = training_layout(
+            inputs["prompt_ids"],
+            inputs["prompt_mask"],
+            inputs["clean_ids"],
+            inputs["noisy_ids"],
+            inputs["decoded_mask"],
+            self.settings.block_size,
+            self.settings.shift,
+            dtype,
+        )
+        outputs = model(
+            input_ids=layout.input_ids,
+            attention_mask=layout.attention_mask,
+            position_ids=layout.position_ids,
+            logits_to_keep=layout.source_index,
+            use_cache=False,
+        )
+        logits = outputs.logits[inputs["loss_mask"].bool()]
+        return suppress_mask_logit(logits.float(), self.settings.mask_token_id)
+
+    def _divergence(self, student_logits: torch.Tensor, inputs, targets: dict) -> torch.Tensor:
+        args = self.args
+        if args.loss_type == "token_pg":
+            tokens = inputs["completion_ids"][inputs["loss_mask"].bool()]
+            return L.token_policy_gradient(student_logits, tokens, targets["token_logprobs"])
+        kwargs = dict(
+            teacher_full_logprobs=targets.get("full_logprobs"),
+            teacher_top_ids=targets.get("top_ids"),
+            teacher_top_logprobs=targets.get("top_logprobs"),
+            tail_bucket=args.tail_bucket,
+        )
+        if args.loss_type == "forward_kl":
+            return L.forward_kl(student_logits, **kwargs)
+        if args.loss_type == "reverse_kl":
+            return L.reverse_kl(student_logits, **kwargs)
+        return L.generalized_jsd(student_logits, beta=args.beta, **kwargs)
+
+    def _log_loss_metrics(self, student_logits, per_position, targets, inputs, mode: str) -> None:
+        with torch.no_grad():
+            agreement = L.top1_agreement(
+                student_logits,
+                teacher_top_ids=targets.get("top_ids"),
+                teacher_full_logprobs=targets.get("full_logprobs"),
+            ).float()
+            count = torch.tensor(float(per_position.numel()), device=student_logits.device)
+            sums = torch.stack([per_position.detach().sum(), agreement.sum(), count])
+            sums = self.accelerator.gather_for_metrics(sums.unsqueeze(0)).sum(0)
+        if sums[2] > 0:
+            self._metrics[mode]["divergence"].append((sums[0] / sums[2]).item())
+            self._metrics[mode]["agreement"].append((sums[1] / sums[2]).item())
+
+    # ----------------------------------------------------------------------------------------------- saving
+    def _load_callback_state(self) -> None:
+        """Resume the cumulative token counter whatever ``restore_callback_states_from_checkpoint`` says.
+
+        transformers restores stateful callbacks only when that flag is set (default False), and then by
+        *replacing* the instance, which would leave ``self._progress`` counting on a detached copy from zero.
+        """
+        super()._load_callback_state()
+        self._progress = next(cb for cb in self.callback_handler.callbacks if isinstance(cb, OPDProgress))
+        stored = self.state.stateful_callbacks.get(type(self._progress).__name__)
+        stored = stored[0] if isinstance(stored, list) else stored
+        if stored:
+            self._progress.training_tokens = int(stored.get("attributes", {}).get("training_tokens", 0))
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
+        """Save the student (+ tokenizer); with ``merge_lora_on_save`` also a merged full student."""
+        super().save_model(output_dir, _internal_call)
+        output_dir = output_dir or self.args.output_dir
+        if self.args.merge_lora_on_save and hasattr(self.model, "peft_config") and self.accelerator.is_main_process:
+            merged_dir = os.path.join(output_dir, "merged")
+            merged = copy.deepcopy(self.accelerator.unwrap_model(self.model)).merge_and_unload()
+            merged.save_pretrained(merged_dir, safe_serialization=True)
+            self._tokenizer.save_pretrained(merged_dir)
+
+
+_TARGET_KEYS = ("token_logprobs", "top_ids", "top_logprobs", "full_logprobs")
+
+
+def _targets_to_batch(targets: TeacherTargets) -> dict:
+    """Teacher targets as flat batch entries (TRL splits/shuffles tensors along the batch dimension)."""
+    return {f"teacher_{key}": getattr(targets, key) for key in _TARGET_KEYS}
+
+
+def _batch_to_targets(inputs: dict) -> dict:
+    """Teacher targets gathered at the supervised positions: ``(N, ...)`` tensors or None."""
+    selected = inputs["loss_mask"].bool()
+    return {
+        key: (inputs[f"teacher_{key}"][selected] if inputs.get(f"teacher_{key}") is not None else None)
+        for key in _TARGET_KEYS
+    }
