@@ -215,7 +215,7 @@ def score_causal_lm(
     base = unwrap_model(model)
     device = next(base.parameters()).device
     head = base.get_output_embeddings()
-    vocab_size = vocab_size or head.weight.shape[0]
+    vocab_size = vocab_size or _rows(head.weight)
     if top_k is not None and not 0 < top_k <= vocab_size:
         raise ValueError(f"top_k must be in [1, {vocab_size}] or None (full vocabulary), got {top_k}.")
     _check_batch(prompt_mask, completion_ids, completion_mask)
@@ -258,6 +258,11 @@ def score_causal_lm(
     return targets
 
 
+def _rows(weight: torch.Tensor) -> int:
+    """Rows of an output head; under DeepSpeed ZeRO-3 the local tensor is an empty shard and ``ds_shape`` is the full one."""
+    return getattr(weight, "ds_shape", weight.shape)[0]
+
+
 def _freeze(model: torch.nn.Module) -> torch.nn.Module:
     model.eval()
     model.requires_grad_(False)
@@ -283,7 +288,7 @@ class LocalTeacher:
         self.model = _freeze(model)
         self.chunk_size = chunk_size
         self.exclude_token_ids = tuple(int(i) for i in exclude_token_ids)
-        self.vocab_size = vocab_size or unwrap_model(model).get_output_embeddings().weight.shape[0]
+        self.vocab_size = vocab_size or _rows(unwrap_model(model).get_output_embeddings().weight)
 
     def score(self, prompt_ids, prompt_mask, completion_ids, completion_mask, top_k: int | None) -> TeacherTargets:
         return score_causal_lm(
