@@ -257,9 +257,9 @@ class OPDTrainer(DistillationTrainer):
         )
 
     def _count_teacher_parameters(self, teacher_model) -> int:
-        if teacher_model is not None:
-            return sum(p.numel() for p in unwrap_model(teacher_model).parameters())
-        return sum(p.numel() for p in unwrap_model(self.model).parameters())  # same architecture (shared / vLLM)
+        # ds_numel: under ZeRO-3 the prepared teacher holds empty shards, numel() would count 0.
+        model = teacher_model if teacher_model is not None else self.model  # same architecture (shared / vLLM)
+        return sum(getattr(p, "ds_numel", p.numel()) for p in unwrap_model(model).parameters())
 
     # ----------------------------------------------------------------------------------------------- rollouts
     def current_completion_length(self) -> int:
@@ -377,9 +377,8 @@ class OPDTrainer(DistillationTrainer):
         metrics["rollout/length"].append(lengths.mean().item())
         metrics["rollout/tokens_per_step"].append(per_step.mean().item())
         metrics["rollout/nfe"].append(float(rollout.nfe))
-        metrics["rollout/stopped_ratio"].append(
-            sum(r == "stop" for r in rollout.finish_reason) / len(rollout.finish_reason)
-        )
+        stopped = torch.tensor([r == "stop" for r in rollout.finish_reason], device=device, dtype=torch.float32)
+        metrics["rollout/stopped_ratio"].append(self.accelerator.gather(stopped).mean().item())  # all processes' rows
         metrics["supervised_per_row"].append(supervised.mean().item())
         metrics["curriculum/length"].append(float(self.current_completion_length()))
         if mode == "train":
@@ -477,7 +476,9 @@ class OPDTrainer(DistillationTrainer):
             ).float()
             count = torch.tensor(float(per_position.numel()), device=student_logits.device)
             sums = torch.stack([per_position.detach().sum(), agreement.sum(), count])
-            sums = self.accelerator.gather_for_metrics(sums.unsqueeze(0)).sum(0)
+            # One row per process: plain gather. gather_for_metrics would cut the rows to the dataset's sample
+            # remainder on an epoch's last batch and drop whole processes (tests/test_distributed.py).
+            sums = self.accelerator.gather(sums.unsqueeze(0)).sum(0)
         if sums[2] > 0:
             self._metrics[mode]["divergence"].append((sums[0] / sums[2]).item())
             self._metrics[mode]["agreement"].append((sums[1] / sums[2]).item())

@@ -1,0 +1,318 @@
+"""Where an OPD training step spends its time and memory, against a plain LoRA SFT step on the same batch.
+
+Not a test: prints a table and writes JSON. The default shape is the CPU demo's (examples/configs/cpu_demo.yaml):
+SmolLM2-135M-Instruct (``opdlm_trl.data.default_model_dir()``), LoRA r=16 on every linear layer, shared-weights
+teacher, batch 4 of HumanEval prompts, 32-token rollouts, block 4, dynamic decoding at threshold 0.9, temperature 1,
+shifted student, per-block states, full-vocabulary forward KL.
+
+An OPD step is timed in its phases, each with the trainer's own code:
+
+* ``rollout``: ``OPDTrainer._roll_out`` (the diffusion sampler, KV cache, no grad);
+* ``teacher``: ``teacher.score`` (shared weights, adapters off, causal, full-vocabulary log-probs);
+* ``states``: state selection + batch assembly;
+* ``student``: ``compute_loss`` (one ``[prompt | x0 | x_t]`` forward) + backward;
+* ``optimizer``: AdamW step + zero_grad.
+
+The SFT reference step is the student forward + backward of the same prompt + completion rows with the ordinary
+causal mask and cross-entropy on the completion tokens, plus the same optimizer step.
+
+Peak memory is the process's peak resident set (``VmHWM``), measured in a fresh subprocess per configuration and
+reset (``/proc/self/clear_refs``) after the model is loaded, so it covers the training steps only; the resident set
+after loading is reported as well. ``psutil`` is not needed.
+
+    python benchmarks/train_step.py --output benchmarks/out/train_step.json
+    python benchmarks/train_step.py --smoke          # tiny model, seconds (CI)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+PHASES = ("rollout", "teacher", "states", "student", "optimizer")
+TARGET_ROLLOUT_SHARE = 0.5
+TARGET_MEMORY_RATIO = 1.15
+
+
+# ------------------------------------------------------------------------------------------------- memory
+def _status_kib(field: str) -> int | None:
+    """A ``/proc/self/status`` field in KiB (Linux only)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def _reset_peak() -> bool:
+    """Reset ``VmHWM`` to the current RSS (Linux >= 4.0); False where not permitted."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+# ------------------------------------------------------------------------------------------------- worker
+def _build_trainer(args: argparse.Namespace, output_dir: str):
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from opdlm_trl.config import OPDConfig
+    from opdlm_trl.trainer import OPDTrainer
+
+    model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.float32, attn_implementation="sdpa")
+    tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
+    config = OPDConfig(
+        output_dir=output_dir,
+        use_cpu=True,
+        bf16=False,
+        report_to="none",
+        gradient_checkpointing=False,
+        per_device_train_batch_size=args.batch,
+        max_completion_length=args.new_tokens,
+        block_size=args.block_size,
+        shift=True,
+        remasking="dynamic",
+        threshold=0.9,
+        temperature=1.0,
+        learning_rate=2e-4,
+        max_prompt_length=args.max_prompt_length,
+        prompt_truncation="left",
+        save_strategy="no",
+        disable_tqdm=True,
+        seed=0,
+    )
+    lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear")
+    trainer = OPDTrainer(model, args=config, train_dataset=args.dataset, processing_class=tokenizer, peft_config=lora)
+    trainer.create_optimizer()
+    trainer.model.train()
+    return trainer
+
+
+def _timed(times: dict, name: str, function, *arguments):
+    start = time.perf_counter()
+    result = function(*arguments)
+    times[name] = times.get(name, 0.0) + time.perf_counter() - start
+    return result
+
+
+def _opd_step(trainer, prompts: list, times: dict):
+    """One OPD optimisation step, phase by phase (the trainer's code, without TRL's buffering around it)."""
+    from opdlm_trl.states import select_states
+
+    rollout = _timed(times, "rollout", trainer._roll_out, prompts)
+    targets = _timed(
+        times, "teacher", trainer.teacher.score, rollout.prompt_ids, rollout.prompt_mask, rollout.completion_ids,
+        rollout.completion_mask, trainer.args.teacher_top_k,
+    )  # fmt: skip
+
+    def assemble():
+        batch = trainer._training_batch(rollout, targets, select_states(rollout, trainer.args.state_selection))
+        batch["num_items_in_batch"] = (batch["loss_mask"].sum(1) > 0).sum()
+        return batch
+
+    batch = _timed(times, "states", assemble)
+
+    def student():
+        loss = trainer.compute_loss(trainer.model, batch)
+        loss.backward()
+        return loss.item()
+
+    loss = _timed(times, "student", student)
+    _timed(times, "optimizer", _optimizer_step, trainer)
+    return rollout, loss
+
+
+def _optimizer_step(trainer) -> None:
+    trainer.optimizer.step()
+    trainer.optimizer.zero_grad(set_to_none=True)
+
+
+def _sft_step(trainer, rows: dict, times: dict) -> float:
+    """LoRA SFT on the same rows: causal forward over prompt + completion, cross-entropy on the completion."""
+    input_ids = torch.cat([rows["prompt_ids"], rows["completion_ids"]], dim=1)
+    attention_mask = torch.cat([rows["prompt_mask"], rows["completion_mask"]], dim=1)
+    labels = input_ids.masked_fill(attention_mask == 0, -100)
+    labels[:, : rows["prompt_ids"].shape[1]] = -100
+
+    def student():
+        loss = trainer.model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, use_cache=False).loss
+        loss.backward()
+        return loss.item()
+
+    loss = _timed(times, "student", student)
+    _timed(times, "optimizer", _optimizer_step, trainer)
+    return loss
+
+
+def run_worker(args: argparse.Namespace) -> dict:
+    """Measure one configuration (``opd`` or ``sft``) in this process; returns a JSON-able dict."""
+    from opdlm_trl.data import humaneval_prompt_dataset
+
+    torch.manual_seed(0)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    args.dataset = humaneval_prompt_dataset("train").select(range(args.batch))
+    with tempfile.TemporaryDirectory() as output_dir:
+        trainer = _build_trainer(args, output_dir)
+        prompts = list(args.dataset["prompt"])
+        rows = torch.load(args.rows, weights_only=True) if args.mode == "sft" else None
+        loaded_kib = _status_kib("VmRSS")
+        reset = _reset_peak()
+        per_step = []
+        for step in range(args.warmup + args.steps):
+            times: dict[str, float] = {}
+            start = time.perf_counter()
+            if args.mode == "opd":
+                rollout, loss = _opd_step(trainer, prompts, times)
+                generated = int(rollout.completion_mask.sum())
+                times.update(nfe=rollout.nfe, tokens_per_step=rollout.tokens_per_step)
+                if step == 0:
+                    rows = {
+                        k: getattr(rollout, k)
+                        for k in ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask")
+                    }
+                    torch.save(rows, args.rows)
+            else:
+                loss, generated = _sft_step(trainer, rows, times), int(rows["completion_mask"].sum())
+            times["total"] = time.perf_counter() - start
+            if step >= args.warmup:
+                per_step.append({**times, "loss": loss, "generated_tokens": generated})
+    peak_kib = _status_kib("VmHWM")
+    mean = {key: sum(s.get(key, 0.0) for s in per_step) / len(per_step) for key in (*PHASES, "total")}
+    return {
+        "mode": args.mode,
+        "steps": per_step,
+        "mean_seconds": mean,
+        "rss_after_load_mib": (loaded_kib or 0) / 1024,
+        "peak_rss_mib": (peak_kib or 0) / 1024,
+        "peak_reset_after_load": reset,
+        "prompt_width": int(rows["prompt_ids"].shape[1]),
+        "completion_width": int(rows["completion_ids"].shape[1]),
+    }
+
+
+# ------------------------------------------------------------------------------------------------- driver
+def _spawn(mode: str, args: argparse.Namespace, rows_path: str) -> dict:
+    command = [
+        sys.executable, __file__, "--worker", mode, "--rows", rows_path, "--model-dir", args.model_dir,
+        "--batch", str(args.batch), "--new-tokens", str(args.new_tokens), "--block-size", str(args.block_size),
+        "--steps", str(args.steps), "--warmup", str(args.warmup), "--threads", str(args.threads or 0),
+        "--max-prompt-length", str(args.max_prompt_length),
+    ]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"{mode} worker failed:\n{done.stderr[-4000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def summarise(opd: dict, sft: dict) -> dict:
+    mean = opd["mean_seconds"]
+    shares = {phase: mean[phase] / mean["total"] for phase in PHASES}
+    dominant = max(PHASES, key=lambda phase: mean[phase])
+    peak_ratio = opd["peak_rss_mib"] / sft["peak_rss_mib"]
+    growth_opd = opd["peak_rss_mib"] - opd["rss_after_load_mib"]
+    growth_sft = sft["peak_rss_mib"] - sft["rss_after_load_mib"]
+    return {
+        "opd_step_seconds": mean["total"],
+        "sft_step_seconds": sft["mean_seconds"]["total"],
+        "phase_share": shares,
+        "dominant_phase": dominant,
+        "rollout_share": shares["rollout"],
+        "rollout_target_met": shares["rollout"] <= TARGET_ROLLOUT_SHARE,
+        "peak_rss_ratio": peak_ratio,
+        "memory_target_met": peak_ratio <= TARGET_MEMORY_RATIO,
+        "step_memory_growth_mib": {"opd": growth_opd, "sft": growth_sft},
+    }
+
+
+def print_table(opd: dict, sft: dict, summary: dict) -> None:
+    mean = opd["mean_seconds"]
+    print(f"{'phase':<12}{'OPD s':>10}{'share':>9}{'SFT s':>10}")
+    for phase in PHASES:
+        sft_value = sft["mean_seconds"].get(phase, 0.0)
+        print(f"{phase:<12}{mean[phase]:>10.3f}{summary['phase_share'][phase]:>9.1%}{sft_value:>10.3f}")
+    print(f"{'total':<12}{mean['total']:>10.3f}{1:>9.0%}{sft['mean_seconds']['total']:>10.3f}")
+    print()
+    print(f"{'memory (MiB)':<24}{'OPD':>10}{'SFT':>10}{'ratio':>8}")
+    for key, label in (("rss_after_load_mib", "RSS after load"), ("peak_rss_mib", "peak RSS during steps")):
+        print(f"{label:<24}{opd[key]:>10.0f}{sft[key]:>10.0f}{opd[key] / sft[key]:>8.3f}")
+    growth = summary["step_memory_growth_mib"]
+    print(f"{'growth over load':<24}{growth['opd']:>10.0f}{growth['sft']:>10.0f}")
+    print()
+    print(
+        f"rollout share {summary['rollout_share']:.1%} (target <= {TARGET_ROLLOUT_SHARE:.0%}: "
+        f"{'met' if summary['rollout_target_met'] else 'NOT met'}); peak RSS ratio {summary['peak_rss_ratio']:.3f} "
+        f"(target <= {TARGET_MEMORY_RATIO}: {'met' if summary['memory_target_met'] else 'NOT met'}); "
+        f"dominant phase: {summary['dominant_phase']}"
+    )
+
+
+def _smoke_model_dir(directory: str) -> str:
+    from opdlm_trl.tiny import save_tiny_pair
+
+    return save_tiny_pair(directory, "llama", hidden_size=64, num_heads=4)
+
+
+def main(argv: list[str] | None = None) -> dict | None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model-dir", help="an autoregressive checkpoint (default: the embedded SmolLM2-135M)")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--block-size", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=3, help="measured steps per configuration")
+    parser.add_argument("--warmup", type=int, default=1, help="unmeasured steps first")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    parser.add_argument("--max-prompt-length", type=int, default=512, help="longer prompts keep their last tokens")
+    parser.add_argument("--smoke", action="store_true", help="tiny random model, 1 step, 8 tokens (seconds)")
+    parser.add_argument("--output", help="write the results as JSON here")
+    parser.add_argument("--worker", choices=["opd", "sft"], help=argparse.SUPPRESS)
+    parser.add_argument("--rows", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        args.mode = args.worker
+        print(json.dumps(run_worker(args)))
+        return None
+    with tempfile.TemporaryDirectory() as scratch:
+        if args.smoke:
+            args.model_dir = _smoke_model_dir(os.path.join(scratch, "tiny"))
+            args.steps, args.warmup, args.new_tokens, args.max_prompt_length = 1, 0, 8, 64
+        elif args.model_dir is None:
+            from opdlm_trl.data import default_model_dir
+
+            args.model_dir = default_model_dir()
+        rows_path = os.path.join(scratch, "rows.pt")
+        opd = _spawn("opd", args, rows_path)
+        sft = _spawn("sft", args, rows_path)
+    summary = summarise(opd, sft)
+    print_table(opd, sft, summary)
+    payload = {
+        "shape": {
+            k: getattr(args, k)
+            for k in ("model_dir", "batch", "new_tokens", "block_size", "max_prompt_length", "steps", "smoke")
+        },
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads()},
+        "opd": opd,
+        "sft": sft,
+        "summary": summary,
+    }
+    if args.output:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output).write_text(json.dumps(payload, indent=2))
+    return payload
+
+
+if __name__ == "__main__":
+    main()

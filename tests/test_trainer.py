@@ -1,0 +1,518 @@
+"""OPDTrainer end to end on tiny local models (CPU): what training changes, what it optimises, and what it saves.
+
+Every test asserts a measured property: parameters that move or stay bit-identical, a loss on a FIXED rollout batch
+that drops, student logits of the training forward that equal the sampler's at every supervised state, gradients
+that are invariant to gradient accumulation, state restored on resume, logits preserved by saving, and the exact
+error raised for each bad input.
+
+Randomness is pinned where a comparison needs it: rollouts come from a seeded sampler generator (or are built by
+hand), states from a seeded ``torch.Generator``, and the trainer's rollout / state hooks are monkeypatched to return
+fixed objects when two runs must see the same data. Expensive runs (a checkpointed full fine-tune, a LoRA run) are
+module-scoped fixtures shared by several tests.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+
+import pytest
+import torch
+from datasets import Dataset
+from peft import LoraConfig
+from transformers import TrainerCallback
+
+import opdlm_trl.trainer as trainer_module
+from opdlm_trl import load_diffusion_model
+from opdlm_trl.config import OPDConfig
+from opdlm_trl.curriculum import completion_length
+from opdlm_trl.modeling import student_forward, suppress_mask_logit, unwrap_model
+from opdlm_trl.sampling import DiffusionSampler, Rollout
+from opdlm_trl.states import select_states
+from opdlm_trl.teachers import LocalTeacher, SharedWeightsTeacher
+from opdlm_trl.tiny import tiny_model, tiny_tokenizer
+from opdlm_trl.trainer import OPDTrainer
+
+PROMPTS = [[{"role": "user", "content": f"def add{i}(a, b):"}] for i in range(4)]
+LORA_LR = 2e-2
+
+
+# ------------------------------------------------------------------------------------------------- helpers
+def prompt_dataset(n: int = 4) -> Dataset:
+    return Dataset.from_list([{"prompt": PROMPTS[i % len(PROMPTS)]} for i in range(n)])
+
+
+def opd_config(output_dir, **overrides) -> OPDConfig:
+    """A CPU, float32, no-logging config of a few steps; ``overrides`` win."""
+    values = dict(
+        output_dir=str(output_dir),
+        use_cpu=True,
+        bf16=False,
+        report_to="none",
+        gradient_checkpointing=False,
+        per_device_train_batch_size=4,
+        max_steps=2,
+        logging_steps=1,
+        max_completion_length=8,
+        learning_rate=1e-3,
+        save_strategy="no",
+        disable_tqdm=True,
+        seed=0,
+    )
+    values.update(overrides)
+    return OPDConfig(**values)
+
+
+def make_trainer(output_dir, model=None, peft_config=None, dataset=None, teacher_model=None, **overrides):
+    return OPDTrainer(
+        model if model is not None else tiny_model("llama"),
+        teacher_model=teacher_model,
+        args=opd_config(output_dir, **overrides),
+        train_dataset=dataset if dataset is not None else prompt_dataset(),
+        processing_class=tiny_tokenizer(),
+        peft_config=peft_config,
+    )
+
+
+def roll_out(trainer: OPDTrainer, seed: int = 0, record: bool = False) -> tuple[Rollout, DiffusionSampler]:
+    """One rollout of ``PROMPTS`` with the trainer's own sampler settings, seeded (optionally recording logits)."""
+    config = trainer.sampler_config(trainer.current_completion_length())
+    sampler = DiffusionSampler(config, pad_token_id=trainer._tokenizer.pad_token_id, record_logits=record)
+    with trainer._rollout_mode() as student:
+        rollout = sampler.sample(
+            student, trainer._prompt_token_lists(PROMPTS), generator=torch.Generator().manual_seed(seed)
+        )
+    return rollout, sampler
+
+
+def score(trainer: OPDTrainer, rollout: Rollout, top_k: int | None):
+    return trainer.teacher.score(
+        rollout.prompt_ids, rollout.prompt_mask, rollout.completion_ids, rollout.completion_mask, top_k=top_k
+    )
+
+
+def fixed_batch(trainer: OPDTrainer, rollout: Rollout, selection: str = "per_block", seed: int = 0, top_k=None):
+    """The trainer's training batch for a rollout with seeded state selection; returns ``(batch, states)``."""
+    states = select_states(rollout, selection, generator=torch.Generator().manual_seed(seed))
+    return trainer._training_batch(rollout, score(trainer, rollout, top_k), states), states
+
+
+def eval_loss(trainer: OPDTrainer, batch: dict) -> float:
+    trainer.model.eval()
+    with torch.no_grad():
+        return trainer.compute_loss(trainer.model, batch).item()
+
+
+def snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {name: p.detach().clone() for name, p in module.named_parameters()}
+
+
+def canvas_logits(model, settings, seed: int = 0) -> torch.Tensor:
+    """Block-causal student logits on a fixed random canvas (for save / load comparisons)."""
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(10, settings.teacher_vocab_size, (2, 12), generator=generator)
+    ids[:, -3:] = settings.mask_token_id
+    model.eval()
+    with torch.no_grad():
+        return student_forward(model, ids, torch.ones_like(ids)).logits
+
+
+class GradientRecorder(TrainerCallback):
+    """Copies every gradient right before the optimizer step (clipping is disabled by the tests using it)."""
+
+    def __init__(self):
+        self.gradients: list[dict[str, torch.Tensor]] = []
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        self.gradients.append(
+            {name: p.grad.detach().clone() for name, p in model.named_parameters() if p.grad is not None}
+        )
+
+
+class FirstStepProbe(TrainerCallback):
+    """What the trainer holds when the first optimizer step of a (resumed) run begins."""
+
+    def __init__(self, trainer_ref: list):
+        self.trainer_ref = trainer_ref
+        self.seen: dict | None = None
+
+    def on_step_begin(self, args, state, control, optimizer=None, **kwargs):
+        if self.seen is None:
+            trainer = self.trainer_ref[0]
+            self.seen = {
+                "global_step": state.global_step,
+                "curriculum": trainer.current_completion_length(),
+                "training_tokens": trainer._progress.training_tokens,
+                "optimizer": copy.deepcopy(optimizer.state_dict()),
+            }
+
+
+# ------------------------------------------------------------------------------------------------- shared runs
+CURRICULUM = dict(min_completion_length=4, max_completion_length=16, curriculum_steps=4, curriculum="linear")
+
+
+@pytest.fixture(scope="module")
+def checkpointed_run(tmp_path_factory):
+    """A 2-step full fine-tune that saves checkpoint-2 (curriculum 4 -> 16 tokens over 4 steps)."""
+    output_dir = tmp_path_factory.mktemp("opd_full")
+    trainer = make_trainer(output_dir, save_strategy="steps", save_steps=2, **CURRICULUM)
+    initial = snapshot(trainer.model)
+    teacher_initial = snapshot(trainer.teacher.model)
+    trainer.train()
+    return trainer, output_dir, initial, teacher_initial
+
+
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory):
+    """A 4-step LoRA run (q_proj / v_proj) with the default (shared-weights) teacher and merge-on-save."""
+    output_dir = tmp_path_factory.mktemp("opd_lora")
+    peft_config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"])
+    trainer = make_trainer(
+        output_dir, peft_config=peft_config, max_steps=4, learning_rate=LORA_LR, merge_lora_on_save=True
+    )
+    vocab = unwrap_model(trainer.model).get_input_embeddings().weight.shape[0]
+    with torch.no_grad():
+        rows_before = trainer.model.get_input_embeddings()(torch.arange(vocab)).clone()
+    initial = snapshot(trainer.model)
+    trainer.train()
+    return trainer, output_dir, initial, rows_before
+
+
+# ------------------------------------------------------------------------------------------------- what training changes
+def test_full_finetune_moves_every_student_tensor_and_no_teacher_tensor(checkpointed_run):
+    trainer, _, initial, teacher_initial = checkpointed_run
+    assert isinstance(trainer.teacher, LocalTeacher)
+    moved = [name for name, p in trainer.model.named_parameters() if not torch.equal(p, initial[name])]
+    assert sorted(moved) == sorted(initial), f"parameters that did not move: {set(initial) - set(moved)}"
+    for name, p in trainer.teacher.model.named_parameters():
+        assert torch.equal(p, teacher_initial[name]), name
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert len(losses) == 2 and all(math.isfinite(v) and v > 0 for v in losses)
+
+
+def test_lora_trains_only_adapters_and_the_mask_row(lora_run):
+    trainer, _, initial, rows_before = lora_run
+    mask_id = trainer.settings.mask_token_id
+    assert isinstance(trainer.teacher, SharedWeightsTeacher)
+    trainable = {name for name, p in trainer.model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in name or "trainable_tokens" in name for name in trainable)
+    assert any("trainable_tokens" in name for name in trainable), "the mask-token row is not trainable"
+    for name, p in trainer.model.named_parameters():
+        if name in trainable:
+            assert not torch.equal(p, initial[name]), f"trainable {name} did not move"
+        else:
+            assert torch.equal(p, initial[name]), f"frozen {name} changed"
+    vocab = rows_before.shape[0]
+    with torch.no_grad():
+        rows_after = trainer.model.get_input_embeddings()(torch.arange(vocab))
+    moved_rows = (rows_after != rows_before).any(-1).nonzero().flatten().tolist()
+    assert moved_rows == [mask_id]
+
+
+def test_shared_teacher_after_lora_training_is_the_original_model(lora_run):
+    trainer, _, _, _ = lora_run
+    rollout, _ = roll_out(trainer, seed=3)
+    shared = score(trainer, rollout, top_k=None)
+    original = LocalTeacher(tiny_model("llama"), vocab_size=trainer.settings.teacher_vocab_size)
+    reference = original.score(
+        rollout.prompt_ids, rollout.prompt_mask, rollout.completion_ids, rollout.completion_mask, top_k=None
+    )
+    where = rollout.completion_mask.bool()
+    torch.testing.assert_close(shared.full_logprobs[where], reference.full_logprobs[where], atol=1e-5, rtol=0)
+
+
+# ------------------------------------------------------------------------------------------------- it optimises the objective
+def sharp_model(scale: float = 10.0) -> torch.nn.Module:
+    """A tiny model with a sharper output head: a random tiny LM is almost uniform (KL ~0.01, mostly noise); a
+    confident teacher gives the student a signal it can learn within a few steps, as with a real ARLM."""
+    model = tiny_model("llama")
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(scale)
+    return model
+
+
+def test_loss_on_a_fixed_rollout_batch_drops(tmp_path):
+    trainer = make_trainer(
+        tmp_path, model=sharp_model(), max_steps=16, learning_rate=1e-3, lr_scheduler_type="constant"
+    )
+    rollout, _ = roll_out(trainer, seed=0)
+    batch, _ = fixed_batch(trainer, rollout, seed=0)
+    before = eval_loss(trainer, batch)
+    trainer.train()
+    after = eval_loss(trainer, batch)
+    assert before > 0 and after <= 0.8 * before, f"held-out loss {before:.5f} -> {after:.5f}"
+
+
+# ------------------------------------------------------------------------------------------------- train / inference consistency
+@pytest.mark.parametrize("shift", [False, True])
+def test_training_forward_reproduces_the_sampler_logits_at_every_supervised_state(tmp_path, shift):
+    trainer = make_trainer(tmp_path, shift=shift, max_completion_length=12)
+    rollout, sampler = roll_out(trainer, seed=1, record=True)
+    batch, states = fixed_batch(trainer, rollout, seed=2)
+    records = {(r.block, r.step): r for r in sampler.records}
+    block_size = trainer.settings.block_size
+    expected = []
+    for row, column in batch["loss_mask"].nonzero().tolist():
+        block = column // block_size
+        record = records[(block, int(states.state_step[row, block]))]
+        index = record.rows.tolist().index(row)
+        expected.append(record.logits[index, column % block_size])
+    expected = suppress_mask_logit(torch.stack(expected), trainer.settings.mask_token_id)
+    trainer.model.eval()
+    with torch.no_grad():
+        actual = trainer._student_logits(trainer.model, batch)
+    assert actual.shape == expected.shape and actual.shape[0] >= 8
+    steps_used = {int(s) for s in states.state_step[states.state_step >= 0]}
+    assert len(steps_used) > 1, "the check should cover several denoising steps"
+    assert (actual - expected).abs().max().item() <= 1e-5
+
+
+# ------------------------------------------------------------------------------------------------- states x losses
+@pytest.fixture(scope="module")
+def scored_rollout(tmp_path_factory):
+    """A trainer, one seeded rollout and its teacher targets (full vocabulary and top-4), shared by the grid."""
+    trainer = make_trainer(tmp_path_factory.mktemp("opd_grid"), max_completion_length=12)
+    rollout, _ = roll_out(trainer, seed=4)
+    targets = {None: score(trainer, rollout, None), 4: score(trainer, rollout, 4)}
+    return trainer, rollout, targets
+
+
+@pytest.mark.parametrize("loss_type", ["forward_kl", "reverse_kl", "jsd", "token_pg"])
+@pytest.mark.parametrize(("top_k", "tail_bucket"), [(None, False), (4, False), (4, True)])
+def test_every_selection_and_loss_gives_a_finite_loss(scored_rollout, loss_type, top_k, tail_bucket):
+    trainer, rollout, targets = scored_rollout
+    args = copy.copy(trainer.args)
+    args.loss_type, args.teacher_top_k, args.tail_bucket, args.beta = loss_type, top_k, tail_bucket, 0.5
+    trainer.args = args
+    committed = (rollout.step_map >= 0) & rollout.completion_mask.bool()
+    for selection in ("per_block", "global_step", "random_remask"):
+        states = select_states(rollout, selection, generator=torch.Generator().manual_seed(5))
+        assert not (states.loss_mask & ~committed).any() and states.loss_mask.any(1).all()
+        batch = trainer._training_batch(rollout, targets[top_k], states)
+        loss = eval_loss(trainer, batch)
+        assert math.isfinite(loss), (selection, loss)
+        if loss_type != "token_pg" and top_k is None:
+            assert loss > 0, (selection, loss)  # a full-vocabulary divergence between different distributions
+
+
+def use_full_forward_kl(trainer: OPDTrainer) -> None:
+    """Reset the shared grid trainer to the default objective (the grid test changes it)."""
+    args = copy.copy(trainer.args)
+    args.loss_type, args.teacher_top_k, args.tail_bucket, args.beta = "forward_kl", None, False, 0.5
+    args.loss_normalization = "sequence"
+    trainer.args = args
+
+
+def test_sequence_loss_is_the_mean_of_per_row_mean_forward_kl(scored_rollout):
+    trainer, rollout, targets = scored_rollout
+    use_full_forward_kl(trainer)
+    batch, _ = fixed_batch(trainer, rollout, seed=6)
+    trainer.model.eval()
+    with torch.no_grad():
+        student = torch.log_softmax(trainer._student_logits(trainer.model, batch), -1)
+    teacher = batch["teacher_full_logprobs"][batch["loss_mask"]]
+    vocab = teacher.shape[-1]
+    kl = (teacher.exp() * (teacher - student[:, :vocab])).sum(-1)
+    rows = batch["loss_mask"].nonzero()[:, 0]
+    per_row = [kl[rows == r].mean() for r in rows.unique()]
+    assert eval_loss(trainer, batch) == pytest.approx(torch.stack(per_row).mean().item(), rel=1e-5)
+
+
+def hand_rollout(batch: int, pad_id: int, eos_id: int, mask_id: int) -> Rollout:
+    """Two blocks of 4. Block 0 took 3 steps (commit steps 0,1,0,2); block 1 committed tokens 4 and EOS (5) at
+    step 0 and stopped, so 6 and 7 were never committed and lie outside the completion."""
+    completion = torch.tensor([[11, 12, 13, 14, 15, eos_id, pad_id, pad_id]]).repeat(batch, 1)
+    return Rollout(
+        prompt_ids=torch.tensor([[pad_id, 20, 21, 22]]).repeat(batch, 1),
+        prompt_mask=torch.tensor([[0, 1, 1, 1]]).repeat(batch, 1),
+        completion_ids=completion,
+        completion_mask=torch.tensor([[1, 1, 1, 1, 1, 1, 0, 0]]).repeat(batch, 1),
+        decoded_mask=torch.ones(batch, 8, dtype=torch.long),
+        step_map=torch.tensor([[0, 1, 0, 2, 0, 0, -1, -1]]).repeat(batch, 1),
+        global_step_map=torch.tensor([[0, 1, 0, 2, 3, 3, -1, -1]]).repeat(batch, 1),
+        block_steps=torch.tensor([[3, 1]]).repeat(batch, 1),
+        nfe=5,
+        tokens_per_step=1.5,
+        finish_reason=["stop"] * batch,
+        block_size=4,
+        shift=False,
+        mask_token_id=mask_id,
+    )
+
+
+# Supervised positions of block 0 for each chosen step (masked = committed at a step >= the state's step).
+BLOCK0_BY_STEP = {0: [1, 1, 1, 1], 1: [0, 1, 0, 1], 2: [0, 0, 0, 1]}
+BLOCK1 = [1, 1, 0, 0]  # tokens 4 and EOS; 6, 7 never committed and after the stop
+
+
+def test_supervised_positions_on_a_hand_checked_trajectory(scored_rollout):
+    trainer, _, _ = scored_rollout
+    use_full_forward_kl(trainer)
+    tok = trainer._tokenizer
+    rollout = hand_rollout(32, tok.pad_token_id, tok.eos_token_id, trainer.settings.mask_token_id)
+    generator = torch.Generator().manual_seed(0)
+    per_block = select_states(rollout, "per_block", generator=generator)
+    assert set(per_block.state_step[:, 0].tolist()) == {0, 1, 2} and set(per_block.state_step[:, 1].tolist()) == {0}
+    for row in range(32):
+        expected = BLOCK0_BY_STEP[int(per_block.state_step[row, 0])] + BLOCK1
+        assert per_block.loss_mask[row].long().tolist() == expected
+    global_step = select_states(rollout, "global_step", generator=generator)
+    for row in range(32):  # 4 global steps: 0..2 in block 0, 3 in block 1; one block supervised per row
+        block0, block1 = global_step.state_step[row].tolist()
+        expected = BLOCK0_BY_STEP[block0] + [0] * 4 if block0 >= 0 else [0] * 4 + BLOCK1
+        assert global_step.loss_mask[row].long().tolist() == expected
+    assert global_step.state_step[:, 1].eq(0).any() and global_step.state_step[:, 0].ge(0).any()
+    remask = select_states(rollout, "random_remask", generator=generator)
+    assert not remask.loss_mask[:, 6:].any() and remask.loss_mask.any(1).all()
+    # The trainer turns one such state into its batch: masked positions read [MASK], never-committed ones too.
+    mask_id = trainer.settings.mask_token_id
+    one = hand_rollout(1, tok.pad_token_id, tok.eos_token_id, mask_id)
+    states = select_states(one, "per_block", generator=generator)
+    batch = trainer._training_batch(one, score(trainer, one, None), states)
+    never_committed = torch.tensor([False] * 6 + [True] * 2)
+    assert (batch["clean_ids"][0, 6:] == mask_id).all()
+    assert torch.equal(batch["noisy_ids"][0] == mask_id, states.loss_mask[0] | never_committed)
+    assert math.isfinite(eval_loss(trainer, batch))
+
+
+# ------------------------------------------------------------------------------------------------- gradient accumulation
+@pytest.mark.parametrize("normalization", ["sequence", "token"])
+def test_gradient_accumulation_gives_the_single_batch_gradient(tmp_path, monkeypatch, normalization):
+    """GA=2 x batch 2 and GA=1 x batch 4 over the same 4-row rollout and states accumulate the same gradient."""
+    reference = make_trainer(tmp_path / "ref", max_steps=1)
+    rollout, _ = roll_out(reference, seed=7)
+    states = select_states(rollout, "per_block", generator=torch.Generator().manual_seed(7))
+    assert len(set(states.loss_mask.sum(1).tolist())) > 1, "rows should differ in supervised counts"
+    monkeypatch.setattr(OPDTrainer, "_roll_out", lambda self, prompts: rollout)
+    monkeypatch.setattr(trainer_module, "select_states", lambda rollout, selection: states)
+    gradients = {}
+    for accumulation, batch_size in ((1, 4), (2, 2)):
+        recorder = GradientRecorder()
+        trainer = make_trainer(
+            tmp_path / f"ga{accumulation}",
+            max_steps=1,
+            per_device_train_batch_size=batch_size,
+            gradient_accumulation_steps=accumulation,
+            loss_normalization=normalization,
+            max_grad_norm=0.0,
+        )
+        trainer.add_callback(recorder)
+        trainer.train()
+        (gradients[accumulation],) = recorder.gradients
+    assert gradients[1].keys() == gradients[2].keys() and len(gradients[1]) > 10
+    for name, grad in gradients[1].items():
+        torch.testing.assert_close(gradients[2][name], grad, rtol=1e-4, atol=1e-7, msg=name)
+
+
+# ------------------------------------------------------------------------------------------------- resume and saving
+@pytest.mark.parametrize("restore_callbacks", [False, True])
+def test_resume_restores_step_curriculum_optimizer_and_token_counter(checkpointed_run, restore_callbacks):
+    """Also with transformers' own callback restoring, which replaces the callback instance."""
+    first, output_dir, _, _ = checkpointed_run
+    checkpoint = output_dir / "checkpoint-2"
+    saved_state = json.loads((checkpoint / "trainer_state.json").read_text())
+    saved_tokens = saved_state["stateful_callbacks"]["OPDProgress"]["attributes"]["training_tokens"]
+    assert saved_tokens == first._progress.training_tokens > 0
+    holder: list = []
+    probe = FirstStepProbe(holder)
+    resumed = make_trainer(
+        output_dir,
+        save_strategy="no",
+        max_steps=3,
+        restore_callback_states_from_checkpoint=restore_callbacks,
+        **CURRICULUM,
+    )
+    resumed.add_callback(probe)
+    holder.append(resumed)
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+    seen = probe.seen
+    assert seen["global_step"] == 2 and resumed.state.global_step == 3
+    assert seen["curriculum"] == completion_length(2, 4, 16, 4, "linear", 4) == 12
+    assert seen["training_tokens"] == saved_tokens
+    assert resumed._progress in resumed.callback_handler.callbacks
+    step3 = [entry for entry in resumed.state.log_history if entry.get("step") == 3 and "loss" in entry]
+    assert step3 and step3[0]["curriculum/length"] == 12.0
+    assert step3[0]["training_tokens"] == saved_tokens + step3[0]["rollout/length"] * 4
+    saved = torch.load(checkpoint / "optimizer.pt", weights_only=True)["state"]
+    loaded = seen["optimizer"]["state"]
+    assert saved.keys() == loaded.keys() and len(saved) > 10
+    for index, entry in saved.items():
+        assert torch.equal(loaded[index]["exp_avg"], entry["exp_avg"])
+        assert torch.equal(loaded[index]["exp_avg_sq"], entry["exp_avg_sq"])
+
+
+def test_checkpoint_writes_a_model_card_with_tag_and_citation(checkpointed_run):
+    _, output_dir, _, _ = checkpointed_run
+    card = (output_dir / "README.md").read_text()
+    assert "opdlm" in card and "2606.06712" in card and "su2026opdlm" in card
+
+
+def test_saved_full_student_reloads_with_identical_logits(checkpointed_run, tmp_path):
+    trainer, _, _, _ = checkpointed_run
+    trainer.save_model(str(tmp_path))
+    loaded, tokenizer = load_diffusion_model(str(tmp_path))
+    assert tokenizer.mask_token_id == trainer.settings.mask_token_id
+    expected = canvas_logits(trainer.model, trainer.settings)
+    assert torch.equal(canvas_logits(loaded, trainer.settings), expected)
+
+
+def test_merged_lora_student_reloads_with_the_peft_students_logits(lora_run, tmp_path):
+    trainer, _, _, _ = lora_run
+    trainer.save_model(str(tmp_path))
+    assert (tmp_path / "adapter_config.json").is_file()
+    merged, tokenizer = load_diffusion_model(str(tmp_path / "merged"))
+    assert tokenizer.mask_token_id == trainer.settings.mask_token_id
+    assert not hasattr(merged, "peft_config")
+    expected = canvas_logits(trainer.model, trainer.settings)
+    torch.testing.assert_close(canvas_logits(merged, trainer.settings), expected, atol=1e-5, rtol=0)
+
+
+# ------------------------------------------------------------------------------------------------- bad input
+def test_empty_dataset_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="train_dataset is empty"):
+        make_trainer(tmp_path, dataset=Dataset.from_list([]))
+
+
+def test_dataset_without_prompt_column_is_refused_with_a_hint(tmp_path):
+    dataset = Dataset.from_list([{"messages": PROMPTS[0]}])
+    with pytest.raises(ValueError, match=r"no `prompt` column.*Rename `messages` to `prompt`"):
+        make_trainer(tmp_path, dataset=dataset)
+
+
+def test_prompt_longer_than_max_prompt_length_errors_or_is_left_truncated(tmp_path):
+    full = make_trainer(tmp_path, max_prompt_length=None)._prompt_token_lists(PROMPTS)
+    limit = min(len(ids) for ids in full) - 3
+    strict = make_trainer(tmp_path, max_prompt_length=limit)
+    with pytest.raises(ValueError, match=rf"exceed max_prompt_length={limit}.*prompt_truncation='left'"):
+        strict._prompt_token_lists(PROMPTS)
+    with pytest.raises(ValueError, match="exceed max_prompt_length"):
+        strict.train()
+    truncated = make_trainer(tmp_path, max_prompt_length=limit, prompt_truncation="left")._prompt_token_lists(PROMPTS)
+    assert truncated == [ids[-limit:] for ids in full] and all(len(ids) == limit for ids in truncated)
+
+
+def test_teacher_with_another_vocabulary_is_refused(tmp_path):
+    teacher = tiny_model("llama", vocab_size=len(tiny_tokenizer()) + 5)
+    with pytest.raises(ValueError, match=r"Teacher vocabulary \(\d+ rows\) differs"):
+        make_trainer(tmp_path, teacher_model=teacher)
+
+
+def test_student_generation_with_vllm_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="use_vllm=True.*teacher_backend='vllm_server'"):
+        opd_config(tmp_path, use_vllm=True)
+
+
+@pytest.mark.parametrize("backend", ["vllm_server", "vllm_colocate"])
+def test_vllm_teacher_without_top_k_is_refused(tmp_path, backend):
+    with pytest.raises(ValueError, match="returns top-k log-probs only: set teacher_top_k"):
+        opd_config(tmp_path, teacher_backend=backend, teacher_url="http://127.0.0.1:1")
+
+
+def test_nan_student_stops_with_a_floating_point_error(tmp_path):
+    trainer = make_trainer(tmp_path, temperature=0.0)  # greedy rollouts: sampling from NaN would fail first
+    with torch.no_grad():
+        unwrap_model(trainer.model).get_output_embeddings().weight[:, :5] = float("nan")
+    assert all(torch.isfinite(p).all() for p in trainer.teacher.model.parameters())
+    with pytest.raises(FloatingPointError, match="Non-finite OPD loss .* at step 0. Lower the learning rate"):
+        trainer.train()
