@@ -1,0 +1,496 @@
+"""Token efficiency: how many training tokens each conversion method needs to approach the AR teacher.
+
+Not a test: a long, resumable background job. For every (method, shift, seed) the student (the teacher's
+checkpoint converted with ``to_diffusion(shift=...)``) is trained ONCE; each time its cumulative training
+tokens cross a budget of ``--budgets`` it is evaluated on held-out HumanEval prompts with greedy static and
+dynamic decoding (:func:`opdlm_trl.eval.evaluate_model`). Methods:
+
+* ``opd``               OPDTrainer, on-policy rollouts, one visited state per block (the method)
+* ``opd_random_remask`` OPDTrainer, on-policy x0 with random masks (the paper's OPDLM_off ablation)
+* ``offpolicy_kd``      OffPolicyKDTrainer, forward KL to the teacher on the teacher's greedy answers
+* ``sft_teacher``       MDLMTrainer (1/t-weighted MDLM objective) on the teacher's greedy answers
+* ``mdlm_raw``          MDLMTrainer on raw text (HumanEval canonical solutions)
+
+Budgets count OPD's generated rollout tokens and the baselines' completion tokens trained on; the teacher
+tokens generated to build the SFT/KD data are reported separately (``teacher_generation_tokens``).
+Outputs in ``--out-dir``: ``results.json`` (rewritten after every evaluation; a rerun skips finished
+cells), ``token_efficiency.png`` and ``token_efficiency.md``.
+
+    python benchmarks/token_efficiency.py --smoke                                  # tiny models, < 60 s
+    nice -n 10 python benchmarks/token_efficiency.py --methods opd sft_teacher --budgets 512 1024 2048 \\
+        --seeds 0 --eval-prompts 32 --new-tokens 32 --out-dir benchmarks/out/token_efficiency
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+METHODS = ("opd", "opd_random_remask", "offpolicy_kd", "sft_teacher", "mdlm_raw")
+TEACHER_DATA = ("offpolicy_kd", "sft_teacher")
+METRICS = ("pass_at_1", "teacher_nll_per_token", "top1_agreement", "tokens_per_forward")
+SCORED = ("pass_at_1", "teacher_nll_per_token", "top1_agreement")  # metrics with a teacher target
+DECODINGS = ("static", "dynamic")
+
+
+# ------------------------------------------------------------------------------------------ models and data
+
+
+def load_pair(args: argparse.Namespace):
+    """``(model, tokenizer)`` of the teacher checkpoint, fresh (the student is converted from a fresh copy)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if args.smoke:
+        from opdlm_trl.tiny import tiny_model, tiny_tokenizer
+
+        return tiny_model("llama", hidden_size=64, num_layers=2), tiny_tokenizer()
+    from opdlm_trl.data import default_model_dir
+
+    path = args.model or default_model_dir()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa")
+    return model, AutoTokenizer.from_pretrained(path)
+
+
+def train_prompts(args: argparse.Namespace):
+    from opdlm_trl.data import humaneval_prompt_dataset
+
+    rows = humaneval_prompt_dataset("train", heldout_size=args.heldout_size)
+    return rows.select(range(min(args.train_prompts, len(rows))))
+
+
+def teacher_data(args: argparse.Namespace, results: dict) -> Any:
+    """Greedy teacher answers to the training prompts (cached in results.json); counts their tokens."""
+    from datasets import Dataset
+
+    from opdlm_trl.baselines import teacher_responses
+
+    cached = results.get("teacher_data")
+    if cached is None:
+        model, tokenizer = load_pair(args)
+        began = time.perf_counter()
+        rows = teacher_responses(
+            model,
+            tokenizer,
+            train_prompts(args),
+            args.new_tokens,
+            args.eval_batch_size,
+            max_prompt_length=args.max_prompt_length,
+        )
+        cached = {
+            "completion": list(rows["completion"]),
+            "completion_tokens": [int(n) for n in rows["completion_tokens"]],
+            "completion_finished": [bool(b) for b in rows["completion_finished"]],
+            "teacher_generation_tokens": int(sum(rows["completion_tokens"])),
+            "seconds": time.perf_counter() - began,
+        }
+        results["teacher_data"] = cached
+    rows = train_prompts(args)
+    return Dataset.from_dict(
+        {
+            "prompt": list(rows["prompt"]),
+            "completion": cached["completion"],
+            "completion_finished": cached["completion_finished"],
+        }
+    )
+
+
+def raw_data(args: argparse.Namespace):
+    rows = train_prompts(args)
+    return rows.add_column("completion", list(rows["canonical_solution"]))
+
+
+# ------------------------------------------------------------------------------------------ evaluation
+
+
+def evaluate(student, teacher, tokenizer, args: argparse.Namespace, teacher_generate: bool) -> dict:
+    from opdlm_trl.eval import evaluate_model
+
+    was_training = student.training
+    report = evaluate_model(
+        student,
+        teacher=teacher,
+        tokenizer=tokenizer,
+        dataset="humaneval",
+        split="heldout",
+        limit=args.eval_prompts,
+        heldout_size=args.heldout_size,
+        max_new_tokens=args.new_tokens,
+        threshold=args.threshold,
+        teacher_generate=teacher_generate,
+        batch_size=args.eval_batch_size,
+        max_prompt_length=args.max_prompt_length,
+        keep_samples=True,
+    )
+    student.train(was_training)
+    out = {
+        d: {m: report["results"][f"student_{d}"][m] for m in (*METRICS, "mean_completion_tokens")} for d in DECODINGS
+    }
+    out["sample"] = report["samples"][0]["outputs"] if report["samples"] else {}
+    if teacher_generate:
+        out["teacher_ar"] = {m: report["results"]["teacher_ar"][m] for m in (*METRICS, "mean_completion_tokens")}
+    return out
+
+
+# ------------------------------------------------------------------------------------------ training
+
+
+def build_trainer(method: str, shift: bool, seed: int, args: argparse.Namespace, results: dict, callback):
+    from opdlm_trl.baselines import MDLMConfig, MDLMTrainer, OffPolicyKDTrainer
+    from opdlm_trl.config import OPDConfig
+    from opdlm_trl.trainer import OPDTrainer
+
+    student, tokenizer = load_pair(args)
+    teacher, _ = load_pair(args)
+    common = dict(
+        output_dir=str(Path(args.out_dir) / "runs" / f"{method}-shift{int(shift)}-seed{seed}"),
+        max_steps=10 * max(args.budgets),  # never reached: the budget callback stops training
+        per_device_train_batch_size=args.batch_size,
+        learning_rate=args.lr,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+        seed=seed,
+        data_seed=seed,
+        use_cpu=True,
+        bf16=False,
+        gradient_checkpointing=False,
+        report_to="none",
+        save_strategy="no",
+        logging_steps=1,
+        disable_tqdm=True,
+        shift=shift,
+        block_size=args.block_size,
+        max_completion_length=args.new_tokens,
+        max_prompt_length=args.max_prompt_length,
+        prompt_truncation="left",
+        threshold=args.threshold,
+        temperature=1.0,
+    )
+    peft_config = None
+    if args.finetune == "lora":
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM")
+    kwargs = dict(processing_class=tokenizer, callbacks=[callback], peft_config=peft_config)
+    teacher_model = None if peft_config is not None else teacher
+    if method in ("opd", "opd_random_remask"):
+        config = OPDConfig(**common, state_selection="per_block" if method == "opd" else "random_remask")
+        return OPDTrainer(student, teacher_model, args=config, train_dataset=train_prompts(args), **kwargs), teacher
+    data = raw_data(args) if method == "mdlm_raw" else teacher_data(args, results)
+    config = MDLMConfig(**common, block_masking=True)
+    if method == "offpolicy_kd":
+        return OffPolicyKDTrainer(student, teacher_model, args=config, train_dataset=data, **kwargs), teacher
+    return MDLMTrainer(student, args=config, train_dataset=data, **kwargs), teacher
+
+
+def cell_key(method: str, shift: bool, seed: int) -> str:
+    return f"{method}|shift={int(shift)}|seed={seed}"
+
+
+def cell_budgets(seed_index: int, args: argparse.Namespace) -> list[int]:
+    """All budgets for the first seed; the ``--extra-seed-budgets`` smallest ones for the other seeds."""
+    budgets = sorted(args.budgets)
+    return budgets if seed_index == 0 else budgets[: args.extra_seed_budgets]
+
+
+def done_budgets(results: dict, key: str) -> set[int]:
+    return {r["budget"] for r in results["records"] if r["cell"] == key}
+
+
+def run_cell(method: str, shift: bool, seed: int, budgets: list[int], args, results: dict, save) -> None:
+    """Train one (method, shift, seed) once; evaluate at every budget crossing; stop after the last one."""
+    from transformers import TrainerCallback
+
+    key = cell_key(method, shift, seed)
+    pending = [b for b in budgets if b not in done_budgets(results, key)]
+    if not pending:
+        return
+    torch.manual_seed(seed)
+    began = time.perf_counter()
+    holder: dict[str, Any] = {}
+
+    class BudgetCallback(TrainerCallback):
+        def on_step_end(self, train_args, state, control, **_):
+            trainer = holder["trainer"]
+            tokens = trainer._progress.training_tokens
+            while pending and tokens >= pending[0]:
+                budget = pending.pop(0)
+                scores = evaluate(trainer.model, holder["teacher"], trainer.processing_class, args, False)
+                results["records"].append(
+                    {
+                        "cell": key,
+                        "method": method,
+                        "shift": shift,
+                        "seed": seed,
+                        "budget": budget,
+                        "training_tokens": tokens,
+                        "steps": state.global_step,
+                        "train_seconds": time.perf_counter() - began,
+                        **scores,
+                    }
+                )
+                save()
+                log(f"{key} budget {budget}: tokens {tokens} static {scores['static']} dynamic {scores['dynamic']}")
+            if not pending:
+                control.should_training_stop = True
+            return control
+
+    trainer, teacher = build_trainer(method, shift, seed, args, results, BudgetCallback())
+    holder.update(trainer=trainer, teacher=teacher)
+    save()  # teacher data may have just been generated
+    trainer.train()
+    save(figure=True)
+
+
+def run_init(shift: bool, args: argparse.Namespace, results: dict, save) -> None:
+    """Score the unconverted-then-converted student at 0 tokens, and the AR teacher once."""
+    from opdlm_trl.modeling import to_diffusion
+
+    key = cell_key("init", shift, 0)
+    if done_budgets(results, key):
+        return
+    student, tokenizer = load_pair(args)
+    teacher, _ = load_pair(args)
+    student, tokenizer = to_diffusion(student, tokenizer, block_size=args.block_size, shift=shift)
+    scores = evaluate(student, teacher, tokenizer, args, teacher_generate="teacher" not in results)
+    if "teacher_ar" in scores:
+        results["teacher"] = scores.pop("teacher_ar")
+    results["records"].append(
+        {"cell": key, "method": "init", "shift": shift, "seed": 0, "budget": 0, "training_tokens": 0, **scores}
+    )
+    save()
+    log(f"{key}: {scores['static']} / {scores['dynamic']}; teacher {results.get('teacher')}")
+
+
+# ------------------------------------------------------------------------------------------ reporting
+
+
+def mean_curve(results: dict, method: str, shift: bool, decoding: str, metric: str) -> list[tuple[int, float]]:
+    """Seed-mean score at each budget (skipping missing values)."""
+    by_budget: dict[int, list[float]] = {}
+    for record in results["records"]:
+        if record["method"] == method and record["shift"] == shift:
+            value = record[decoding].get(metric)
+            if value is not None and math.isfinite(value):
+                by_budget.setdefault(record["budget"], []).append(value)
+    return [(b, sum(v) / len(v)) for b, v in sorted(by_budget.items())]
+
+
+def reaches(metric: str, value: float, teacher: float) -> bool:
+    """90% of the teacher's score; for NLL (lower is better): within 10% of the teacher's NLL."""
+    if metric == "teacher_nll_per_token":
+        return value <= 1.1 * teacher
+    return value >= 0.9 * teacher
+
+
+def tokens_to_reach(results: dict, method: str, shift: bool, decoding: str, metric: str) -> int | None:
+    teacher = (results.get("teacher") or {}).get(metric)
+    if teacher is None or (metric != "teacher_nll_per_token" and teacher <= 0):
+        return None  # no target: 90% of a zero score (e.g. pass@1 with too few new tokens) is met by anything
+    for budget, value in mean_curve(results, method, shift, decoding, metric):
+        if budget > 0 and reaches(metric, value, teacher):
+            return budget
+    return None
+
+
+def summary(results: dict) -> dict:
+    """Tokens to reach the teacher target per (method, shift, decoding, metric), and the ratio to OPD."""
+    cells = sorted({(r["method"], r["shift"]) for r in results["records"] if r["method"] != "init"})
+    table = {}
+    for method, shift in cells:
+        for decoding in DECODINGS:
+            for metric in SCORED:
+                tokens = tokens_to_reach(results, method, shift, decoding, metric)
+                opd = tokens_to_reach(results, "opd", shift, decoding, metric)
+                table[f"{method}|shift={int(shift)}|{decoding}|{metric}"] = {
+                    "tokens": tokens,
+                    "ratio_to_opd": (tokens / opd) if tokens and opd else None,
+                }
+    return table
+
+
+def fmt(value, digits: int = 3) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "-"
+    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+
+def markdown(results: dict) -> str:
+    lines = [
+        f"# Token efficiency ({results['config']['mode']})",
+        "",
+        f"Config: `{json.dumps(results['config'], sort_keys=True)}`",
+        "",
+    ]
+    teacher = results.get("teacher") or {}
+    lines += ["Teacher (AR greedy): " + ", ".join(f"{m} {fmt(teacher.get(m))}" for m in METRICS), ""]
+    data = results.get("teacher_data")
+    if data:
+        lines += [
+            f"Teacher generation cost of the SFT/KD data: {data['teacher_generation_tokens']} tokens "
+            f"({data['seconds']:.0f} s).",
+            "",
+        ]
+    header = (
+        "| method | shift | budget | tokens | "
+        + " | ".join(f"{d} {m}" for d in DECODINGS for m in ("pass@1", "NLL/tok", "top1", "tok/fwd"))
+        + " |"
+    )
+    lines += [header, "|" + "---|" * (4 + 4 * len(DECODINGS))]
+    for r in sorted(results["records"], key=lambda r: (r["method"], r["shift"], r["seed"], r["budget"])):
+        values = [fmt(r[d].get(m)) for d in DECODINGS for m in METRICS]
+        lines.append(
+            f"| {r['method']} (seed {r['seed']}) | {r['shift']} | {r['budget']} | {r['training_tokens']} | "
+            + " | ".join(values)
+            + " |"
+        )
+    lines += [
+        "",
+        "Tokens to reach the teacher target (90% of its pass@1 / top-1 agreement; NLL within 10% of "
+        "its NLL), seed means; '-' = not reached within the budgets, or no target (the teacher scores 0):",
+        "",
+        "| method | shift | decoding | pass@1 | NLL | top-1 | ratio to OPD (pass@1 / NLL / top-1) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    table = summary(results)
+    cells = sorted({(r["method"], r["shift"]) for r in results["records"] if r["method"] != "init"})
+    for method, shift in cells:
+        for d in DECODINGS:
+            entries = [table[f"{method}|shift={int(shift)}|{d}|{m}"] for m in SCORED]
+            lines.append(
+                f"| {method} | {shift} | {d} | "
+                + " | ".join(fmt(e["tokens"]) for e in entries)
+                + " | "
+                + " / ".join(fmt(e["ratio_to_opd"], 2) for e in entries)
+                + " |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(
+        len(DECODINGS), len(METRICS), figsize=(4.2 * len(METRICS), 3.4 * len(DECODINGS)), squeeze=False
+    )
+    cells = sorted({(r["method"], r["shift"]) for r in results["records"] if r["method"] != "init"})
+    teacher = results.get("teacher") or {}
+    for row, decoding in enumerate(DECODINGS):
+        for col, metric in enumerate(METRICS):
+            ax = axes[row][col]
+            for method, shift in cells:
+                curve = [(b, v) for b, v in mean_curve(results, method, shift, decoding, metric) if b > 0]
+                if curve:
+                    ax.plot(*zip(*curve, strict=True), marker="o", label=f"{method} shift={int(shift)}")
+            if teacher.get(metric) is not None:
+                ax.axhline(teacher[metric], color="black", linestyle="--", label="teacher (AR)")
+            ax.set_xscale("log")
+            ax.set_title(f"{metric} ({decoding})", fontsize=9)
+            ax.set_xlabel("training tokens")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    if handles:
+        fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 4), fontsize=8)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ------------------------------------------------------------------------------------------ driver
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def parse(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    p.add_argument("--shifts", nargs="+", type=int, default=[0, 1], choices=[0, 1], help="0 = paper, 1 = shifted")
+    p.add_argument("--budgets", nargs="+", type=int, default=[1024, 2048, 4096, 8192], help="training tokens")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument(
+        "--extra-seed-budgets",
+        type=int,
+        default=2,
+        help="seeds after the first train only up to this many of the smallest budgets",
+    )
+    p.add_argument("--eval-prompts", type=int, default=100, help="held-out HumanEval prompts")
+    p.add_argument("--heldout-size", type=int, default=100)
+    p.add_argument("--train-prompts", type=int, default=64)
+    p.add_argument("--new-tokens", type=int, default=32, help="rollout / teacher answer / evaluation length")
+    p.add_argument("--max-prompt-length", type=int, default=512)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--eval-batch-size", type=int, default=8)
+    p.add_argument("--lr", type=float, default=5e-5)
+    p.add_argument("--block-size", type=int, default=4)
+    p.add_argument("--threshold", type=float, default=0.9, help="dynamic decoding (rollouts and evaluation)")
+    p.add_argument("--finetune", choices=["full", "lora"], default="full")
+    p.add_argument("--model", help="teacher checkpoint dir (default: the offline SmolLM2-135M-Instruct)")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--out-dir", default="benchmarks/out/token_efficiency")
+    p.add_argument("--smoke", action="store_true", help="tiny random models, a few prompts (< 60 s, CI)")
+    args = p.parse_args(argv)
+    if args.smoke:
+        # Every method end to end on the shifted student (test_baselines covers both conventions per trainer).
+        args.methods, args.shifts, args.budgets, args.seeds = list(METHODS), [1], [16, 32], [0]
+        args.eval_prompts, args.train_prompts, args.new_tokens, args.max_prompt_length = 1, 4, 8, 48
+        args.batch_size, args.eval_batch_size, args.lr = 2, 2, 1e-3
+    return args
+
+
+def main(argv=None) -> dict:
+    args = parse(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "results.json"
+    config = {k: v for k, v in vars(args).items() if k not in ("out_dir", "threads")}
+    config.update(
+        mode="smoke (tiny random models)" if args.smoke else f"{args.finetune} fine-tune, constant lr",
+        loss="forward_kl full vocabulary",
+        rollout_temperature=1.0,
+        host=platform.node(),
+        torch_threads=torch.get_num_threads(),
+    )
+    results = json.loads(path.read_text()) if path.exists() else {}
+    if results.get("config", {}).get("budgets") not in (None, config["budgets"]) and not args.smoke:
+        log("note: budgets differ from the stored run; stored records are kept")
+    results.setdefault("records", [])
+    results["config"] = config
+
+    def save(figure: bool = False) -> None:
+        """JSON + markdown after every evaluation; the PNG (about a second of matplotlib) after every cell."""
+        results["summary"] = summary(results)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(results, indent=1, default=float))
+        os.replace(tmp, path)
+        (out / "token_efficiency.md").write_text(markdown(results))
+        if figure:
+            plot(results, out / "token_efficiency.png")
+
+    for shift in args.shifts:
+        run_init(bool(shift), args, results, save)
+    for seed_index, seed in enumerate(args.seeds):
+        for shift in args.shifts:
+            for method in args.methods:
+                run_cell(method, bool(shift), seed, cell_budgets(seed_index, args), args, results, save)
+    save(figure=True)
+    log(f"done: {path}")
+    return results
+
+
+if __name__ == "__main__":
+    main()

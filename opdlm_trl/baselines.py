@@ -1,0 +1,419 @@
+"""Baselines that OPD is measured against, on the same conversion, data pipeline, forward and sampler.
+
+* :class:`MDLMTrainer` — the MDLM / BD3LM objective of prior conversions (method §5) on *given* text:
+  mask the completion at a random rate ``t ~ U(eps, 1)`` (one per row, or one per block) and train
+  ``(1/t) sum_masked -log p_S(x0_i)``. With the teacher's greedy answers as completions it is "SFT on teacher
+  answers"; with raw reference text (HumanEval canonical solutions) it is the plain data-driven conversion.
+* :class:`OffPolicyKDTrainer` — the OPD forward-KL-to-teacher loss, but on given (teacher-generated)
+  responses with random masks instead of the student's own rollouts (the paper's off-policy KD ablation).
+* :func:`teacher_responses` — greedy answers of the original ARLM (the SFT / KD data) and what they cost.
+
+Both trainers subclass :class:`opdlm_trl.OPDTrainer` and only replace its generation hook: instead of a
+rollout they tokenize ``prompt`` + ``completion`` into the very same ``[prompt | x0 | x_t]`` batch
+(prompt left-padded to a block boundary, completion right-padded to whole blocks) and reuse the trainer's
+block-causal student forward, so the shift convention, masks and logits alignment are shared with OPD.
+``training_tokens`` counts the completion tokens trained on, so budgets compare with OPD's generated tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from . import losses as L
+from .config import OPDConfig
+from .data import is_conversational, tokenize_prompts
+from .masks import blocks_needed, left_pad_to_block
+from .modeling import unwrap_model
+from .sampling import default_stop_token_ids
+from .states import TrainingStates, mdlm_states
+from .trainer import OPDTrainer, _targets_to_batch
+
+__all__ = [
+    "FINISHED_COLUMN",
+    "GivenTextBatch",
+    "MDLMConfig",
+    "MDLMTrainer",
+    "OffPolicyKDTrainer",
+    "completion_text",
+    "mdlm_reduce",
+    "right_pad_to_blocks",
+    "teacher_responses",
+]
+
+# Optional dataset column: False marks a completion cut off by the generation limit (no end-of-turn is appended).
+FINISHED_COLUMN = "completion_finished"
+
+
+@dataclass
+class MDLMConfig(OPDConfig):
+    r"""Configuration of [`MDLMTrainer`] and [`OffPolicyKDTrainer`]: training on given completions.
+
+    Inherits every field of [`OPDConfig`]; the rollout fields (`threshold`, `temperature`, curriculum, ...)
+    are unused because nothing is decoded during training. `max_completion_length` truncates the given
+    completions (end-of-turn token included).
+    """
+
+    mask_weighting: str = field(
+        default="inverse_t",
+        metadata={"help": "MDLM weight of a masked position: 'inverse_t' (1/t, the MDLM/BD3LM ELBO) or 'uniform'."},
+    )
+    mask_eps: float = field(
+        default=1e-3, metadata={"help": "Lower bound of the masking rate t ~ U(eps, 1); keeps 1/t finite."}
+    )
+    block_masking: bool = field(
+        default=True,
+        metadata={
+            "help": "True: one rate t_b per block (BD3LM); False: one rate per sequence (MDLM). The "
+            "off-policy KD trainer always uses one rate per sequence (OPD's random_remask states)."
+        },
+    )
+    completion_column: str = field(
+        default="completion",
+        metadata={"help": "Dataset column holding the target text: a string or an assistant message list."},
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.mask_weighting not in L.MDLM_WEIGHTINGS:
+            raise ValueError(f"mask_weighting={self.mask_weighting!r} is not one of {L.MDLM_WEIGHTINGS}.")
+        if not 0.0 < self.mask_eps < 1.0:
+            raise ValueError(f"mask_eps must lie in (0, 1), got {self.mask_eps}.")
+
+
+# ---------------------------------------------------------------------------------------------- given text
+
+
+def completion_text(completion: Any) -> str:
+    """Plain text of a completion: a string, or the concatenated contents of assistant messages."""
+    if isinstance(completion, str):
+        return completion
+    if is_conversational(completion):
+        return "".join(m["content"] for m in completion if m.get("role", "assistant") == "assistant")
+    raise ValueError(
+        f"A completion must be a string or a list of assistant messages, got {type(completion).__name__}."
+    )
+
+
+def right_pad_to_blocks(
+    sequences: Sequence[Sequence[int]], block_size: int, pad_token_id: int, device=None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad token lists to whole blocks: ``(ids, mask)`` of width ``ceil(max_len / block) * block``."""
+    longest = max((len(s) for s in sequences), default=0)
+    width = max(1, blocks_needed(longest, block_size)) * block_size
+    ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, tokens in enumerate(sequences):
+        ids[row, : len(tokens)] = torch.as_tensor(list(tokens), dtype=torch.long)
+        mask[row, : len(tokens)] = 1
+    return ids.to(device), mask.to(device)
+
+
+@dataclass
+class GivenTextBatch:
+    """A prompt + given-completion batch in the sampler's layout (what a rollout would have produced)."""
+
+    prompt_ids: torch.Tensor
+    prompt_mask: torch.Tensor
+    completion_ids: torch.Tensor
+    completion_mask: torch.Tensor
+
+
+def mdlm_reduce(
+    per_position: torch.Tensor,
+    row_index: torch.Tensor,
+    row_tokens: torch.Tensor,
+    normalization: str = "sequence",
+    normaliser: torch.Tensor | float | None = None,
+) -> torch.Tensor:
+    """MDLM loss from weighted per-position NLLs: each row's sum divided by its *completion length*.
+
+    Why not :func:`opdlm_trl.losses.reduce_loss`: MDLM's ``1/t`` weight already turns the sum over the
+    ~``t L`` masked positions into an unbiased estimate of the sum over all ``L`` tokens; dividing by the
+    masked count instead would weight every row by ``1/t`` twice. ``"sequence"``: mean over rows of
+    ``sum_row / L_row``; ``"token"``: ``sum / sum_rows L_row``. ``normaliser`` replaces the number of rows
+    (``sequence``) or of completion tokens (``token``) for gradient accumulation over a larger batch.
+    """
+    values = per_position.float()
+    tokens = row_tokens.float().clamp(min=1)
+    if normalization == "token":
+        denominator = tokens.sum() if normaliser is None else normaliser
+        return values.sum() / torch.as_tensor(denominator, dtype=torch.float32, device=values.device).clamp(min=1)
+    per_row = values / tokens[row_index]
+    denominator = (row_tokens > 0).sum() if normaliser is None else normaliser
+    return per_row.sum() / torch.as_tensor(denominator, dtype=torch.float32, device=values.device).clamp(min=1)
+
+
+class _GivenTextMixin:
+    """Turns dataset rows (``prompt`` + ``completion``) into the tensors a rollout would have provided."""
+
+    def _set_signature_columns_if_needed(self):
+        if self._signature_columns is None:
+            self._signature_columns = ["prompt", self.args.completion_column, FINISHED_COLUMN]
+
+    @staticmethod
+    def _check_completion_column(dataset, name: str, column: str) -> None:
+        columns = getattr(dataset, "column_names", None)
+        if dataset is not None and columns is not None and column not in columns:
+            raise ValueError(
+                f"{name} has no `{column}` column (found {columns}): the baseline trainers train on given "
+                "completions. Build one with opdlm_trl.baselines.teacher_responses or set "
+                "MDLMConfig.completion_column."
+            )
+
+    def _end_of_turn_id(self) -> int:
+        """The token the sampler stops on (EOS / end of turn), appended to every completion."""
+        eos = self._tokenizer.eos_token_id
+        if eos is None:
+            eos = sorted(self.eos_token_ids)[0]
+        return int(eos)
+
+    def _completion_token_lists(self, completions: Sequence[Any], finished: Sequence[bool]) -> list[list[int]]:
+        """Completion tokens + the end-of-turn token, unless the row is a truncated answer (``finished`` False):
+        a cut-off answer must not teach the student to stop there."""
+        texts = [completion_text(c) for c in completions]
+        encoded = self._tokenizer(texts, add_special_tokens=False)["input_ids"]
+        end = [self._end_of_turn_id()]
+        limit = self.args.max_completion_length
+        return [(list(ids) + (end if done else []))[:limit] for ids, done in zip(encoded, finished, strict=True)]
+
+    def _given_text_batch(self, inputs: list[dict]) -> GivenTextBatch:
+        device = self.accelerator.device
+        block = self.settings.block_size
+        pad = self._tokenizer.pad_token_id
+        prompt_ids, prompt_mask = left_pad_to_block(
+            self._prompt_token_lists([x["prompt"] for x in inputs]), block, pad, device
+        )
+        completions = self._completion_token_lists(
+            [x[self.args.completion_column] for x in inputs], [bool(x.get(FINISHED_COLUMN, True)) for x in inputs]
+        )
+        completion_ids, completion_mask = right_pad_to_blocks(completions, block, pad, device)
+        return GivenTextBatch(prompt_ids, prompt_mask, completion_ids, completion_mask)
+
+    def _count_tokens(self, given: GivenTextBatch, states: TrainingStates, mode: str) -> None:
+        """``training_tokens`` = completion tokens trained on (comparable with OPD's generated tokens)."""
+        device = self.accelerator.device
+        lengths = self.accelerator.gather(given.completion_mask.sum(1).to(device)).float()
+        supervised = self.accelerator.gather(states.loss_mask.sum(1).to(device)).float()
+        metrics = self._metrics[mode]
+        metrics["completion/length"].append(lengths.mean().item())
+        metrics["supervised_per_row"].append(supervised.mean().item())
+        metrics["mask_rate"].append(states.mask_rate.mean().item())
+        if mode == "train":
+            self._progress.training_tokens += int(lengths.sum().item())
+            metrics["training_tokens"] = [float(self._progress.training_tokens)]
+
+    def _base_batch(self, given: GivenTextBatch, states: TrainingStates) -> dict:
+        return {
+            "prompt_ids": given.prompt_ids,
+            "prompt_mask": given.prompt_mask,
+            "clean_ids": given.completion_ids,
+            "noisy_ids": states.noisy_ids,
+            "decoded_mask": given.completion_mask,  # key mask of the layout: padding is never attended
+            "loss_mask": states.loss_mask,
+            "completion_ids": given.completion_ids,
+        }
+
+
+# ---------------------------------------------------------------------------------------------- MDLM
+
+
+class MDLMTrainer(_GivenTextMixin, OPDTrainer):
+    """The MDLM / BD3LM conversion objective on given completions: no rollouts, no teacher.
+
+    Args: as :class:`opdlm_trl.OPDTrainer` (``teacher_model`` / ``teacher`` are ignored), with an
+    :class:`MDLMConfig` and datasets holding ``prompt`` and ``completion`` columns.
+    """
+
+    _tag_names = ["trl", "opdlm", "diffusion-lm", "mdlm"]
+    _name = "MDLM"
+    _needs_teacher = False
+
+    def __init__(self, model, args: MDLMConfig | None = None, train_dataset=None, eval_dataset=None, **kwargs):
+        args = args or MDLMConfig(output_dir="mdlm-output")
+        if not isinstance(args, MDLMConfig):
+            raise TypeError(f"{type(self).__name__} needs an MDLMConfig, got {type(args).__name__}.")
+        kwargs.pop("teacher_model", None)
+        kwargs.pop("teacher", None)
+        self._check_completion_column(train_dataset, "train_dataset", args.completion_column)
+        self._check_completion_column(eval_dataset, "eval_dataset", args.completion_column)
+        super().__init__(model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset, **kwargs)
+
+    def _count_teacher_parameters(self, teacher_model) -> int:
+        return 0
+
+    def _generate_and_score_completions(self, inputs: list[dict]) -> dict:
+        mode = "train" if self.model.training else "eval"
+        given = self._given_text_batch(inputs)
+        states = mdlm_states(
+            given.completion_ids,
+            given.completion_mask,
+            self.settings.block_size,
+            self.settings.mask_token_id,
+            eps=self.args.mask_eps,
+            per_block=self.args.block_masking,
+        )
+        self._count_tokens(given, states, mode)
+        row_tokens = given.completion_mask.sum(1)
+        count = row_tokens.sum() if self.args.loss_normalization == "token" else (row_tokens > 0).sum()
+        return {
+            **self._base_batch(given, states),
+            "position_rate": states.position_rate,
+            "row_tokens": row_tokens,
+            "num_items_in_batch": self.accelerator.gather(count.reshape(1)).sum(),
+        }
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        mode = "train" if self.model.training else "eval"
+        student_logits = self._student_logits(model, inputs)  # OPD's forward: (N, V) at the masked positions
+        selected = inputs["loss_mask"].bool()
+        tokens = inputs["completion_ids"][selected]
+        per_position = L.mdlm_loss(
+            student_logits, tokens, inputs["position_rate"][selected], weighting=self.args.mask_weighting
+        )
+        normaliser = inputs.get("num_items_in_batch") if self.model.training else None
+        if normaliser is not None:
+            normaliser = normaliser.float() / self.accelerator.num_processes
+        loss = mdlm_reduce(
+            per_position, selected.nonzero()[:, 0], inputs["row_tokens"], self.args.loss_normalization, normaliser
+        )
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"Non-finite MDLM loss ({loss.item()}) at step {self.state.global_step}: raise mask_eps or lower "
+                "the learning rate."
+            )
+        with torch.no_grad():
+            nll = -L.student_token_log_probs(student_logits, tokens)
+            accuracy = (student_logits.argmax(-1) == tokens).float()
+            sums = torch.stack([nll.sum(), accuracy.sum(), torch.tensor(float(tokens.numel()), device=nll.device)])
+            sums = self.accelerator.gather_for_metrics(sums.unsqueeze(0)).sum(0)
+        if sums[2] > 0:
+            self._metrics[mode]["masked_nll"].append((sums[0] / sums[2]).item())
+            self._metrics[mode]["masked_accuracy"].append((sums[1] / sums[2]).item())
+        return (loss, None) if return_outputs else loss
+
+
+# ---------------------------------------------------------------------------------------------- off-policy KD
+
+
+class OffPolicyKDTrainer(_GivenTextMixin, OPDTrainer):
+    """OPD's divergence to the teacher on *given* (teacher-generated) responses with random masks.
+
+    The teacher scores ``prompt + completion`` exactly as it scores a rollout; the states are OPD's
+    ``random_remask`` forward process (one ``t ~ U(eps, 1)`` per row), so the only difference from
+    ``OPDTrainer(state_selection="random_remask")`` is where ``x0`` comes from.
+    """
+
+    _tag_names = ["trl", "opdlm", "diffusion-lm", "off-policy-distillation"]
+    _name = "OffPolicyKD"
+
+    def __init__(
+        self,
+        model,
+        teacher_model=None,
+        args: MDLMConfig | None = None,
+        train_dataset=None,
+        eval_dataset=None,
+        **kwargs,
+    ):
+        args = args or MDLMConfig(output_dir="kd-output")
+        if not isinstance(args, MDLMConfig):
+            raise TypeError(f"{type(self).__name__} needs an MDLMConfig, got {type(args).__name__}.")
+        self._check_completion_column(train_dataset, "train_dataset", args.completion_column)
+        self._check_completion_column(eval_dataset, "eval_dataset", args.completion_column)
+        super().__init__(
+            model, teacher_model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset, **kwargs
+        )
+
+    def _generate_and_score_completions(self, inputs: list[dict]) -> dict:
+        mode = "train" if self.model.training else "eval"
+        given = self._given_text_batch(inputs)
+        targets = self.teacher.score(
+            given.prompt_ids,
+            given.prompt_mask,
+            given.completion_ids,
+            given.completion_mask,
+            top_k=self.args.teacher_top_k,
+        )
+        states = mdlm_states(
+            given.completion_ids,
+            given.completion_mask,
+            self.settings.block_size,
+            self.settings.mask_token_id,
+            eps=self.args.mask_eps,
+            per_block=False,
+        )
+        self._count_tokens(given, states, mode)
+        per_row = states.loss_mask.sum(1)
+        count = per_row.sum() if self.args.loss_normalization == "token" else (per_row > 0).sum()
+        return {
+            **self._base_batch(given, states),
+            **_targets_to_batch(targets),
+            "num_items_in_batch": self.accelerator.gather(count.reshape(1)).sum(),
+        }
+
+
+# ---------------------------------------------------------------------------------------------- teacher data
+
+
+@torch.no_grad()
+def teacher_responses(
+    model,
+    tokenizer,
+    prompts,
+    max_new_tokens: int = 256,
+    batch_size: int = 8,
+    max_prompt_length: int | None = None,
+):
+    """Greedy answers of the original AR model: the data of SFT-on-teacher-answers and off-policy KD.
+
+    ``prompts``: a ``datasets.Dataset`` with a ``prompt`` column (its other columns are kept) or a list
+    of prompts (text or chat messages). Returns a Dataset with ``completion`` (text, special tokens
+    dropped), ``completion_tokens`` (generated tokens up to and including the stop token: the
+    generation cost issue 7 asks to count) and ``completion_finished`` (False where ``max_new_tokens`` cut
+    the answer off; the trainers then append no end-of-turn token) added. ``tokenizer.pad_token_id`` must
+    be set.
+    """
+    from datasets import Dataset
+
+    rows = prompts if hasattr(prompts, "column_names") else Dataset.from_dict({"prompt": list(prompts)})
+    token_lists = tokenize_prompts(rows, tokenizer, max_prompt_length, truncation="left")
+    stop_ids = default_stop_token_ids(tokenizer)
+    stops = torch.tensor(stop_ids, dtype=torch.long)
+    device = next(unwrap_model(model).parameters()).device
+    was_training = model.training
+    model.eval()
+    texts: list[str] = []
+    counts: list[int] = []
+    finished: list[bool] = []
+    for start in range(0, len(token_lists), batch_size):
+        prompt_ids, prompt_mask = left_pad_to_block(
+            token_lists[start : start + batch_size], None, tokenizer.pad_token_id, device
+        )
+        output = model.generate(
+            input_ids=prompt_ids,
+            attention_mask=prompt_mask,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=stop_ids,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        generated = output[:, prompt_ids.shape[1] :].cpu()
+        is_stop = torch.isin(generated, stops).long()
+        keep = (is_stop.cumsum(1) - is_stop) == 0  # up to and including the first stop token
+        counts.extend(keep.sum(1).tolist())
+        finished.extend((is_stop.sum(1) > 0).tolist())
+        texts.extend(
+            tokenizer.batch_decode(
+                [row[k].tolist() for row, k in zip(generated, keep, strict=True)], skip_special_tokens=True
+            )
+        )
+    model.train(was_training)
+    return (
+        rows.add_column("completion", texts)
+        .add_column("completion_tokens", counts)
+        .add_column(FINISHED_COLUMN, finished)
+    )

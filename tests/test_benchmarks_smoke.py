@@ -1,0 +1,83 @@
+"""CI smoke of the benchmark scripts: each ``--smoke`` run (tiny local models) writes JSON with finite numbers.
+
+The scripts run as subprocesses exactly as a user starts them, so argument parsing, output writing and
+imports are covered, not only the functions behind them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCHMARKS = ROOT / "benchmarks"
+
+
+def _numbers(value, path: str = ""):
+    """Every (path, number) leaf of a JSON document (booleans are not numbers here)."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            yield from _numbers(item, f"{path}.{key}")
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            yield from _numbers(item, f"{path}[{index}]")
+    elif isinstance(value, int | float) and not isinstance(value, bool):
+        yield path, value
+
+
+def _run(script: str, *arguments: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false"}
+    result = subprocess.run(
+        [sys.executable, str(BENCHMARKS / script), "--smoke", *arguments],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert result.returncode == 0, f"{script} failed:\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}"
+    return result
+
+
+def _assert_finite(document) -> int:
+    leaves = list(_numbers(document))
+    bad = [(path, value) for path, value in leaves if not math.isfinite(value)]
+    assert not bad, f"non-finite numbers: {bad[:10]}"
+    return len(leaves)
+
+
+OTHER_SCRIPTS = [name for name in ("decode.py", "teacher.py", "train_step.py") if (BENCHMARKS / name).exists()]
+
+
+@pytest.mark.parametrize("script", OTHER_SCRIPTS)
+def test_benchmark_smoke_writes_finite_json(script, tmp_path):
+    output = tmp_path / "out.json"
+    _run(script, "--output", str(output))
+    assert output.exists()
+    assert _assert_finite(json.loads(output.read_text())) > 0
+
+
+def test_token_efficiency_smoke(tmp_path):
+    _run("token_efficiency.py", "--out-dir", str(tmp_path))
+    results = json.loads((tmp_path / "results.json").read_text())
+    methods = {record["method"] for record in results["records"]}
+    assert methods == {"init", "opd", "opd_random_remask", "offpolicy_kd", "sft_teacher", "mdlm_raw"}
+    trained = [record for record in results["records"] if record["method"] != "init"]
+    assert sorted({record["budget"] for record in trained}) == [16, 32]
+    for record in trained:  # evaluated once the budget is crossed, never before
+        assert record["training_tokens"] >= record["budget"]
+        for decoding in ("static", "dynamic"):
+            scores = record[decoding]
+            assert scores["teacher_nll_per_token"] > 0 and 0 <= scores["top1_agreement"] <= 1
+            assert scores["tokens_per_forward"] >= 1
+    assert results["teacher"]["tokens_per_forward"] == 1.0
+    assert results["teacher_data"]["teacher_generation_tokens"] > 0
+    _assert_finite({key: value for key, value in results.items() if key != "summary"})
+    assert (tmp_path / "token_efficiency.png").stat().st_size > 0
+    assert "Tokens to reach the teacher target" in (tmp_path / "token_efficiency.md").read_text()
