@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import json
+import os
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -32,6 +34,7 @@ __all__ = [
     "diffusion_settings",
     "load_diffusion_model",
     "probe_4d_mask_support",
+    "save_diffusion_settings",
     "student_forward",
     "suppress_mask_logit",
     "teacher_forward",
@@ -40,6 +43,7 @@ __all__ = [
 ]
 
 CONFIG_KEY = "opdlm"
+SETTINGS_FILE = "opdlm.json"
 DEFAULT_MASK_TOKEN = "<|mask|>"
 SUPPORTED_ATTENTION = ("sdpa", "eager")
 
@@ -127,11 +131,31 @@ def probe_4d_mask_support(model: torch.nn.Module) -> None:
         )
 
 
+def _grow_embeddings(base: torch.nn.Module, rows: int) -> None:
+    """Add embedding rows (a mask token without a free row); new rows = mean of the existing ones."""
+    old_rows = base.get_input_embeddings().weight.shape[0]
+    base.resize_token_embeddings(rows, mean_resizing=False)
+    with torch.no_grad():
+        embeddings = base.get_input_embeddings().weight
+        embeddings[old_rows:] = embeddings[:old_rows].mean(0, keepdim=True)
+        output = base.get_output_embeddings()
+        if output is not None and output.weight.data_ptr() != embeddings.data_ptr():
+            output.weight[old_rows:] = output.weight[:old_rows].mean(0, keepdim=True)
+            if getattr(output, "bias", None) is not None:
+                output.bias[old_rows:] = output.bias[:old_rows].mean()
+
+
 def _resolve_mask_token(model: torch.nn.Module, tokenizer, mask_token: str | int | None) -> int:
-    """Mask-token policy: explicit > tokenizer's own > free embedding row > new token (resize)."""
+    """Mask-token policy: explicit > tokenizer's own > free embedding row > new token (resize).
+
+    A tokenizer saved with a student already holds the added mask token one id past the original
+    vocabulary; the original model then gets that row again (this is how LoRA students reload).
+    """
     base = unwrap_model(model)
     vocab_size = base.get_input_embeddings().weight.shape[0]
-    if len(tokenizer) > vocab_size:
+    own_mask = tokenizer.mask_token_id if mask_token is None else None
+    saved_mask_row = own_mask is not None and own_mask == vocab_size == len(tokenizer) - 1
+    if len(tokenizer) > vocab_size and not saved_mask_row:
         raise ValueError(
             f"Tokenizer has {len(tokenizer)} tokens but the model has only {vocab_size} embedding rows: "
             "they do not belong together. Pass the tokenizer saved with this model."
@@ -140,8 +164,10 @@ def _resolve_mask_token(model: torch.nn.Module, tokenizer, mask_token: str | int
         if not 0 <= mask_token < vocab_size:
             raise ValueError(f"mask_token id {mask_token} is outside the model vocabulary [0, {vocab_size}).")
         return mask_token
-    if mask_token is None and tokenizer.mask_token_id is not None:
-        return int(tokenizer.mask_token_id)
+    if own_mask is not None:
+        if saved_mask_row:
+            _grow_embeddings(base, len(tokenizer))
+        return int(own_mask)
     token = mask_token or DEFAULT_MASK_TOKEN
     if token in tokenizer.get_vocab():
         mask_id = int(tokenizer.convert_tokens_to_ids(token))
@@ -149,17 +175,8 @@ def _resolve_mask_token(model: torch.nn.Module, tokenizer, mask_token: str | int
         return mask_id
     tokenizer.add_special_tokens({"mask_token": token})
     mask_id = int(tokenizer.mask_token_id)
-    if mask_id >= vocab_size:  # no free row: grow the embedding, new row = mean of the existing ones
-        old_rows = vocab_size
-        base.resize_token_embeddings(len(tokenizer), mean_resizing=False)
-        with torch.no_grad():
-            embeddings = base.get_input_embeddings().weight
-            embeddings[old_rows:] = embeddings[:old_rows].mean(0, keepdim=True)
-            output = base.get_output_embeddings()
-            if output is not None and output.weight.data_ptr() != embeddings.data_ptr():
-                output.weight[old_rows:] = output.weight[:old_rows].mean(0, keepdim=True)
-                if getattr(output, "bias", None) is not None:
-                    output.bias[old_rows:] = output.bias[:old_rows].mean()
+    if mask_id >= vocab_size:  # no free row: grow the embedding
+        _grow_embeddings(base, len(tokenizer))
     return mask_id
 
 
@@ -203,17 +220,47 @@ def to_diffusion(
     return model, tokenizer
 
 
+def save_diffusion_settings(model: torch.nn.Module, directory: str | os.PathLike) -> None:
+    """Write ``opdlm.json`` next to a peft adapter, which (unlike a full model) saves no ``config.json``."""
+    with open(os.path.join(directory, SETTINGS_FILE), "w") as handle:
+        json.dump(diffusion_settings(model).to_dict(), handle, indent=2)
+
+
+def _load_adapter_student(path: str, tokenizer_path: str | None, kwargs: dict):
+    """Rebuild a LoRA student: original model -> same conversion -> adapter (incl. the mask row)."""
+    from peft import PeftConfig, PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    settings_path = os.path.join(path, SETTINGS_FILE)
+    if not os.path.exists(settings_path):
+        raise ValueError(f"{path} holds a peft adapter without {SETTINGS_FILE}: it was not saved by opdlm_trl.")
+    with open(settings_path) as handle:
+        settings = DiffusionSettings(**json.load(handle))
+    base_path = PeftConfig.from_pretrained(path).base_model_name_or_path
+    base = AutoModelForCausalLM.from_pretrained(base_path, **kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path or path, trust_remote_code=kwargs["trust_remote_code"])
+    to_diffusion(base, tokenizer, block_size=settings.block_size, shift=settings.shift, probe=False)
+    if diffusion_settings(base) != settings:
+        raise ValueError(f"Rebuilt settings {diffusion_settings(base)} differ from the saved {settings}.")
+    return PeftModel.from_pretrained(base, path).eval(), tokenizer
+
+
 def load_diffusion_model(path_or_id: str, tokenizer_path: str | None = None, **from_pretrained_kwargs):
     """Load a saved student and its tokenizer with identical behaviour; returns ``(model, tokenizer)``.
 
-    Defaults to ``attn_implementation="sdpa"`` and ``trust_remote_code=False``; weights load with
-    safetensors. Raises if the checkpoint is not a converted student or its tokenizer lost the mask.
+    Works for a full student (``config.opdlm`` in its config) and for a LoRA student saved by
+    :class:`opdlm_trl.OPDTrainer` (adapter + ``opdlm.json``: the original model named in the adapter config is
+    converted the same way and the adapter applied). Defaults to ``attn_implementation="sdpa"`` and
+    ``trust_remote_code=False``; weights load with safetensors. Raises if the checkpoint is not a converted
+    student or its tokenizer lost the mask.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from_pretrained_kwargs.setdefault("attn_implementation", "sdpa")
     from_pretrained_kwargs.setdefault("trust_remote_code", False)
     from_pretrained_kwargs.setdefault("use_safetensors", True)
+    if os.path.exists(os.path.join(str(path_or_id), "adapter_config.json")):
+        return _load_adapter_student(str(path_or_id), tokenizer_path, from_pretrained_kwargs)
     model = AutoModelForCausalLM.from_pretrained(path_or_id, **from_pretrained_kwargs)
     tokenizer = AutoTokenizer.from_pretrained(
         tokenizer_path or path_or_id, trust_remote_code=from_pretrained_kwargs["trust_remote_code"]

@@ -32,7 +32,14 @@ from . import losses as L
 from .config import OPDConfig
 from .curriculum import completion_length
 from .masks import training_layout
-from .modeling import DiffusionSettings, diffusion_settings, suppress_mask_logit, to_diffusion, unwrap_model
+from .modeling import (
+    DiffusionSettings,
+    diffusion_settings,
+    save_diffusion_settings,
+    suppress_mask_logit,
+    to_diffusion,
+    unwrap_model,
+)
 from .sampling import DiffusionSampler, Rollout, SamplerConfig
 from .states import TrainingStates, select_states
 from .teachers import TeacherTargets, build_teacher
@@ -501,6 +508,9 @@ class OPDTrainer(DistillationTrainer):
         """Save the student (+ tokenizer); with ``merge_lora_on_save`` also a merged full student."""
         super().save_model(output_dir, _internal_call)
         output_dir = output_dir or self.args.output_dir
+        if hasattr(self.model, "peft_config") and self.accelerator.is_main_process:
+            save_diffusion_settings(self.model, output_dir)  # an adapter dir has no config.json to carry them
+            self._tokenizer.save_pretrained(output_dir)  # the mask token lives in the tokenizer
         if self.args.merge_lora_on_save and hasattr(self.model, "peft_config") and self.accelerator.is_main_process:
             merged_dir = os.path.join(output_dir, "merged")
             merged = copy.deepcopy(self.accelerator.unwrap_model(self.model)).merge_and_unload()

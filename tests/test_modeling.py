@@ -370,3 +370,54 @@ def test_invalid_block_size_is_refused(make_model, tokenizer, block_size):
 def test_mask_token_id_outside_vocabulary_is_refused(make_model, tokenizer):
     with pytest.raises(ValueError, match=r"mask_token id 999 is outside the model vocabulary \[0, 328\)"):
         to_diffusion(make_model("qwen2"), tokenizer, mask_token=999)
+
+
+def test_lora_student_round_trip_through_adapter_dir(tmp_path):
+    """A LoRA student saved as adapter + opdlm.json reloads on top of the original model, mask row included."""
+    from peft import LoraConfig, get_peft_model
+
+    from opdlm_trl.modeling import load_diffusion_model, save_diffusion_settings, student_forward, to_diffusion
+    from opdlm_trl.tiny import tiny_model, tiny_tokenizer
+
+    original_dir = tmp_path / "original"
+    tiny_model("llama").save_pretrained(original_dir)
+    student, tokenizer = to_diffusion(tiny_model("llama"), tiny_tokenizer(), block_size=4, shift=True)
+    mask_id = tokenizer.mask_token_id
+    assert mask_id == student.config.vocab_size - 1  # llama tiny: no free row, so the embedding grew
+    config = LoraConfig(
+        target_modules=["q_proj", "v_proj"], init_lora_weights=False, trainable_token_indices=[mask_id]
+    )
+    peft_student = get_peft_model(student, config)
+    with torch.no_grad():  # a "trained" mask row
+        for name, parameter in peft_student.named_parameters():
+            if "trainable_tokens_delta" in name:
+                parameter.add_(0.5)
+    peft_student.peft_config["default"].base_model_name_or_path = str(original_dir)
+    adapter_dir = tmp_path / "adapter"
+    peft_student.save_pretrained(adapter_dir)
+    tokenizer.save_pretrained(adapter_dir)
+    save_diffusion_settings(peft_student, adapter_dir)
+
+    loaded, loaded_tokenizer = load_diffusion_model(str(adapter_dir))
+    assert loaded_tokenizer.mask_token_id == mask_id
+    ids = torch.tensor([[5, 6, 7, 8, mask_id, mask_id, 9, mask_id]])
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        expected = student_forward(peft_student.eval(), ids, mask).logits
+        got = student_forward(loaded, ids, mask).logits
+    assert torch.allclose(expected, got, atol=1e-6)
+
+
+def test_adapter_dir_without_settings_is_refused(tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    from opdlm_trl.modeling import load_diffusion_model
+    from opdlm_trl.tiny import tiny_model
+
+    model_dir = tmp_path / "original"
+    tiny_model("llama").save_pretrained(model_dir)
+    peft_model = get_peft_model(tiny_model("llama"), LoraConfig(target_modules=["q_proj"]))
+    peft_model.peft_config["default"].base_model_name_or_path = str(model_dir)
+    peft_model.save_pretrained(tmp_path / "adapter")
+    with pytest.raises(ValueError, match="opdlm.json"):
+        load_diffusion_model(str(tmp_path / "adapter"))

@@ -516,3 +516,18 @@ def test_nan_student_stops_with_a_floating_point_error(tmp_path):
     assert all(torch.isfinite(p).all() for p in trainer.teacher.model.parameters())
     with pytest.raises(FloatingPointError, match="Non-finite OPD loss .* at step 0. Lower the learning rate"):
         trainer.train()
+
+
+def test_lora_student_reloads_from_its_adapter_directory(lora_run, tmp_path):
+    """save_model on a LoRA student writes adapter + tokenizer + opdlm.json; load_diffusion_model rebuilds it."""
+    trainer, _, _, _ = lora_run
+    original_dir = tmp_path / "original"
+    tiny_model("llama").save_pretrained(original_dir)  # the ARLM the tiny student was converted from
+    trainer.model.peft_config["default"].base_model_name_or_path = str(original_dir)
+    trainer.save_model(str(tmp_path / "student"))
+    assert (tmp_path / "student" / "opdlm.json").is_file()
+    loaded, tokenizer = load_diffusion_model(str(tmp_path / "student"))
+    assert hasattr(loaded, "peft_config")
+    assert tokenizer.mask_token_id == trainer.settings.mask_token_id
+    expected = canvas_logits(trainer.model, trainer.settings)
+    torch.testing.assert_close(canvas_logits(loaded, trainer.settings), expected, atol=1e-5, rtol=0)
