@@ -269,7 +269,29 @@ def _freeze(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-class LocalTeacher:
+class _CausalLMScorer:
+    """Scoring shared by the local and shared-weights teachers: one chunked causal forward (score_causal_lm)."""
+
+    model: torch.nn.Module
+    chunk_size: int
+    vocab_size: int
+    exclude_token_ids: tuple[int, ...]
+
+    def score(self, prompt_ids, prompt_mask, completion_ids, completion_mask, top_k: int | None) -> TeacherTargets:
+        return score_causal_lm(
+            self.model,
+            prompt_ids,
+            prompt_mask,
+            completion_ids,
+            completion_mask,
+            top_k,
+            chunk_size=self.chunk_size,
+            vocab_size=self.vocab_size,
+            exclude_token_ids=self.exclude_token_ids,
+        )
+
+
+class LocalTeacher(_CausalLMScorer):
     """A separate frozen HF causal LM (any device and dtype) scored in chunks.
 
     Costs a full copy of the teacher's parameters in the trainer process; use
@@ -290,21 +312,8 @@ class LocalTeacher:
         self.exclude_token_ids = tuple(int(i) for i in exclude_token_ids)
         self.vocab_size = vocab_size or _rows(unwrap_model(model).get_output_embeddings().weight)
 
-    def score(self, prompt_ids, prompt_mask, completion_ids, completion_mask, top_k: int | None) -> TeacherTargets:
-        return score_causal_lm(
-            self.model,
-            prompt_ids,
-            prompt_mask,
-            completion_ids,
-            completion_mask,
-            top_k,
-            chunk_size=self.chunk_size,
-            vocab_size=self.vocab_size,
-            exclude_token_ids=self.exclude_token_ids,
-        )
 
-
-class SharedWeightsTeacher:
+class SharedWeightsTeacher(_CausalLMScorer):
     """The student itself as teacher: peft adapters disabled, ordinary causal attention, no extra weights.
 
     Exact only while the base weights stay frozen (a LoRA / adapter conversion); with a full
@@ -326,18 +335,10 @@ class SharedWeightsTeacher:
         self.vocab_size = settings.teacher_vocab_size
         self.exclude_token_ids = (settings.mask_token_id,) if settings.mask_token_id < self.vocab_size else ()
 
-    def score(self, prompt_ids, prompt_mask, completion_ids, completion_mask, top_k: int | None) -> TeacherTargets:
-        return score_causal_lm(
-            self.student,
-            prompt_ids,
-            prompt_mask,
-            completion_ids,
-            completion_mask,
-            top_k,
-            chunk_size=self.chunk_size,
-            vocab_size=self.vocab_size,
-            exclude_token_ids=self.exclude_token_ids,
-        )
+    @property
+    def model(self) -> torch.nn.Module:
+        """The scored model: the student itself (its adapters are disabled inside the forward)."""
+        return self.student
 
 
 # ------------------------------------------------------------------------------ vLLM (shared parsing)
