@@ -27,8 +27,7 @@ from . import losses as L
 from .config import OPDConfig
 from .data import is_conversational, tokenize_prompts
 from .masks import blocks_needed, left_pad_to_block
-from .modeling import unwrap_model
-from .sampling import default_stop_token_ids
+from .sampling import autoregressive_greedy, default_stop_token_ids
 from .states import TrainingStates, mdlm_states
 from .trainer import OPDTrainer, _targets_to_batch
 
@@ -382,30 +381,18 @@ def teacher_responses(
     rows = prompts if hasattr(prompts, "column_names") else Dataset.from_dict({"prompt": list(prompts)})
     token_lists = tokenize_prompts(rows, tokenizer, max_prompt_length, truncation="left")
     stop_ids = default_stop_token_ids(tokenizer)
-    stops = torch.tensor(stop_ids, dtype=torch.long)
-    device = next(unwrap_model(model).parameters()).device
     was_training = model.training
     model.eval()
     texts: list[str] = []
     counts: list[int] = []
     finished: list[bool] = []
     for start in range(0, len(token_lists), batch_size):
-        prompt_ids, prompt_mask = left_pad_to_block(
-            token_lists[start : start + batch_size], None, tokenizer.pad_token_id, device
+        _, _, generated, keep = autoregressive_greedy(
+            model, token_lists[start : start + batch_size], tokenizer.pad_token_id, max_new_tokens, stop_ids
         )
-        output = model.generate(
-            input_ids=prompt_ids,
-            attention_mask=prompt_mask,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            eos_token_id=stop_ids,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-        generated = output[:, prompt_ids.shape[1] :].cpu()
-        is_stop = torch.isin(generated, stops).long()
-        keep = (is_stop.cumsum(1) - is_stop) == 0  # up to and including the first stop token
+        generated, keep = generated.cpu(), keep.cpu().bool()
         counts.extend(keep.sum(1).tolist())
-        finished.extend((is_stop.sum(1) > 0).tolist())
+        finished.extend(torch.isin(generated, torch.tensor(stop_ids)).any(1).tolist())
         texts.extend(
             tokenizer.batch_decode(
                 [row[k].tolist() for row, k in zip(generated, keep, strict=True)], skip_special_tokens=True

@@ -23,8 +23,9 @@ from typing import Any
 import torch
 
 from ..data import default_model_dir, humaneval_prompt_dataset, load_prompt_dataset, tokenize_prompts
-from ..masks import blocks_needed, left_pad_to_block
-from ..modeling import diffusion_settings, load_diffusion_model, unwrap_model
+from ..masks import blocks_needed
+from ..modeling import diffusion_settings, load_diffusion_model
+from ..sampling import autoregressive_greedy
 from .metrics import pass_at_1, score_with_teacher, tokens_per_forward
 
 __all__ = ["DECODINGS", "evaluate_model", "format_table", "main", "run"]
@@ -113,35 +114,17 @@ def _run_student(student, tokenizer, prompts, decoding, settings, teacher, batch
     return record
 
 
-def _completion_mask(completion_ids: torch.Tensor, stop_ids: Sequence[int]) -> torch.Tensor:
-    """Right-padded mask of each generated row up to and including its first stop token."""
-    is_stop = torch.isin(completion_ids, torch.tensor(list(stop_ids), dtype=torch.long, device=completion_ids.device))
-    stops_before = is_stop.long().cumsum(-1) - is_stop.long()
-    return (stops_before == 0).long()
-
-
 @torch.no_grad()
 def _run_teacher(teacher, tokenizer, prompts, max_new_tokens: int, batch_size: int, scorer) -> dict[str, Any]:
     """Greedy HF ``generate`` of the AR teacher (one forward per generated token by construction)."""
     stop_ids = _stop_ids(tokenizer)
-    device = next(unwrap_model(teacher).parameters()).device
     record = _new_record()
     for start in range(0, len(prompts), batch_size):
-        prompt_ids, prompt_mask = left_pad_to_block(
-            prompts[start : start + batch_size], None, tokenizer.pad_token_id, device
-        )
         began = time.perf_counter()
-        output = teacher.generate(
-            input_ids=prompt_ids,
-            attention_mask=prompt_mask,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            eos_token_id=stop_ids,
-            pad_token_id=tokenizer.pad_token_id,
+        prompt_ids, prompt_mask, completion_ids, completion_mask = autoregressive_greedy(
+            teacher, prompts[start : start + batch_size], tokenizer.pad_token_id, max_new_tokens, stop_ids
         )
         record["seconds"] += time.perf_counter() - began
-        completion_ids = output[:, prompt_ids.shape[1] :]
-        completion_mask = _completion_mask(completion_ids, stop_ids)
         record["texts"].extend(
             tokenizer.batch_decode(
                 [row[mask.bool()].tolist() for row, mask in zip(completion_ids, completion_mask, strict=True)],
