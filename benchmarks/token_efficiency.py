@@ -110,7 +110,10 @@ def raw_data(args: argparse.Namespace):
 # ------------------------------------------------------------------------------------------ evaluation
 
 
-def evaluate(student, teacher, tokenizer, args: argparse.Namespace, teacher_generate: bool) -> dict:
+def evaluate(
+    student, teacher, tokenizer, args: argparse.Namespace, teacher_generate: bool, decodings=DECODINGS
+) -> dict:
+    """Scores per decoding; a decoding not run gets ``{}`` (plots and tables skip it)."""
     from opdlm_trl.eval import evaluate_model
 
     was_training = student.training
@@ -125,13 +128,17 @@ def evaluate(student, teacher, tokenizer, args: argparse.Namespace, teacher_gene
         max_new_tokens=args.new_tokens,
         threshold=args.threshold,
         teacher_generate=teacher_generate,
+        decodings=decodings,
         batch_size=args.eval_batch_size,
         max_prompt_length=args.max_prompt_length,
         keep_samples=True,
     )
     student.train(was_training)
     out = {
-        d: {m: report["results"][f"student_{d}"][m] for m in (*METRICS, "mean_completion_tokens")} for d in DECODINGS
+        d: {m: report["results"][f"student_{d}"][m] for m in (*METRICS, "mean_completion_tokens")}
+        if d in decodings
+        else {}
+        for d in DECODINGS
     }
     out["sample"] = report["samples"][0]["outputs"] if report["samples"] else {}
     if teacher_generate:
@@ -224,7 +231,9 @@ def run_cell(method: str, shift: bool, seed: int, budgets: list[int], args, resu
             tokens = trainer._progress.training_tokens
             while pending and tokens >= pending[0]:
                 budget = pending.pop(0)
-                scores = evaluate(trainer.model, holder["teacher"], trainer.processing_class, args, False)
+                dynamic = args.dynamic_budgets == "all" or (args.dynamic_budgets == "last" and not pending)
+                decodings = DECODINGS if dynamic else ("static",)
+                scores = evaluate(trainer.model, holder["teacher"], trainer.processing_class, args, False, decodings)
                 results["records"].append(
                     {
                         "cell": key,
@@ -410,6 +419,34 @@ def plot(results: dict, path: Path) -> None:
 # ------------------------------------------------------------------------------------------ driver
 
 
+def merge_lanes(results: dict, lanes: list[Path]) -> None:
+    """Union of several lanes' records (one per cell and budget; the first lane wins a duplicate).
+
+    Lanes are independent invocations with their own ``--out-dir`` (e.g. two single-thread processes on
+    a 2-core machine); the teacher row and the teacher-data cost come from the first lane that has them.
+    """
+    seen = {(r["cell"], r["budget"]) for r in results["records"]}
+    for lane in lanes:
+        if not (lane / "results.json").exists():
+            log(f"merge: {lane} has no results.json yet; skipped")
+            continue
+        data = json.loads((lane / "results.json").read_text())
+        for key in ("teacher", "teacher_data"):
+            if key in data and key not in results:
+                results[key] = data[key]
+        for record in data.get("records", []):
+            if (record["cell"], record["budget"]) not in seen:
+                seen.add((record["cell"], record["budget"]))
+                results["records"].append(record)
+        results.setdefault("lanes", []).append({"dir": str(lane), "config": data.get("config")})
+    configs = [lane["config"] for lane in results["lanes"] if lane["config"]]
+    if configs:  # the lanes' common settings, with the union of what they covered
+        merged = dict(configs[0])
+        for field in ("methods", "shifts", "seeds", "budgets"):
+            merged[field] = sorted({v for c in configs for v in c.get(field, [])}, key=str)
+        results["config"] = merged
+
+
 def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
@@ -438,13 +475,27 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--threshold", type=float, default=0.9, help="dynamic decoding (rollouts and evaluation)")
     p.add_argument("--finetune", choices=["full", "lora"], default="full")
     p.add_argument("--model", help="teacher checkpoint dir (default: the offline SmolLM2-135M-Instruct)")
+    p.add_argument(
+        "--dynamic-budgets",
+        choices=["all", "last", "none"],
+        default="all",
+        help="evaluate dynamic decoding at every budget, only at each cell's last one, or never (each "
+        "skipped evaluation halves the cost where students still commit ~1 token per forward)",
+    )
+    p.add_argument("--no-init", action="store_true", help="skip the 0-token rows (another lane runs them)")
+    p.add_argument(
+        "--merge",
+        nargs="+",
+        metavar="DIR",
+        help="merge the results.json of several --out-dir lanes (run in parallel) into --out-dir; trains nothing",
+    )
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out-dir", default="benchmarks/out/token_efficiency")
     p.add_argument("--smoke", action="store_true", help="tiny random models, a few prompts (< 60 s, CI)")
     args = p.parse_args(argv)
     if args.smoke:
-        # Every method end to end on the shifted student (test_baselines covers both conventions per trainer).
-        args.methods, args.shifts, args.budgets, args.seeds = list(METHODS), [1], [16, 32], [0]
+        # The chosen methods (default: all) on the shifted student (test_baselines covers both conventions).
+        args.shifts, args.budgets, args.seeds = [1], [16, 32], [0]
         args.eval_prompts, args.train_prompts, args.new_tokens, args.max_prompt_length = 1, 4, 8, 48
         args.batch_size, args.eval_batch_size, args.lr = 2, 2, 1e-3
     return args
@@ -481,7 +532,12 @@ def main(argv=None) -> dict:
         if figure:
             plot(results, out / "token_efficiency.png")
 
-    for shift in args.shifts:
+    if args.merge:
+        merge_lanes(results, [Path(d) for d in args.merge])
+        save(figure=True)
+        log(f"merged {len(args.merge)} lanes: {len(results['records'])} records -> {path}")
+        return results
+    for shift in [] if args.no_init else args.shifts:
         run_init(bool(shift), args, results, save)
     for seed_index, seed in enumerate(args.seeds):
         for shift in args.shifts:

@@ -81,3 +81,28 @@ def test_token_efficiency_smoke(tmp_path):
     _assert_finite({key: value for key, value in results.items() if key != "summary"})
     assert (tmp_path / "token_efficiency.png").stat().st_size > 0
     assert "Tokens to reach the teacher target" in (tmp_path / "token_efficiency.md").read_text()
+
+
+def test_token_efficiency_lanes_merge(tmp_path):
+    """Two lanes (as the CPU grid script runs them) merge into one table; dynamic only at the last budget."""
+    lane_a, lane_b, merged = tmp_path / "a", tmp_path / "b", tmp_path / "merged"
+    _run("token_efficiency.py", "--methods", "opd", "--dynamic-budgets", "last", "--out-dir", str(lane_a))
+    _run("token_efficiency.py", "--methods", "mdlm_raw", "--no-init", "--out-dir", str(lane_b))
+    lane_b_records = json.loads((lane_b / "results.json").read_text())["records"]
+    assert {r["method"] for r in lane_b_records} == {"mdlm_raw"}  # --no-init: no 0-token rows
+    _run(
+        "token_efficiency.py", "--merge", str(lane_a), str(lane_b), str(tmp_path / "missing"), "--out-dir", str(merged)
+    )
+    results = json.loads((merged / "results.json").read_text())
+    assert {(r["method"], r["budget"]) for r in results["records"]} == {
+        ("init", 0),
+        ("opd", 16),
+        ("opd", 32),
+        ("mdlm_raw", 16),
+        ("mdlm_raw", 32),
+    }
+    opd = {r["budget"]: r for r in results["records"] if r["method"] == "opd"}
+    assert opd[16]["dynamic"] == {} and opd[32]["dynamic"]["tokens_per_forward"] >= 1
+    assert results["teacher"]["tokens_per_forward"] == 1.0
+    assert sorted(results["config"]["methods"]) == ["mdlm_raw", "opd"]
+    assert (merged / "token_efficiency.png").stat().st_size > 0
