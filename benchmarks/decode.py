@@ -22,7 +22,7 @@ import torch
 
 from opdlm_trl.modeling import to_diffusion
 from opdlm_trl.sampling import DiffusionSampler, SamplerConfig
-from opdlm_trl.tiny import tiny_model, tiny_tokenizer
+from opdlm_trl.tiny import smollm2_shaped_model, tiny_model, tiny_tokenizer
 
 
 @dataclass
@@ -46,29 +46,6 @@ METHODS = {
     "dynamic0.9 b4": dict(block_size=4, remasking="dynamic", threshold=0.9, use_cache=True),
     "dynamic0.9 b16": dict(block_size=16, remasking="dynamic", threshold=0.9, use_cache=True),
 }
-
-
-def smollm2_shaped_model(seed: int = 0):
-    """A random model with SmolLM2-135M's shape (no hub access needed)."""
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    config = LlamaConfig(
-        vocab_size=49152,
-        hidden_size=576,
-        intermediate_size=1536,
-        num_hidden_layers=30,
-        num_attention_heads=9,
-        num_key_value_heads=3,
-        max_position_embeddings=8192,
-        rms_norm_eps=1e-5,
-        rope_theta=100000.0,
-        tie_word_embeddings=True,
-        bos_token_id=0,
-        eos_token_id=0,
-        pad_token_id=0,
-    )
-    torch.manual_seed(seed)
-    return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=torch.float32).eval()
 
 
 def load_student(args):

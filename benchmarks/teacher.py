@@ -26,7 +26,7 @@ import torch
 from opdlm_trl.masks import left_pad_to_block
 from opdlm_trl.modeling import to_diffusion
 from opdlm_trl.teachers import LocalTeacher, SharedWeightsTeacher, VLLMServerTeacher
-from opdlm_trl.tiny import tiny_model, tiny_tokenizer
+from opdlm_trl.tiny import smollm2_shaped_model, tiny_model, tiny_tokenizer
 
 
 @dataclass
@@ -38,24 +38,6 @@ class Result:
     seconds: float
     tokens_per_s: float
     held_param_MiB: float
-
-
-def smollm2_shaped_model(seed: int = 0) -> torch.nn.Module:
-    """A random Llama with SmolLM2-135M's shape (134.5M parameters, vocab 49,152); no hub needed."""
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    config = LlamaConfig(
-        vocab_size=49152,
-        hidden_size=576,
-        intermediate_size=1536,
-        num_hidden_layers=30,
-        num_attention_heads=9,
-        num_key_value_heads=3,
-        max_position_embeddings=2048,
-        tie_word_embeddings=True,
-    )
-    torch.manual_seed(seed)
-    return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=torch.float32).eval()
 
 
 def load_model(args) -> torch.nn.Module:

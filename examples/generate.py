@@ -60,18 +60,8 @@ def main(argv: list[str] | None = None) -> None:
     prompts = read_prompts(args)
     model, tokenizer = load_diffusion_model(args.model, dtype=getattr(torch, args.dtype))
     model.to(args.device).eval()
-    config = SamplerConfig(
-        block_size=args.block_size,
-        max_new_tokens=args.max_new_tokens,
-        steps_per_block=args.steps_per_block,
-        remasking=args.remasking,
-        threshold=args.threshold,
-        confidence=args.confidence,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        top_k=args.top_k,
-        stop_token_ids=default_stop_token_ids(tokenizer),
-        use_cache=not args.no_cache,
+    config = SamplerConfig.from_options(
+        args, stop_token_ids=default_stop_token_ids(tokenizer), use_cache=not args.no_cache
     )
     sampler = DiffusionSampler(config, pad_token_id=tokenizer.pad_token_id)
     generator = torch.Generator(device=args.device).manual_seed(args.seed)

@@ -86,6 +86,17 @@ class SamplerConfig:
     stop_token_ids: Sequence[int] | None = None
     use_cache: bool = True
 
+    @classmethod
+    def from_options(cls, options, **overrides) -> SamplerConfig:
+        """A config from any object whose attributes share the field names (``OPDConfig``, argparse).
+
+        The trainer and the example CLIs expose the sampler's knobs under the same names, so one
+        place maps them; ``overrides`` (e.g. ``max_new_tokens``, ``stop_token_ids``) win, and a
+        ``None`` option keeps the field's default.
+        """
+        values = {f.name: getattr(options, f.name) for f in fields(cls) if getattr(options, f.name, None) is not None}
+        return cls(**{**values, **overrides})
+
     def __post_init__(self) -> None:
         if self.block_size is not None and (not isinstance(self.block_size, int) or self.block_size < 1):
             raise ValueError(f"block_size must be a positive int or None (take the model's), got {self.block_size!r}.")

@@ -13,7 +13,7 @@ import tempfile
 
 import torch
 
-__all__ = ["ARCHITECTURES", "CHAT_TEMPLATE", "tiny_model", "tiny_tokenizer"]
+__all__ = ["ARCHITECTURES", "CHAT_TEMPLATE", "smollm2_shaped_model", "tiny_model", "tiny_tokenizer"]
 
 ARCHITECTURES = ("llama", "qwen2", "qwen3", "mistral")
 
@@ -119,6 +119,33 @@ def tiny_model(
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation, dtype=dtype)
     return model.eval()
+
+
+def smollm2_shaped_model(seed: int = 0, max_position_embeddings: int = 8192):
+    """A random Llama with SmolLM2-135M's shape (30 layers, hidden 576, vocab 49,152; 134.5M parameters).
+
+    For speed and memory benchmarks: the cost of a forward depends on the shape, not on the weights,
+    and the shape needs no hub access.
+    """
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    config = LlamaConfig(
+        vocab_size=49152,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        max_position_embeddings=max_position_embeddings,
+        rms_norm_eps=1e-5,
+        rope_theta=100000.0,
+        tie_word_embeddings=True,
+        bos_token_id=0,
+        eos_token_id=0,
+        pad_token_id=0,
+    )
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=torch.float32).eval()
 
 
 def save_tiny_pair(directory: str | os.PathLike, architecture: str = "llama", **kwargs) -> str:

@@ -282,19 +282,12 @@ class OPDTrainer(DistillationTrainer):
         )
 
     def sampler_config(self, max_new_tokens: int) -> SamplerConfig:
-        args = self.args
-        return SamplerConfig(
+        return SamplerConfig.from_options(
+            self.args,
             block_size=self.settings.block_size,
             max_new_tokens=max_new_tokens,
-            steps_per_block=args.steps_per_block,
-            remasking=args.remasking,
-            threshold=args.threshold,
-            confidence=args.confidence,
-            temperature=args.temperature,
-            top_p=args.top_p,
-            top_k=args.top_k or 0,
             stop_token_ids=list(self.eos_token_ids),
-            use_cache=args.use_kv_cache,
+            use_cache=self.args.use_kv_cache,
         )
 
     def _prompt_token_lists(self, prompts: list) -> list[list[int]]:

@@ -350,3 +350,13 @@ def test_logits_never_exceed_the_current_block(use_cache):
     finally:
         handle.remove()
     assert len(widths) == rollout.nfe and max(widths) <= BLOCK + 1
+
+
+def test_config_from_options_maps_same_named_fields():
+    """One mapping from trainer / CLI options to the sampler: same names, None keeps the default, overrides win."""
+    from types import SimpleNamespace
+
+    options = SimpleNamespace(remasking="dynamic", threshold=0.8, top_k=None, temperature=0.5, unrelated=3)
+    config = SamplerConfig.from_options(options, max_new_tokens=12, temperature=0.0)
+    assert (config.remasking, config.threshold, config.top_k) == ("dynamic", 0.8, 0)
+    assert (config.max_new_tokens, config.temperature) == (12, 0.0)
