@@ -372,11 +372,13 @@ class OPDTrainer(DistillationTrainer):
         device = self.accelerator.device
         lengths = self.accelerator.gather(rollout.completion_mask.sum(1).to(device)).float()
         supervised = self.accelerator.gather(states.loss_mask.sum(1).to(device)).float()
-        per_step = self.accelerator.gather(torch.tensor([rollout.tokens_per_step], device=device)).float()
+        # one row per process: its batch's tokens per denoising step and forward count (NFE)
+        per_process = torch.tensor([[rollout.tokens_per_step, rollout.nfe]], device=device, dtype=torch.float32)
+        per_step, nfe = self.accelerator.gather(per_process).mean(0).tolist()
         metrics = self._metrics[mode]
         metrics["rollout/length"].append(lengths.mean().item())
-        metrics["rollout/tokens_per_step"].append(per_step.mean().item())
-        metrics["rollout/nfe"].append(float(rollout.nfe))
+        metrics["rollout/tokens_per_step"].append(per_step)
+        metrics["rollout/nfe"].append(nfe)  # mean over processes
         stopped = torch.tensor([r == "stop" for r in rollout.finish_reason], device=device, dtype=torch.float32)
         metrics["rollout/stopped_ratio"].append(self.accelerator.gather(stopped).mean().item())  # all processes' rows
         metrics["supervised_per_row"].append(supervised.mean().item())
