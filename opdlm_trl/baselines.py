@@ -192,6 +192,17 @@ class _GivenTextMixin:
         completion_ids, completion_mask = right_pad_to_blocks(completions, block, pad, device)
         return GivenTextBatch(prompt_ids, prompt_mask, completion_ids, completion_mask)
 
+    def _random_mask_states(self, given: GivenTextBatch, per_block: bool) -> TrainingStates:
+        """Random masks of the given completions at rates t ~ U(mask_eps, 1), per block or per sequence."""
+        return mdlm_states(
+            given.completion_ids,
+            given.completion_mask,
+            self.settings.block_size,
+            self.settings.mask_token_id,
+            eps=self.args.mask_eps,
+            per_block=per_block,
+        )
+
     def _count_tokens(self, given: GivenTextBatch, states: TrainingStates, mode: str) -> None:
         """``training_tokens`` = completion tokens trained on (comparable with OPD's generated tokens)."""
         device = self.accelerator.device
@@ -247,14 +258,7 @@ class MDLMTrainer(_GivenTextMixin, OPDTrainer):
     def _generate_and_score_completions(self, inputs: list[dict]) -> dict:
         mode = "train" if self.model.training else "eval"
         given = self._given_text_batch(inputs)
-        states = mdlm_states(
-            given.completion_ids,
-            given.completion_mask,
-            self.settings.block_size,
-            self.settings.mask_token_id,
-            eps=self.args.mask_eps,
-            per_block=self.args.block_masking,
-        )
+        states = self._random_mask_states(given, per_block=self.args.block_masking)
         self._count_tokens(given, states, mode)
         row_tokens = given.completion_mask.sum(1)
         count = row_tokens.sum() if self.args.loss_normalization == "token" else (row_tokens > 0).sum()
@@ -337,14 +341,7 @@ class OffPolicyKDTrainer(_GivenTextMixin, OPDTrainer):
             given.completion_mask,
             top_k=self.args.teacher_top_k,
         )
-        states = mdlm_states(
-            given.completion_ids,
-            given.completion_mask,
-            self.settings.block_size,
-            self.settings.mask_token_id,
-            eps=self.args.mask_eps,
-            per_block=False,
-        )
+        states = self._random_mask_states(given, per_block=False)
         self._count_tokens(given, states, mode)
         per_row = states.loss_mask.sum(1)
         count = per_row.sum() if self.args.loss_normalization == "token" else (per_row > 0).sum()
