@@ -1,44 +1,44 @@
 #!/usr/bin/env bash
-# The token-efficiency grid of docs/results.md on a CPU machine: nine independent jobs (one per
-# (method, seeds) group, each with its own --out-dir), run two at a time with one torch thread each
-# (on 2 cores this beats one 2-thread process by ~20%), then merged into one results.json/PNG/table.
-# Resumable: rerunning skips finished cells (each job resumes from its own results.json).
+# The token-efficiency grid of docs/results.md on a 2-core CPU machine: independent jobs (each with its
+# own --out-dir, one torch thread), PARALLEL_JOBS at a time, then merged into one results.json / PNG /
+# table. Resumable: rerunning skips finished cells (each job resumes from its own results.json).
+# Memory: an OPD job holds student + teacher + AdamW state of SmolLM2-135M, ~5.5 GB RSS.
 #
 #   bash benchmarks/token_efficiency_grid.sh [OUT_DIR] [PARALLEL_JOBS]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-benchmarks/out/token_efficiency_grid}
-JOBS=${2:-2}
+PARALLEL=${2:-3}
 mkdir -p "$OUT"
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false
-COMMON="--eval-prompts 100 --new-tokens 32 --eval-batch-size 16 --threads 1"
-CURVE="--budgets 256 1024 2048 --dynamic-budgets last"
+COMMON=(--eval-prompts 100 --new-tokens 32 --eval-batch-size 16 --threads 1)
+LONG="--budgets 256 1024 2048 --dynamic-budgets last"  # the three main curves
+SHORT="--budgets 256 1024 --dynamic-budgets last"      # the other baselines
 SEEDS="--budgets 256 --seeds 1 2 --dynamic-budgets none"
-# job name | arguments (ordered longest first so the two lanes finish together)
-cat > "$OUT/jobs.txt" <<JOBS
-init-opd-s1 --shifts 1 0 --methods opd --seeds 0 $CURVE
-opd-s0 --no-init --shifts 0 --methods opd --seeds 0 $CURVE
-mdlm-s1 --no-init --shifts 1 --methods mdlm_raw --seeds 0 $CURVE
-mdlm-s0 --no-init --shifts 0 --methods mdlm_raw --seeds 0 $CURVE
-opd-seeds --no-init --shifts 1 0 --methods opd $SEEDS
-mdlm-seeds --no-init --shifts 1 0 --methods mdlm_raw $SEEDS
-opdrr-s1 --no-init --shifts 1 --methods opd_random_remask --seeds 0 $CURVE
-sft-s1 --no-init --shifts 1 --methods sft_teacher --seeds 0 $CURVE
-kd-s1 --no-init --shifts 1 --methods offpolicy_kd --seeds 0 $CURVE
-JOBS
-run_job() {
-    local name=$1
-    shift
+# name | arguments; the 0-token rows and the teacher row come from the first job
+JOBS=(
+    "init-opd-s1 --shifts 1 0 --methods opd --seeds 0 $LONG"
+    "opd-s0 --no-init --shifts 0 --methods opd --seeds 0 $LONG"
+    "mdlm-s1 --no-init --shifts 1 --methods mdlm_raw --seeds 0 $LONG"
+    "opd-seeds-s1 --no-init --shifts 1 --methods opd $SEEDS"
+    "opd-seeds-s0 --no-init --shifts 0 --methods opd $SEEDS"
+    "mdlm-seeds-s1 --no-init --shifts 1 --methods mdlm_raw $SEEDS"
+    "mdlm-seeds-s0 --no-init --shifts 0 --methods mdlm_raw $SEEDS"
+    "mdlm-s0 --no-init --shifts 0 --methods mdlm_raw --seeds 0 $SHORT"
+    "sft-s1 --no-init --shifts 1 --methods sft_teacher --seeds 0 $SHORT"
+    "kd-s1 --no-init --shifts 1 --methods offpolicy_kd --seeds 0 $SHORT"
+    "opdrr-s1 --no-init --shifts 1 --methods opd_random_remask --seeds 0 $SHORT"
+)
+names=()
+for job in "${JOBS[@]}"; do
+    read -r name arguments <<< "$job"
+    names+=("$OUT/$name")
+    while (( $(jobs -rp | wc -l) >= PARALLEL )); do wait -n || true; done
     mkdir -p "$OUT/$name"
     echo "[$(date +%T)] start $name"
     # shellcheck disable=SC2086
-    python benchmarks/token_efficiency.py "$@" $COMMON --out-dir "$OUT/$name" > "$OUT/$name/run.log" 2>&1 \
-        && echo "[$(date +%T)] done $name" || echo "[$(date +%T)] FAILED $name (see $OUT/$name/run.log)"
-}
-export -f run_job
-export OUT COMMON
-# shellcheck disable=SC2016
-xargs -P "$JOBS" -L 1 bash -c 'run_job "$@"' _ < "$OUT/jobs.txt"
-# shellcheck disable=SC2046
-python benchmarks/token_efficiency.py --merge $(awk -v out="$OUT" '{print out "/" $1}' "$OUT/jobs.txt") \
-    --out-dir "$OUT/merged"
+    (python benchmarks/token_efficiency.py $arguments "${COMMON[@]}" --out-dir "$OUT/$name" > "$OUT/$name/run.log" 2>&1 \
+        && echo "[$(date +%T)] done $name" || echo "[$(date +%T)] FAILED $name (see $OUT/$name/run.log)") &
+done
+wait
+python benchmarks/token_efficiency.py --merge "${names[@]}" --out-dir "$OUT/merged"
