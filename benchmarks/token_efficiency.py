@@ -440,10 +440,11 @@ def merge_lanes(results: dict, lanes: list[Path]) -> None:
                 results["records"].append(record)
         results.setdefault("lanes", []).append({"dir": str(lane), "config": data.get("config")})
     configs = [lane["config"] for lane in results["lanes"] if lane["config"]]
-    if configs:  # the lanes' common settings, with the union of what they covered
+    if configs:  # the lanes' common settings, with what their records actually cover
+        trained = [r for r in results["records"] if r["method"] != "init"]
         merged = dict(configs[0])
-        for field in ("methods", "shifts", "seeds", "budgets"):
-            merged[field] = sorted({v for c in configs for v in c.get(field, [])}, key=str)
+        for field, key in (("methods", "method"), ("shifts", "shift"), ("seeds", "seed"), ("budgets", "budget")):
+            merged[field] = sorted({int(r[key]) if key == "shift" else r[key] for r in trained})
         results["config"] = merged
 
 
@@ -483,6 +484,7 @@ def parse(argv=None) -> argparse.Namespace:
         "skipped evaluation halves the cost where students still commit ~1 token per forward)",
     )
     p.add_argument("--no-init", action="store_true", help="skip the 0-token rows (another lane runs them)")
+    p.add_argument("--init-only", action="store_true", help="only the 0-token rows and the teacher row")
     p.add_argument(
         "--merge",
         nargs="+",
@@ -539,6 +541,10 @@ def main(argv=None) -> dict:
         return results
     for shift in [] if args.no_init else args.shifts:
         run_init(bool(shift), args, results, save)
+    if args.init_only:
+        save(figure=True)
+        log(f"0-token rows done: {path}")
+        return results
     for seed_index, seed in enumerate(args.seeds):
         for shift in args.shifts:
             for method in args.methods:

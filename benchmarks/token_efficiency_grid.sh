@@ -13,18 +13,19 @@ mkdir -p "$OUT"
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false
 COMMON=(--eval-prompts 100 --new-tokens 32 --eval-batch-size 16 --threads 1)
 LONG="--budgets 256 1024 2048 --dynamic-budgets last"  # the three main curves
-SHORT="--budgets 256 1024 --dynamic-budgets last"      # the other baselines
+SHORT="--budgets 256 1024 --dynamic-budgets none"      # the other baselines, static decoding only
 SEEDS="--budgets 256 --seeds 1 2 --dynamic-budgets none"
 # name | arguments; the 0-token rows and the teacher row come from the first job
 JOBS=(
-    "init-opd-s1 --shifts 1 0 --methods opd --seeds 0 $LONG"
+    "init --shifts 1 0 --init-only"
+    "opd-s1 --no-init --shifts 1 --methods opd --seeds 0 $LONG"
     "opd-s0 --no-init --shifts 0 --methods opd --seeds 0 $LONG"
     "mdlm-s1 --no-init --shifts 1 --methods mdlm_raw --seeds 0 $LONG"
     "opd-seeds-s1 --no-init --shifts 1 --methods opd $SEEDS"
     "opd-seeds-s0 --no-init --shifts 0 --methods opd $SEEDS"
+    "mdlm-s0 --no-init --shifts 0 --methods mdlm_raw --seeds 0 $SHORT"
     "mdlm-seeds-s1 --no-init --shifts 1 --methods mdlm_raw $SEEDS"
     "mdlm-seeds-s0 --no-init --shifts 0 --methods mdlm_raw $SEEDS"
-    "mdlm-s0 --no-init --shifts 0 --methods mdlm_raw --seeds 0 $SHORT"
     "sft-s1 --no-init --shifts 1 --methods sft_teacher --seeds 0 $SHORT"
     "kd-s1 --no-init --shifts 1 --methods offpolicy_kd --seeds 0 $SHORT"
     "opdrr-s1 --no-init --shifts 1 --methods opd_random_remask --seeds 0 $SHORT"

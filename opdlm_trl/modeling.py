@@ -185,7 +185,7 @@ def to_diffusion(
     tokenizer,
     block_size: int | None = 4,
     mask_token: str | int | None = None,
-    shift: bool = False,
+    shift: bool = True,
     probe: bool = True,
 ):
     """Configure ``model`` in place as a block-diffusion student; return ``(model, tokenizer)``.
@@ -198,8 +198,9 @@ def to_diffusion(
         block_size: tokens per denoising block; ``None`` = one block for the whole completion.
         mask_token: a token string or id to use as ``[MASK]``; default: the tokenizer's own mask
             token, else a free embedding row, else a new token (the embedding grows by one row).
-        shift: read token ``i`` from the logit at ``i - 1`` (Dream / Fast-dLLM v2 convention) instead
-            of the paper's ``i`` (see ``docs/conversion.md``).
+        shift: read token ``i`` from the logit at ``i - 1`` (Dream / Fast-dLLM v2 convention; the
+            default, chosen by measurement in ``docs/results.md``). ``False`` is the paper's recipe:
+            the logit at ``i`` predicts token ``i`` (see ``docs/conversion.md``).
         probe: run a 3-token forward proving the model honours 4D masks.
     """
     if block_size is not None and (isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1):

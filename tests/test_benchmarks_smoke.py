@@ -84,15 +84,16 @@ def test_token_efficiency_smoke(tmp_path):
 
 
 def test_token_efficiency_lanes_merge(tmp_path):
-    """Two lanes (as the CPU grid script runs them) merge into one table; dynamic only at the last budget."""
-    lane_a, lane_b, merged = tmp_path / "a", tmp_path / "b", tmp_path / "merged"
-    _run("token_efficiency.py", "--methods", "opd", "--dynamic-budgets", "last", "--out-dir", str(lane_a))
+    """Lanes (as the CPU grid script runs them) merge into one table; dynamic only at the last budget."""
+    init, lane_a, lane_b, merged = tmp_path / "init", tmp_path / "a", tmp_path / "b", tmp_path / "merged"
+    _run("token_efficiency.py", "--init-only", "--out-dir", str(init))
+    assert [r["method"] for r in json.loads((init / "results.json").read_text())["records"]] == ["init"]
+    _run("token_efficiency.py", "--methods", "opd", "--no-init", "--dynamic-budgets", "last", "--out-dir", str(lane_a))
     _run("token_efficiency.py", "--methods", "mdlm_raw", "--no-init", "--out-dir", str(lane_b))
     lane_b_records = json.loads((lane_b / "results.json").read_text())["records"]
     assert {r["method"] for r in lane_b_records} == {"mdlm_raw"}  # --no-init: no 0-token rows
-    _run(
-        "token_efficiency.py", "--merge", str(lane_a), str(lane_b), str(tmp_path / "missing"), "--out-dir", str(merged)
-    )
+    lanes = [str(init), str(lane_a), str(lane_b), str(tmp_path / "missing")]
+    _run("token_efficiency.py", "--merge", *lanes, "--out-dir", str(merged))
     results = json.loads((merged / "results.json").read_text())
     assert {(r["method"], r["budget"]) for r in results["records"]} == {
         ("init", 0),
