@@ -426,6 +426,7 @@ def plot(results: dict, path: Path) -> None:
         len(DECODINGS), len(METRICS), figsize=(4.2 * len(METRICS), 3.4 * len(DECODINGS)), squeeze=False
     )
     cells = sorted({(r["method"], r["shift"]) for r in results["records"] if r["method"] != "init"})
+    colors = {cell: f"C{index % 10}" for index, cell in enumerate(cells)}  # one colour per cell in every panel
     teacher = results.get("teacher") or {}
     for row, decoding in enumerate(DECODINGS):
         for col, metric in enumerate(METRICS):
@@ -433,10 +434,17 @@ def plot(results: dict, path: Path) -> None:
             for method, shift in cells:
                 curve = [(b, v) for b, v in mean_curve(results, method, shift, decoding, metric) if b > 0]
                 if curve:
-                    ax.plot(*zip(*curve, strict=True), marker="o", label=f"{method} shift={int(shift)}")
+                    ax.plot(
+                        *zip(*curve, strict=True),
+                        marker="o",
+                        color=colors[(method, shift)],
+                        label=f"{method} shift={int(shift)}",
+                    )
             if teacher.get(metric) is not None:
                 ax.axhline(teacher[metric], color="black", linestyle="--", label="teacher (AR)")
             ax.set_xscale("log")
+            if metric == "teacher_nll_per_token":
+                ax.set_yscale("log")  # unshifted students sit an order of magnitude above the rest
             ax.set_title(f"{metric} ({decoding})", fontsize=9)
             ax.set_xlabel("training tokens")
     handles, labels = axes[0][0].get_legend_handles_labels()
