@@ -1,8 +1,9 @@
-"""Rollout-length curriculum (method §6).
+"""Rollout-length curriculum (docs/method.md §6).
 
 Early in training the student's rollouts are short: long completions from an unconverted student
 are mostly noise, cost sampler time and give the teacher little to correct. The length grows from
-``min_length`` to ``max_length`` over ``warmup_steps`` rollout steps:
+``min_length`` to ``max_length`` over ``warmup_steps`` steps (the caller's unit: :class:`OPDTrainer` passes
+optimizer steps, one generation batch each; docs/trainer.md converts the reference code's rollout steps):
 
 * ``linear`` (paper): ``L_s = min(L_max, L_min + floor(s / S_warm * (L_max - L_min)))``;
 * ``cosine`` (reference code): ``L_min + (L_max - L_min) * (1 - cos(pi/2 * s / S_warm))``, floored;
@@ -17,6 +18,8 @@ block, in which case one block is the only possible length).
 from __future__ import annotations
 
 import math
+
+from .masks import round_up_to_block
 
 __all__ = ["SCHEDULES", "completion_length"]
 
@@ -63,7 +66,7 @@ def completion_length(
     """Completion length (tokens) for rollout step ``step``, a positive multiple of ``block_size``.
 
     Args:
-        step: rollout step (0-based).
+        step: step (0-based), in the unit of ``warmup_steps``.
         min_length: length at step 0 (before rounding).
         max_length: length after ``warmup_steps``; also the hard cap.
         warmup_steps: steps of the ramp; 0 means ``max_length`` at once.
@@ -74,5 +77,5 @@ def completion_length(
     _validate(step, min_length, max_length, warmup_steps, schedule, block)
     length = _ramp(step, min_length, max_length, warmup_steps, schedule)
     cap = max(block, (max_length // block) * block)
-    rounded_up = max(block, -(-length // block) * block)
+    rounded_up = max(block, round_up_to_block(length, block))
     return min(rounded_up, cap)

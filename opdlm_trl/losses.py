@@ -1,4 +1,4 @@
-"""Per-position distillation and diffusion losses (method §3, §5), as pure tensor functions.
+"""Per-position distillation and diffusion losses (docs/method.md §3, §5), as pure tensor functions.
 
 Every function takes tensors already *gathered* at the supervised positions: ``N`` rows, one per
 supervised (row, position) pair of the batch. None of them calls a model.
@@ -15,7 +15,7 @@ Conventions shared by all functions:
   id may be ``>= V_T``). Columns ``>= V_T`` must carry no probability; a model whose extra rows are
   live would need them suppressed the same way.
 * Teacher log-probs (``(N, V_T)`` full, or ``(N, k)`` top-k ids and log-probs) are normalised over
-  the teacher's full vocabulary (method §3). ``-inf`` entries are allowed: in a top-k list they mark
+  the teacher's full vocabulary (docs/method.md §3). ``-inf`` entries are allowed: in a top-k list they mark
   padding (a teacher that returned fewer than ``k`` entries) and contribute nothing; in a full row
   they are an impossible token. They are clamped to ``finfo(float32).min`` so that ``0 * (a - b)``
   terms and their gradients stay finite.
@@ -42,6 +42,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 __all__ = [
+    "DIVERGENCES",
     "MDLM_WEIGHTINGS",
     "NORMALIZATIONS",
     "chunked",
@@ -56,6 +57,9 @@ __all__ = [
     "top1_agreement",
 ]
 
+# The per-position divergences a distillation trainer may pick (``OPDConfig.loss_type``): forward_kl,
+# reverse_kl, generalized_jsd and token_policy_gradient below.
+DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "token_pg")
 MDLM_WEIGHTINGS = ("inverse_t", "uniform")
 NORMALIZATIONS = ("sequence", "token")
 
@@ -192,7 +196,7 @@ def forward_kl(
     teacher_top_logprobs: torch.Tensor | None = None,
     tail_bucket: bool = False,
 ) -> torch.Tensor:
-    """``KL(p_T || p_S)`` per position, ``(N,)`` float32 (the paper's divergence, method §3).
+    """``KL(p_T || p_S)`` per position, ``(N,)`` float32 (the paper's divergence, docs/method.md §3).
 
     Full vocabulary: ``sum_v p_T(v) (log p_T(v) - log p_S(v))``. Top-k: the same sum over the
     teacher's top-k ids only (not renormalised; it can be slightly negative, its gradient is the
@@ -310,7 +314,7 @@ def reduce_loss(
 ) -> torch.Tensor:
     """Scalar loss from per-position values; ``row_index[n]`` is the batch row of position ``n``.
 
-    * ``"sequence"`` (reference code, method §4): each row's sum / its supervised count, then the
+    * ``"sequence"`` (reference code, docs/method.md §4): each row's sum / its supervised count, then the
       mean over rows with >= 1 supervised position. Under gradient accumulation pass
       ``num_rows_in_batch`` = the number of such rows in the *whole* accumulated batch (across the
       processes the gradients are averaged over, scaled as the caller's trainer expects): the

@@ -7,11 +7,11 @@ of convention happens in exactly one place.
 Vocabulary used throughout:
 
 * **canvas**: one padded row ``[left padding | prompt | completion]`` in which the prompt ends on a
-  block boundary, so the completion starts a fresh block (method §1). Blocks are counted from the
+  block boundary, so the completion starts a fresh block (docs/method.md §1). Blocks are counted from the
   canvas start.
 * **block-causal**: a query in block ``q`` attends every real key in blocks ``k <= q``; padding keys
   are never attended. ``block_size=None`` means one block for the whole canvas (bidirectional).
-* **training layout** ``[prompt | x0 | x_t]`` (method §4): the clean sequence followed by a noisy copy
+* **training layout** ``[prompt | x0 | x_t]`` (docs/method.md §4): the clean sequence followed by a noisy copy
   of the completion that reuses the clean position ids. Noisy block ``b`` attends the prompt, the
   clean blocks before ``b`` and itself; clean tokens never see noisy ones.
 * **shift**: with ``shift=False`` (the paper) the logit at position ``i`` predicts token ``i``; with
@@ -36,13 +36,22 @@ __all__ = [
     "block_causal_mask",
     "block_index",
     "blocks_needed",
+    "frontier_offsets",
     "gather_predictions",
     "left_pad_to_block",
+    "logits_to_keep_for_block",
+    "pad_to_blocks",
     "position_ids_from_mask",
     "predictor_positions",
+    "round_up_to_block",
+    "shown_at",
+    "split_previous_logit",
     "to_additive_mask",
     "training_layout",
+    "widen_to_blocks",
 ]
+
+PAD_SIDES = ("left", "right")
 
 
 def block_index(positions: torch.Tensor, block_size: int | None, prompt_length: int | None = None) -> torch.Tensor:
@@ -62,6 +71,48 @@ def block_index(positions: torch.Tensor, block_size: int | None, prompt_length: 
 def blocks_needed(length: int, block_size: int) -> int:
     """Smallest number of blocks that hold ``length`` tokens."""
     return -(-length // block_size)
+
+
+def round_up_to_block(length: int, block_size: int | None) -> int:
+    """Smallest multiple of ``block_size`` that holds ``length`` tokens; ``None`` (one block) keeps ``length``.
+
+    The sampler only decodes whole blocks, so every completion length, curriculum length and padded width in
+    the project is rounded here rather than by its own arithmetic.
+    """
+    return length if block_size is None else blocks_needed(length, block_size) * block_size
+
+
+def shown_at(step_map: torch.Tensor, step: torch.Tensor | int | None = None) -> torch.Tensor:
+    """Whether each position shows its token in the visited state at block-local denoising step ``step``.
+
+    The trajectory rule (docs/method.md §2): a position is visible iff it was committed (``step_map >= 0``) at a
+    step before ``step``; ``step`` broadcasts against ``step_map`` (one step per position or per row), and
+    ``None`` is the block after its last step (every committed token shown, never-committed ones still
+    ``[MASK]``). The sampler's replay, the training states and the trainer's clean canvas all use it.
+    """
+    committed = step_map >= 0
+    return committed if step is None else committed & (step_map < step)
+
+
+def frontier_offsets(masked: torch.Tensor, block_size: int | None) -> torch.Tensor:
+    """Offset of each still-masked completion position from its block's frontier (first masked position).
+
+    A confidence-based sampler can only commit far from the frontier when the student is sure of a
+    token whose left neighbours are still unknown, so confidence is read by this offset. ``masked`` is
+    ``(B, C)`` over completion positions; the completion starts a fresh block (the sampler's prompt
+    ends on a block boundary), so block ``b`` is positions ``[b * block_size, (b + 1) * block_size)``;
+    ``block_size=None`` makes the whole completion one block. Returns ``(B, C)`` long, ``-1`` where
+    the position is not masked.
+    """
+    masked = masked.bool()
+    batch, length = masked.shape
+    size = max(length, 1) if block_size is None else block_size
+    padded_length = blocks_needed(length, size) * size
+    blocks = torch.nn.functional.pad(masked, (0, padded_length - length)).view(batch, -1, size)
+    local = torch.arange(size, device=masked.device)
+    frontier = torch.where(blocks, local, size).min(-1, keepdim=True).values
+    offsets = torch.where(blocks, local - frontier, -1)
+    return offsets.reshape(batch, padded_length)[:, :length]
 
 
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -116,22 +167,64 @@ def block_causal_mask(
     return to_additive_mask(_allow_self(allowed, query_positions, key_positions), dtype)
 
 
+def widen_to_blocks(
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    block_size: int | None,
+    pad_token_id: int,
+    side: str = "left",
+    min_length: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pad a ``(B, L)`` batch on ``side`` to whole blocks (and at least ``min_length``): the one padding rule.
+
+    ``"left"`` for prompts, so every row ends on a block boundary and the completion starts a fresh block
+    (docs/method.md §1); ``"right"`` for given completions, so they fill whole blocks as a rollout does.
+    Padding ids are ``pad_token_id`` and padding mask entries 0.
+    """
+    if side not in PAD_SIDES:
+        raise ValueError(f"side must be one of {PAD_SIDES}, got {side!r}.")
+    extra = round_up_to_block(max(input_ids.shape[1], min_length), block_size) - input_ids.shape[1]
+    padding = (extra, 0) if side == "left" else (0, extra)
+    return (
+        torch.nn.functional.pad(input_ids, padding, value=pad_token_id),
+        torch.nn.functional.pad(attention_mask, padding, value=0),
+    )
+
+
+def pad_to_blocks(
+    sequences: list[list[int]],
+    block_size: int | None,
+    pad_token_id: int,
+    side: str = "left",
+    device: torch.device | str | None = None,
+    min_length: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token lists as a ``(B, W)`` long ``(input_ids, attention_mask)`` batch padded on ``side``.
+
+    ``W`` is the longest row (at least ``min_length``) rounded up to whole blocks (:func:`widen_to_blocks`).
+    """
+    if side not in PAD_SIDES:
+        raise ValueError(f"side must be one of {PAD_SIDES}, got {side!r}.")
+    longest = max((len(s) for s in sequences), default=0)
+    input_ids = torch.full((len(sequences), longest), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), longest), dtype=torch.long)
+    for row, tokens in enumerate(sequences):
+        if tokens:
+            span = slice(longest - len(tokens), longest) if side == "left" else slice(0, len(tokens))
+            input_ids[row, span] = torch.as_tensor(list(tokens), dtype=torch.long)
+            attention_mask[row, span] = 1
+    input_ids, attention_mask = widen_to_blocks(input_ids, attention_mask, block_size, pad_token_id, side, min_length)
+    return input_ids.to(device), attention_mask.to(device)
+
+
 def left_pad_to_block(
     sequences: list[list[int]], block_size: int | None, pad_token_id: int, device: torch.device | str | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-pad token lists so every row ends on the same block boundary (method §1).
+    """Left-pad token lists so every row ends on the same block boundary (:func:`pad_to_blocks`, ``side="left"``).
 
     Returns ``(input_ids, attention_mask)`` of width ``ceil(max_len / block_size) * block_size``.
     """
-    longest = max((len(s) for s in sequences), default=0)
-    width = longest if block_size is None else blocks_needed(longest, block_size) * block_size
-    input_ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for row, tokens in enumerate(sequences):
-        if tokens:
-            input_ids[row, width - len(tokens) :] = torch.as_tensor(tokens, dtype=torch.long)
-            attention_mask[row, width - len(tokens) :] = 1
-    return input_ids.to(device), attention_mask.to(device)
+    return pad_to_blocks(sequences, block_size, pad_token_id, "left", device)
 
 
 def predictor_positions(target_positions: torch.Tensor, shift: bool) -> torch.Tensor:
@@ -171,6 +264,25 @@ def align_block_logits(block_logits: torch.Tensor, previous_logit: torch.Tensor 
     return torch.cat([previous_logit.unsqueeze(1).to(block_logits.dtype), block_logits[:, :-1]], dim=1)
 
 
+def logits_to_keep_for_block(width: int, shift: bool) -> int:
+    """Logits a decoding forward must return for a block of ``width`` queries at the end of its input.
+
+    Unshifted: the block's own. Shifted: one more, the position just before the block, because it predicts the
+    block's first token (:func:`split_previous_logit` separates it again).
+    """
+    return width + 1 if shift else width
+
+
+def split_previous_logit(logits: torch.Tensor, shift: bool) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """``(previous_logit, block_logits)`` from the ``logits_to_keep_for_block`` logits of a decoding forward.
+
+    Shifted: the first kept logit is the last position before the block (``(B, V)``); unshifted: ``None``.
+    """
+    if not shift:
+        return None, logits
+    return logits[:, 0], logits[:, 1:]
+
+
 @dataclass
 class TrainingLayout:
     """Inputs of one vectorised training forward over ``[prompt | x0 | x_t]``.
@@ -201,7 +313,7 @@ def training_layout(
     shift: bool,
     dtype: torch.dtype = torch.float32,
 ) -> TrainingLayout:
-    """Build the ``[prompt | x0 | x_t]`` training forward (method §4).
+    """Build the ``[prompt | x0 | x_t]`` training forward (docs/method.md §4).
 
     ``prompt_ids`` ``(B, P)`` are left-padded so the prompt ends on a block boundary (``P`` is a
     multiple of ``block_size``); ``clean_ids`` / ``noisy_ids`` are ``(B, C)`` with ``completion_mask``

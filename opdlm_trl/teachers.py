@@ -1,4 +1,4 @@
-"""Teacher targets: the frozen ARLM's next-token distribution along a finished sequence (method §3).
+"""Teacher targets: the frozen ARLM's next-token distribution along a finished sequence (docs/method.md §3).
 
 For ``x0 = prompt + completion`` the target of completion position ``i`` is ``p_T(. | prompt, x0_<i)``,
 read from one causal forward over ``x0`` at position ``i - 1``. Every denoising state of a trajectory

@@ -53,7 +53,7 @@ def test_forward_kl_top_k_hand_example():
     student_logits, teacher = hand_pair()
     ids, values = torch.tensor([[0, 1]]), teacher[:, :2]
     got = forward_kl(student_logits, teacher_top_ids=ids, teacher_top_logprobs=values)
-    expected = 0.6 * math.log(0.6 / 0.5) + 0.2 * math.log(0.2 / 0.25)  # method §3, no renormalisation
+    expected = 0.6 * math.log(0.6 / 0.5) + 0.2 * math.log(0.2 / 0.25)  # docs/method.md §3, no renormalisation
     assert got.item() == pytest.approx(expected, abs=1e-6)
     with_tail = forward_kl(student_logits, teacher_top_ids=ids, teacher_top_logprobs=values, tail_bucket=True)
     assert with_tail.item() == pytest.approx(expected + 0.2 * math.log(0.2 / 0.25), abs=1e-6)

@@ -10,8 +10,14 @@ from opdlm_trl.masks import (
     block_causal_mask,
     gather_predictions,
     left_pad_to_block,
+    logits_to_keep_for_block,
+    pad_to_blocks,
     position_ids_from_mask,
+    round_up_to_block,
+    shown_at,
+    split_previous_logit,
     training_layout,
+    widen_to_blocks,
 )
 
 BLOCKED = torch.finfo(torch.float32).min
@@ -213,3 +219,50 @@ def test_training_layout_rejects_prompt_off_block_boundary():
             block_size=2,
             shift=False,
         )
+
+
+# ------------------------------------------------------------------------------------------- block arithmetic
+
+
+@pytest.mark.parametrize(
+    ("length", "block_size", "expected"), [(0, 4, 0), (1, 4, 4), (4, 4, 4), (5, 4, 8), (7, 1, 7), (7, None, 7)]
+)
+def test_round_up_to_block(length, block_size, expected):
+    assert round_up_to_block(length, block_size) == expected
+
+
+def test_pad_to_blocks_right_side_places_tokens_first_and_keeps_one_block():
+    ids, mask = pad_to_blocks([[5, 6, 7, 8, 9], [1]], 4, pad_token_id=0, side="right")
+    assert ids.tolist() == [[5, 6, 7, 8, 9, 0, 0, 0], [1, 0, 0, 0, 0, 0, 0, 0]]
+    assert mask.tolist() == [[1, 1, 1, 1, 1, 0, 0, 0], [1, 0, 0, 0, 0, 0, 0, 0]]
+    empty_ids, empty_mask = pad_to_blocks([[]], 4, pad_token_id=3, side="right", min_length=1)
+    assert empty_ids.tolist() == [[3, 3, 3, 3]] and empty_mask.tolist() == [[0, 0, 0, 0]]
+    with pytest.raises(ValueError, match="side must be one of"):
+        pad_to_blocks([[1]], 4, 0, side="middle")
+
+
+def test_widen_to_blocks_is_the_list_rule_on_tensors():
+    """A left-padded tensor batch re-padded to blocks equals padding the token lists directly."""
+    rows = [[5, 6, 7, 8, 9], [1, 2]]
+    ids, mask = pad_to_blocks(rows, None, pad_token_id=0)  # width 5: not a block multiple
+    widened = widen_to_blocks(ids, mask, 4, pad_token_id=0, side="left")
+    expected = pad_to_blocks(rows, 4, pad_token_id=0)
+    assert all(torch.equal(a, b) for a, b in zip(widened, expected, strict=True))
+
+
+def test_shown_at_is_committed_before_the_step():
+    step_map = torch.tensor([[0, 2, 1, -1]])
+    assert shown_at(step_map, 0).tolist() == [[False, False, False, False]]
+    assert shown_at(step_map, 2).tolist() == [[True, False, True, False]]
+    assert shown_at(step_map).tolist() == [[True, True, True, False]]  # the block after its last step
+    per_position = torch.tensor([[1, 3, 0, 5]])
+    assert shown_at(step_map, per_position).tolist() == [[True, True, False, False]]
+
+
+def test_shifted_decoding_keeps_and_splits_the_logit_before_the_block():
+    logits = torch.arange(2 * 5 * 3, dtype=torch.float32).view(2, 5, 3)
+    assert logits_to_keep_for_block(4, shift=True) == 5 and logits_to_keep_for_block(4, shift=False) == 4
+    previous, block = split_previous_logit(logits, shift=True)
+    assert torch.equal(previous, logits[:, 0]) and torch.equal(block, logits[:, 1:])
+    previous, block = split_previous_logit(logits[:, 1:], shift=False)
+    assert previous is None and torch.equal(block, logits[:, 1:])

@@ -1,0 +1,90 @@
+"""OPDConfig / MDLMConfig: choices come from the modules that implement them, sampler fields fail at config time."""
+
+import pytest
+
+from opdlm_trl import OPDConfig
+from opdlm_trl.baselines import MDLMConfig
+from opdlm_trl.curriculum import SCHEDULES
+from opdlm_trl.losses import DIVERGENCES, NORMALIZATIONS
+from opdlm_trl.sampling import CONFIDENCE, REMASKING, SamplerConfig
+from opdlm_trl.states import SELECTIONS
+from opdlm_trl.teachers import TEACHER_KINDS
+
+
+def _config(cls=OPDConfig, **overrides):
+    values = dict(output_dir="/tmp/opdlm-test-config", use_cpu=True, bf16=False, report_to="none")
+    return cls(**{**values, **overrides})
+
+
+def test_entropy_confidence_takes_a_negative_threshold():
+    config = _config(confidence="entropy", threshold=-0.5)
+    sampler = config.rollout_sampler_config()
+    assert (sampler.confidence, sampler.threshold) == ("entropy", -0.5)
+
+
+@pytest.mark.parametrize("cls", [OPDConfig, MDLMConfig])
+def test_entropy_confidence_with_a_probability_threshold_fails_when_the_config_is_made(cls):
+    # The default threshold 0.9 is unreachable by a negative entropy: refused now, not at the first rollout.
+    with pytest.raises(ValueError, match="NEGATIVE entropy.*threshold <= 0"):
+        _config(cls, confidence="entropy")
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"threshold": 1.5}, r"threshold must be in \[0, 1\] for confidence='prob'"),
+        ({"steps_per_block": 5}, "steps_per_block=5 exceeds block_size=4"),
+        ({"temperature": -1.0}, "temperature must be >= 0"),
+        ({"top_p": 0.0}, r"top_p must be in \(0, 1\]"),
+        ({"remasking": "greedy"}, "remasking must be one of"),
+        ({"confidence": "logit"}, "confidence must be one of"),
+    ],
+)
+def test_sampler_errors_are_the_samplers_own_at_config_time(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        SamplerConfig(**{"block_size": 4, **overrides})
+    with pytest.raises(ValueError, match=message):
+        _config(**overrides)
+
+
+def test_rollout_sampler_config_maps_the_rollout_fields():
+    config = _config(
+        block_size=8, max_completion_length=24, remasking="static", steps_per_block=2, temperature=0.7, top_k=5,
+        use_kv_cache=False,
+    )  # fmt: skip
+    sampler = config.rollout_sampler_config(max_new_tokens=16, stop_token_ids=[2])
+    assert (sampler.block_size, sampler.max_new_tokens, sampler.steps_per_block) == (8, 16, 2)
+    assert (sampler.remasking, sampler.temperature, sampler.top_k) == ("static", 0.7, 5)
+    assert sampler.use_cache is False  # from use_kv_cache, not TrainingArguments.use_cache
+    assert sampler.stop_token_ids == (2,)
+
+
+@pytest.mark.parametrize(
+    ("name", "choices"),
+    [
+        ("state_selection", SELECTIONS),
+        ("loss_type", DIVERGENCES),
+        ("curriculum", SCHEDULES),
+        ("loss_normalization", NORMALIZATIONS),
+        ("remasking", REMASKING),
+    ],
+)
+def test_every_choice_of_the_owning_module_is_accepted_and_nothing_else(name, choices):
+    for choice in choices:
+        assert getattr(_config(**{name: choice}), name) == choice
+    with pytest.raises(ValueError, match=name):
+        _config(**{name: "not-a-choice"})
+
+
+def test_confidence_choices_come_from_the_sampler():
+    for choice in CONFIDENCE:
+        threshold = -0.5 if choice == "entropy" else 0.9
+        assert _config(confidence=choice, threshold=threshold).confidence == choice
+
+
+def test_teacher_backends_are_auto_plus_the_teacher_kinds():
+    extra = {"teacher_top_k": 16, "teacher_url": "http://127.0.0.1:1"}
+    for backend in ("auto", *TEACHER_KINDS):
+        assert _config(teacher_backend=backend, **extra).teacher_backend == backend
+    with pytest.raises(ValueError, match="teacher_backend"):
+        _config(teacher_backend="remote")
