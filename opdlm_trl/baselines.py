@@ -1,6 +1,6 @@
 """Baselines that OPD is measured against, on the same conversion, data pipeline, forward and sampler.
 
-* :class:`MDLMTrainer` — the MDLM / BD3LM objective of prior conversions (method §5) on *given* text:
+* :class:`MDLMTrainer` — the MDLM / BD3LM objective of prior conversions (docs/method.md §5) on *given* text:
   mask the completion at a random rate ``t ~ U(eps, 1)`` (one per row, or one per block) and train
   ``(1/t) sum_masked -log p_S(x0_i)``. With the teacher's greedy answers as completions it is "SFT on teacher
   answers"; with raw reference text (HumanEval canonical solutions) it is the plain data-driven conversion.
@@ -26,7 +26,7 @@ import torch
 from . import losses as L
 from .config import OPDConfig
 from .data import is_conversational, tokenize_prompts
-from .masks import blocks_needed, left_pad_to_block
+from .masks import pad_to_blocks
 from .sampling import autoregressive_greedy, default_stop_token_ids
 from .states import TrainingStates, mdlm_states
 from .trainer import OPDTrainer, _targets_to_batch
@@ -100,15 +100,11 @@ def completion_text(completion: Any) -> str:
 def right_pad_to_blocks(
     sequences: Sequence[Sequence[int]], block_size: int, pad_token_id: int, device=None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad token lists to whole blocks: ``(ids, mask)`` of width ``ceil(max_len / block) * block``."""
-    longest = max((len(s) for s in sequences), default=0)
-    width = max(1, blocks_needed(longest, block_size)) * block_size
-    ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for row, tokens in enumerate(sequences):
-        ids[row, : len(tokens)] = torch.as_tensor(list(tokens), dtype=torch.long)
-        mask[row, : len(tokens)] = 1
-    return ids.to(device), mask.to(device)
+    """Right-pad token lists to whole blocks: ``(ids, mask)`` of width ``ceil(max_len / block) * block``.
+
+    At least one block, so an all-empty batch still has a completion block (:func:`opdlm_trl.masks.pad_to_blocks`).
+    """
+    return pad_to_blocks(sequences, block_size, pad_token_id, "right", device, min_length=1)
 
 
 @dataclass
@@ -183,8 +179,8 @@ class _GivenTextMixin:
         device = self.accelerator.device
         block = self.settings.block_size
         pad = self._tokenizer.pad_token_id
-        prompt_ids, prompt_mask = left_pad_to_block(
-            self._prompt_token_lists([x["prompt"] for x in inputs]), block, pad, device
+        prompt_ids, prompt_mask = pad_to_blocks(
+            self._prompt_token_lists([x["prompt"] for x in inputs]), block, pad, "left", device
         )
         completions = self._completion_token_lists(
             [x[self.args.completion_column] for x in inputs], [bool(x.get(FINISHED_COLUMN, True)) for x in inputs]
@@ -363,21 +359,26 @@ def teacher_responses(
     max_new_tokens: int = 256,
     batch_size: int = 8,
     max_prompt_length: int | None = None,
+    chat_template_kwargs: dict | str | None = None,
 ):
     """Greedy answers of the original AR model: the data of SFT-on-teacher-answers and off-policy KD.
+
+    Prompts are rendered by :func:`opdlm_trl.data.render_prompts` with ``chat_template_kwargs`` (pass the
+    training config's, e.g. ``{"enable_thinking": False}`` for Qwen3's non-thinking mode, so the teacher answers
+    the very prompts the student is trained on) and stop at :func:`opdlm_trl.sampling.default_stop_token_ids`.
 
     ``prompts``: a ``datasets.Dataset`` with a ``prompt`` column (its other columns are kept) or a list
     of prompts (text or chat messages). Returns a Dataset with ``completion`` (text, special tokens
     dropped), ``completion_tokens`` (generated tokens up to and including the stop token: the
-    generation cost issue 7 asks to count) and ``completion_finished`` (False where ``max_new_tokens`` cut
+    generation cost docs/method.md §9 says to count) and ``completion_finished`` (False where ``max_new_tokens`` cut
     the answer off; the trainers then append no end-of-turn token) added. ``tokenizer.pad_token_id`` must
     be set.
     """
     from datasets import Dataset
 
     rows = prompts if hasattr(prompts, "column_names") else Dataset.from_dict({"prompt": list(prompts)})
-    token_lists = tokenize_prompts(rows, tokenizer, max_prompt_length, truncation="left")
-    stop_ids = default_stop_token_ids(tokenizer)
+    token_lists = tokenize_prompts(rows, tokenizer, max_prompt_length, "left", chat_template_kwargs)
+    stop_ids = default_stop_token_ids(tokenizer, model)
     was_training = model.training
     model.eval()
     texts: list[str] = []

