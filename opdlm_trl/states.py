@@ -1,4 +1,4 @@
-"""Which noisy states the student is trained on (method §4), and the MDLM forward process (§5).
+"""Which noisy states the student is trained on (docs/method.md §4), and the MDLM forward process (§5).
 
 A rollout records, for every completion position, the denoising step at which the sampler
 committed it (``step_map``, block-local, ``-1`` = never committed). That record reconstructs every
@@ -23,7 +23,8 @@ Selections:
   (at least one supervisable position per non-empty row).
 
 Supervised positions (``loss_mask``) are masked in the chosen state, lie inside the completion
-(``completion_mask == 1``: up to and including the end-of-turn token) and were committed
+(``completion_mask == 1``: up to and including the end-of-turn token, or up to but excluding it with
+``exclude_stop_token=True``, as the paper's reference code does) and were committed
 (``step_map >= 0``). Positions the sampler never decoded (``decoded_mask == 0``) and positions it
 never committed are ``[MASK]`` in the noisy copy; the layout key-masks them anyway.
 """
@@ -35,12 +36,15 @@ from typing import Any
 
 import torch
 
+from .masks import shown_at
+
 __all__ = [
     "SELECTIONS",
     "TrainingStates",
     "mdlm_states",
     "select_states",
     "select_states_from_tensors",
+    "stop_token_mask",
 ]
 
 SELECTIONS = ("per_block", "global_step", "random_remask")
@@ -149,7 +153,7 @@ def _states_from_steps(
     """Stitch the visited state ``(b, state_step[b])`` of every chosen block into one noisy row."""
     step_at = state_step.repeat_interleave(block_size, dim=1)  # (B, C) chosen step of each position's block
     chosen = step_at >= 0
-    masked = chosen & ((step_map >= step_at) | (step_map < 0))
+    masked = chosen & ~shown_at(step_map, step_at)
     decoded = decoded_mask.bool()
     noisy_ids = torch.where(masked | ~decoded, torch.full_like(completion_ids, mask_token_id), completion_ids)
     supervisable = chosen & completion_mask.bool() & decoded & (step_map >= 0)
@@ -227,6 +231,18 @@ def _random_states(
     )
 
 
+def stop_token_mask(completion_mask: torch.Tensor, stopped: torch.Tensor) -> torch.Tensor:
+    """``(B, C)`` bool: the stop token of each row that ended on one (``stopped``, ``(B,)`` bool).
+
+    The sampler ends a stopped row's ``completion_mask`` at its stop token, so the stop is the row's last
+    completion position; rows cut by the length limit have none. Everything after the stop is already outside
+    ``completion_mask``, so removing this position removes "the stop token and anything after it".
+    """
+    positions = torch.arange(completion_mask.shape[1], device=completion_mask.device)
+    last = (completion_mask.long().sum(1) - 1)[:, None]  # -1 for an empty row: matches no position
+    return (positions[None, :] == last) & stopped.to(completion_mask.device).bool()[:, None]
+
+
 def select_states_from_tensors(
     completion_ids: torch.Tensor,
     completion_mask: torch.Tensor,
@@ -238,6 +254,7 @@ def select_states_from_tensors(
     selection: str = "per_block",
     generator: torch.Generator | None = None,
     eps: float = 1e-3,
+    unsupervised: torch.Tensor | None = None,
 ) -> TrainingStates:
     """Training states from plain rollout tensors (see the module docstring for the selections).
 
@@ -252,6 +269,8 @@ def select_states_from_tensors(
         selection: ``"per_block"``, ``"global_step"`` or ``"random_remask"``.
         generator: optional ``torch.Generator`` for reproducible draws.
         eps: lower bound of ``t`` for ``random_remask``.
+        unsupervised: optional ``(B, C)`` bool, completion positions that never carry a loss although they are
+            in ``completion_mask`` (the stop tokens, :func:`stop_token_mask`); they stay in the states as context.
     """
     if selection not in SELECTIONS:
         raise ValueError(f"Unknown state selection {selection!r}; choose one of {SELECTIONS}.")
@@ -263,6 +282,8 @@ def select_states_from_tensors(
         decoded_mask=decoded_mask,
         step_map=step_map,
     )
+    if unsupervised is not None:
+        completion_mask = completion_mask.bool() & ~unsupervised.bool()
     if selection == "random_remask":
         # The whole committed canvas is re-masked at rate t (tokens committed after the stop in its
         # block stay visible context when unmasked, as in the visited states); only the completion
@@ -286,12 +307,19 @@ def select_states(
     selection: str = "per_block",
     generator: torch.Generator | None = None,
     eps: float = 1e-3,
+    exclude_stop_token: bool = False,
 ) -> TrainingStates:
     """Training states from a :class:`opdlm_trl.sampling.Rollout` (or any object with its fields).
 
     Reads ``completion_ids``, ``completion_mask``, ``decoded_mask``, ``step_map``, ``block_steps``,
-    ``block_size`` and ``mask_token_id``; see :func:`select_states_from_tensors`.
+    ``block_size`` and ``mask_token_id`` (and ``finish_reason`` with ``exclude_stop_token``); see
+    :func:`select_states_from_tensors`. ``exclude_stop_token=True`` never supervises the stop token of a row
+    that ended on one (the reference code's choice; default: the stop is supervised like any token).
     """
+    unsupervised = None
+    if exclude_stop_token:
+        stopped = torch.tensor([reason == "stop" for reason in rollout_like.finish_reason], dtype=torch.bool)
+        unsupervised = stop_token_mask(rollout_like.completion_mask, stopped)
     return select_states_from_tensors(
         rollout_like.completion_ids,
         rollout_like.completion_mask,
@@ -303,6 +331,7 @@ def select_states(
         selection=selection,
         generator=generator,
         eps=eps,
+        unsupervised=unsupervised,
     )
 
 
@@ -316,7 +345,7 @@ def mdlm_states(
     per_block: bool = False,
 ) -> TrainingStates:
     """MDLM (``per_block=False``: one ``t ~ U(eps, 1)`` per row) or BD3LM (``per_block=True``: one per
-    block) forward process over data completions, for the MDLM/SFT baseline objective (method §5).
+    block) forward process over data completions, for the MDLM/SFT baseline objective (docs/method.md §5).
 
     Every position with ``completion_mask == 1`` is masked independently with its ``t``; at least one
     per non-empty row. ``position_rate`` carries the ``t`` for the ``1/t`` weight.

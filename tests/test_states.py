@@ -8,10 +8,12 @@ import pytest
 import torch
 
 from opdlm_trl.states import (
+    SELECTIONS,
     _states_from_steps,
     mdlm_states,
     select_states,
     select_states_from_tensors,
+    stop_token_mask,
 )
 
 M = 99  # mask id
@@ -297,3 +299,24 @@ def test_errors_name_the_problem():
         select_states(bad)
     with pytest.raises(ValueError, match="eps"):
         select_states(r, "random_remask", eps=1.0)
+
+
+@pytest.mark.parametrize("selection", SELECTIONS)
+def test_exclude_stop_token_never_supervises_the_stop_and_changes_nothing_else(selection):
+    """Row 0 ended on its stop token (position 4); row 1 was cut by the length limit, its last token stays."""
+    rollout = hand_rollout()
+    rollout.finish_reason = ["stop", "length"]
+    stop = torch.zeros(2, 6, dtype=torch.bool)
+    stop[0, 4] = True
+    assert torch.equal(stop_token_mask(rollout.completion_mask, torch.tensor([True, False])), stop)
+    default_supervises_stop = last_of_cut_row_supervised = False
+    for seed in range(40):
+        kept = select_states(rollout, selection, torch.Generator().manual_seed(seed))
+        excluded = select_states(rollout, selection, torch.Generator().manual_seed(seed), exclude_stop_token=True)
+        assert not (excluded.loss_mask & stop).any()
+        default_supervises_stop |= bool((kept.loss_mask & stop).any())
+        last_of_cut_row_supervised |= bool(excluded.loss_mask[1, 1])
+        if selection != "random_remask":  # trajectory states: the same visited state, one position less supervised
+            assert torch.equal(excluded.noisy_ids, kept.noisy_ids)
+            assert torch.equal(excluded.loss_mask, kept.loss_mask & ~stop)
+    assert default_supervises_stop and last_of_cut_row_supervised

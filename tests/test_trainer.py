@@ -388,7 +388,7 @@ def test_gradient_accumulation_gives_the_single_batch_gradient(tmp_path, monkeyp
     states = select_states(rollout, "per_block", generator=torch.Generator().manual_seed(7))
     assert len(set(states.loss_mask.sum(1).tolist())) > 1, "rows should differ in supervised counts"
     monkeypatch.setattr(OPDTrainer, "_roll_out", lambda self, prompts: rollout)
-    monkeypatch.setattr(trainer_module, "select_states", lambda rollout, selection: states)
+    monkeypatch.setattr(trainer_module, "select_states", lambda rollout, selection, **kwargs: states)
     gradients = {}
     for accumulation, batch_size in ((1, 4), (2, 2)):
         recorder = GradientRecorder()
@@ -534,3 +534,22 @@ def test_lora_student_reloads_from_its_adapter_directory(lora_run, tmp_path):
     assert tokenizer.mask_token_id == trainer.settings.mask_token_id
     expected = canvas_logits(trainer.model, trainer.settings)
     torch.testing.assert_close(canvas_logits(loaded, trainer.settings), expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("exclude_stop_token", [False, True])
+def test_exclude_stop_token_leaves_rollouts_that_stop_at_once_nothing_to_train(tmp_path, exclude_stop_token):
+    """Greedy rollouts whose first token is made a stop token: by default that stop is the one supervised position
+    of each row; with exclude_stop_token (the reference code) nothing is supervised, the loss is 0 (not NaN) and no
+    parameter moves."""
+    trainer = make_trainer(tmp_path, temperature=0.0, max_steps=1, exclude_stop_token=exclude_stop_token)
+    rollout, _ = roll_out(trainer)
+    trainer.eos_token_ids = [*trainer.eos_token_ids, *rollout.completion_ids[:, 0].unique().tolist()]
+    initial = snapshot(trainer.model)
+    trainer.train()
+    (logs,) = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert logs["rollout/length"] == 1.0 and logs["rollout/stopped_ratio"] == 1.0
+    moved = [name for name, p in trainer.model.named_parameters() if not torch.equal(p, initial[name])]
+    if exclude_stop_token:
+        assert logs["supervised_per_row"] == 0.0 and logs["loss"] == 0.0 and not moved
+    else:
+        assert logs["supervised_per_row"] == 1.0 and logs["loss"] > 0 and len(moved) == len(initial)

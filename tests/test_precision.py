@@ -1,0 +1,158 @@
+"""bf16 training and gradient checkpointing on CPU, with the block-causal ``[prompt | x0 | x_t]`` training layout.
+
+* bf16: student and teacher in bfloat16 and ``bf16=True``; the additive attention masks are built in the model's
+  dtype (a float32 ``finfo.min`` mask added to bf16 scores would overflow), and nothing is NaN — logits of every
+  forward, the loss, the gradients — also for a row whose rollout stopped at its first token and for a row that is
+  padding only (every completion key masked: each query then attends only itself).
+* Gradient checkpointing recomputes the layers in the backward pass; with the 4D block-causal mask it must give the
+  gradients of the plain forward (float32; measured bitwise equal on CPU, asserted to 1e-6 relative), for a full
+  fine-tune (non-reentrant) and for LoRA with reentrant checkpointing (what TRL forces under ZeRO-3 + peft, and
+  where the inputs need ``enable_input_require_grads``).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from datasets import Dataset
+from peft import LoraConfig
+from transformers import TrainerCallback
+
+from opdlm_trl import OPDConfig, OPDTrainer
+from opdlm_trl.modeling import unwrap_model
+from opdlm_trl.sampling import DiffusionSampler
+from opdlm_trl.tiny import tiny_model, tiny_tokenizer
+
+PROMPTS = [[{"role": "user", "content": f"def add{i}(a, b):"}] for i in range(4)]
+COMPLETION = 12
+
+
+def make_trainer(output_dir, model, peft_config=None, **overrides) -> OPDTrainer:
+    values = dict(
+        output_dir=str(output_dir),
+        use_cpu=True,
+        bf16=False,
+        report_to="none",
+        per_device_train_batch_size=4,
+        max_steps=1,
+        max_completion_length=COMPLETION,
+        max_grad_norm=0.0,  # record raw gradients
+        save_strategy="no",
+        disable_tqdm=True,
+        seed=0,
+    )
+    values.update(overrides)
+    return OPDTrainer(
+        model,
+        args=OPDConfig(**values),
+        train_dataset=Dataset.from_list([{"prompt": prompt} for prompt in PROMPTS]),
+        processing_class=tiny_tokenizer(),
+        peft_config=peft_config,
+    )
+
+
+class GradientRecorder(TrainerCallback):
+    def __init__(self):
+        self.gradients: list[dict[str, torch.Tensor]] = []
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        self.gradients.append({n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None})
+
+
+class ForwardProbe:
+    """Dtype of the 4D attention mask and finiteness of the logits of every student forward."""
+
+    def __init__(self, model):
+        self.mask_dtypes: set = set()
+        self.finite: list[bool] = []
+        unwrap_model(model).register_forward_hook(self, with_kwargs=True)
+
+    def __call__(self, module, args, kwargs, output):
+        mask = kwargs.get("attention_mask")
+        if mask is not None and mask.dim() == 4:
+            self.mask_dtypes.add(mask.dtype)
+        self.finite.append(bool(torch.isfinite(output.logits).all()))
+
+
+def greedy_first_tokens(trainer: OPDTrainer) -> list[int]:
+    sampler = DiffusionSampler(trainer.sampler_config(COMPLETION), pad_token_id=trainer._tokenizer.pad_token_id)
+    with trainer._rollout_mode() as student:
+        rollout = sampler.sample(student, trainer._prompt_token_lists(PROMPTS))
+    return rollout.completion_ids[:, 0].tolist()
+
+
+def test_bf16_training_step_is_finite_with_an_at_once_stopped_and_a_padding_row(tmp_path):
+    # seed 2: greedy rollouts of the random tiny model start with two different tokens (checked below)
+    trainer = make_trainer(
+        tmp_path, tiny_model("llama", dtype=torch.bfloat16, seed=2), bf16=True, temperature=0.0, logging_steps=1
+    )
+    assert next(trainer.model.parameters()).dtype == torch.bfloat16
+    assert next(trainer.teacher.model.parameters()).dtype == torch.bfloat16
+    first = greedy_first_tokens(trainer)
+    assert len(set(first)) > 1, f"precondition: rows must start differently, got {first}"
+    trainer.eos_token_ids = [*trainer.eos_token_ids, first[0]]  # rows starting with it stop at their first token
+    batches: list[dict] = []
+    generate = trainer._generate_and_score_completions
+    trainer._generate_and_score_completions = lambda inputs: batches.append(generate(inputs)) or batches[-1]
+    probe, recorder = ForwardProbe(trainer.model), GradientRecorder()
+    trainer.add_callback(recorder)
+    trainer.train()
+
+    (batch,) = batches
+    stopped_at_once = batch["completion_ids"][:, 0] == first[0]
+    assert stopped_at_once.any() and not stopped_at_once.all()  # an at-once stop next to longer rows
+    assert batch["loss_mask"][~stopped_at_once].sum(1).max() > 1
+    loss = trainer.state.log_history[0]["loss"]
+    assert probe.mask_dtypes == {torch.bfloat16} and all(probe.finite) and len(probe.finite) > 1
+    assert loss == loss and 0 < abs(loss) < float("inf")
+    (gradients,) = recorder.gradients
+    assert all(torch.isfinite(g).all() for g in gradients.values()) and any(g.any() for g in gradients.values())
+
+    # A row of padding only (no completion, nothing supervised) in the same bf16 training forward.
+    padded = {key: value.clone() if torch.is_tensor(value) else value for key, value in batch.items()}
+    padded["completion_ids"][0] = trainer._tokenizer.pad_token_id
+    padded["clean_ids"][0] = trainer._tokenizer.pad_token_id
+    padded["noisy_ids"][0] = trainer.settings.mask_token_id
+    padded["decoded_mask"][0] = 0
+    padded["loss_mask"][0] = False
+    trainer.model.train()
+    trainer.model.zero_grad()
+    probe.finite.clear()
+    loss = trainer.compute_loss(trainer.model, padded)
+    loss.backward()
+    assert torch.isfinite(loss) and loss > 0 and probe.finite == [True] * len(probe.finite) and probe.finite
+    grads = [p.grad for p in trainer.model.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+
+
+@pytest.mark.parametrize(
+    ("peft", "use_reentrant"),
+    [(False, False), (True, True)],  # full fine-tune; LoRA with TRL's reentrant mode (forced under ZeRO-3 + peft)
+    ids=["full-nonreentrant", "lora-reentrant"],
+)
+def test_gradient_checkpointing_gives_the_gradients_of_the_plain_forward(tmp_path, peft, use_reentrant):
+    """Same seed, same rollout; recomputation is checked to happen (attention runs again in the backward)."""
+    gradients, attention_calls = {}, {}
+    for checkpointing in (False, True):
+        trainer = make_trainer(
+            tmp_path / str(checkpointing),
+            tiny_model("llama"),
+            peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]) if peft else None,
+            gradient_checkpointing=checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": use_reentrant} if checkpointing else None,
+        )
+        calls = []
+        attention = unwrap_model(trainer.model).model.layers[0].self_attn
+        attention.register_forward_pre_hook(lambda module, args, calls=calls: calls.append(torch.is_grad_enabled()))
+        recorder = GradientRecorder()
+        trainer.add_callback(recorder)
+        trainer.train()
+        (gradients[checkpointing],) = recorder.gradients
+        attention_calls[checkpointing] = len(calls)
+    assert attention_calls[True] > attention_calls[False], attention_calls  # the layers were recomputed
+    plain, checkpointed = gradients[False], gradients[True]
+    assert plain.keys() == checkpointed.keys() and len(plain) >= (5 if peft else 10)
+    # (LoRA's A matrices get zero gradients at step 0: B starts at zero)
+    assert sum(bool(grad.any()) for grad in plain.values()) >= len(plain) // 2
+    for name, grad in plain.items():
+        torch.testing.assert_close(checkpointed[name], grad, rtol=1e-6, atol=1e-12, msg=name)
