@@ -6,6 +6,7 @@ imported when a check runs.
 """
 
 from .cli import evaluate_model, format_table
+from .diagnostics import oracle_ceiling, teacher_oracle_ceiling, threshold_sweep
 from .metrics import (
     check_humaneval,
     exact_match,
@@ -25,11 +26,14 @@ __all__ = [
     "exact_match",
     "extract_code",
     "format_table",
+    "oracle_ceiling",
     "pass_at_1",
     "run_program",
     "score_with_teacher",
     "sequence_nll",
     "teacher_nll",
+    "teacher_oracle_ceiling",
+    "threshold_sweep",
     "tokens_per_forward",
     "top1_agreement",
 ]

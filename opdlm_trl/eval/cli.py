@@ -22,11 +22,26 @@ from typing import Any
 
 import torch
 
-from ..data import default_model_dir, humaneval_prompt_dataset, load_prompt_dataset, tokenize_prompts
-from ..masks import blocks_needed
+from ..data import (
+    default_model_dir,
+    humaneval_prompt_dataset,
+    load_prompt_dataset,
+    parse_chat_template_kwargs,
+    tokenize_prompts,
+)
+from ..masks import round_up_to_block
 from ..modeling import diffusion_settings, load_diffusion_model
 from ..sampling import autoregressive_greedy
-from .metrics import pass_at_1, score_with_teacher, tokens_per_forward
+from .diagnostics import (
+    OffsetConfidence,
+    OracleCeiling,
+    format_sweep,
+    plot_sweep,
+    sweep_rows,
+    sweep_system,
+    teacher_top1_logprob,
+)
+from .metrics import pass_at_1, scores_from_targets, tokens_per_forward
 
 __all__ = ["DECODINGS", "evaluate_model", "format_table", "main", "run"]
 
@@ -72,10 +87,11 @@ def _load_prompts(dataset, split: str, heldout_size: int, seed: int, limit: int 
     return rows
 
 
-def _stop_ids(tokenizer) -> list[int]:
+def _stop_ids(tokenizer, model) -> list[int]:
+    """The package's one stop rule (tokenizer + the student's generation_config), for every system alike."""
     from ..sampling import default_stop_token_ids
 
-    return default_stop_token_ids(tokenizer)
+    return default_stop_token_ids(tokenizer, model)
 
 
 # ------------------------------------------------------------------------------------------ systems
@@ -85,20 +101,33 @@ def _new_record() -> dict[str, Any]:
     return {"texts": [], "nll_sum": 0.0, "agree": 0, "scored": 0, "tokens": 0, "forwards": 0, "nfe": 0, "seconds": 0.0}
 
 
-def _add_scores(record: dict[str, Any], teacher, prompt_ids, prompt_mask, completion_ids, completion_mask) -> None:
+def _add_scores(record: dict[str, Any], teacher, prompt_ids, prompt_mask, completion_ids, completion_mask):
+    """Pool the teacher's NLL / agreement into ``record``; returns the (top-1) targets, or None without teacher."""
     if teacher is None:
-        return
-    scores = score_with_teacher(teacher, prompt_ids, prompt_mask, completion_ids, completion_mask)
+        return None
+    targets = teacher.score(prompt_ids, prompt_mask, completion_ids, completion_mask, 1)
+    scores = scores_from_targets(targets, completion_ids)
     record["nll_sum"] += scores["nll_sum"]
     record["agree"] += scores["agree_count"]
     record["scored"] += scores["tokens"]
+    return targets
 
 
-def _run_student(student, tokenizer, prompts, decoding, settings, teacher, batch_size) -> dict[str, Any]:
-    """Greedy diffusion decoding of every prompt; forwards counted per row (its denoising steps)."""
+def _run_student(
+    student, tokenizer, prompts, decoding, settings, teacher, batch_size, confidence: OffsetConfidence | None = None
+) -> dict[str, Any]:
+    """Greedy diffusion decoding of every prompt; forwards counted per row (its denoising steps).
+
+    With ``confidence`` the sampler records each step's logits and the tally reads them per batch
+    (frontier-offset confidence, :mod:`opdlm_trl.eval.diagnostics`); the records are dropped after.
+    """
     from ..sampling import DiffusionSampler, SamplerConfig
 
-    sampler = DiffusionSampler(SamplerConfig(remasking=decoding, **settings), pad_token_id=tokenizer.pad_token_id)
+    sampler = DiffusionSampler(
+        SamplerConfig(remasking=decoding, **settings),
+        pad_token_id=tokenizer.pad_token_id,
+        record_logits=confidence is not None,
+    )
     record = _new_record()
     for start in range(0, len(prompts), batch_size):
         began = time.perf_counter()
@@ -108,16 +137,35 @@ def _run_student(student, tokenizer, prompts, decoding, settings, teacher, batch
         record["tokens"] += int(rollout.completion_mask.sum())
         record["forwards"] += int(rollout.block_steps.sum())
         record["nfe"] += rollout.nfe
-        _add_scores(
+        targets = _add_scores(
             record, teacher, rollout.prompt_ids, rollout.prompt_mask, rollout.completion_ids, rollout.completion_mask
         )
+        if confidence is not None:
+            top1 = None if targets is None else teacher_top1_logprob(targets.top_logprobs, targets.full_logprobs)
+            confidence.add_records(
+                sampler.records, rollout, None if top1 is None else top1.exp(), diffusion_settings(student)
+            )
+            sampler.records = []
+    if confidence is not None:
+        record["confidence_by_offset"] = confidence.summary()
     return record
 
 
 @torch.no_grad()
-def _run_teacher(teacher, tokenizer, prompts, max_new_tokens: int, batch_size: int, scorer) -> dict[str, Any]:
-    """Greedy HF ``generate`` of the AR teacher (one forward per generated token by construction)."""
-    stop_ids = _stop_ids(tokenizer)
+def _run_teacher(
+    teacher,
+    tokenizer,
+    prompts,
+    max_new_tokens: int,
+    batch_size: int,
+    scorer,
+    stop_ids: Sequence[int],
+    ceiling: OracleCeiling | None = None,
+) -> dict[str, Any]:
+    """Greedy HF ``generate`` of the AR teacher (one forward per generated token by construction).
+
+    ``ceiling`` pools the chain-bound oracle over the same greedy text and its teacher scores.
+    """
     record = _new_record()
     for start in range(0, len(prompts), batch_size):
         began = time.perf_counter()
@@ -135,7 +183,9 @@ def _run_teacher(teacher, tokenizer, prompts, max_new_tokens: int, batch_size: i
         record["tokens"] += tokens
         record["forwards"] += tokens
         record["nfe"] += completion_ids.shape[1]
-        _add_scores(record, scorer, prompt_ids, prompt_mask, completion_ids, completion_mask)
+        targets = _add_scores(record, scorer, prompt_ids, prompt_mask, completion_ids, completion_mask)
+        if ceiling is not None and targets is not None:
+            ceiling.add(targets.token_logprobs.cpu(), targets.mask.cpu())
     return record
 
 
@@ -177,6 +227,9 @@ def evaluate_model(
     timeout: float = 10.0,
     runner: str = "auto",
     keep_samples: bool = True,
+    chat_template_kwargs: dict[str, Any] | str | None = None,
+    thresholds: Sequence[float] | None = None,
+    confidence: bool = False,
 ) -> dict[str, Any]:
     """Evaluate a diffusion student (and its AR teacher) on a prompt set; returns a JSON-ready dict.
 
@@ -196,21 +249,32 @@ def evaluate_model(
         decodings: student decodings to run: ``"static"`` (one token per step, the paper's
             evaluation setting) and/or ``"dynamic"`` (threshold, Fast-dLLM style).
         runner: HumanEval code runner (:data:`opdlm_trl.eval.metrics.RUNNERS`).
+        chat_template_kwargs: chat-template variables for conversational prompts, e.g.
+            ``{"enable_thinking": False}`` for Qwen3's non-thinking mode (a JSON string works too); use the
+            training run's value so the student is evaluated on the prompts it was trained on.
+        thresholds: a threshold sweep: ``dynamic`` decoding runs once per threshold (rows
+            ``student_dynamic@<t>``, :func:`opdlm_trl.eval.diagnostics.sweep_system`) instead of once at
+            ``threshold``.
+        confidence: also report each student row's confidence by frontier offset
+            (``confidence_by_offset``; the sampler records every step's logits, one batch at a time).
 
     Returns:
         ``{"settings", "num_prompts", "results": {system: metrics}, "samples": [...]}`` with systems
-        ``student_static``, ``student_dynamic`` and ``teacher_ar``.
+        ``student_static``, ``student_dynamic`` and ``teacher_ar``; with dynamic decoding and the AR
+        teacher run also ``oracle_ceiling`` (the chain bound, :mod:`opdlm_trl.eval.diagnostics`), and
+        ``sweep``: one row per dynamic threshold (:func:`opdlm_trl.eval.diagnostics.sweep_rows`).
     """
     unknown = set(decodings) - set(DECODINGS)
     if unknown:
         raise ValueError(f"Unknown decoding(s) {sorted(unknown)}; choose from {DECODINGS}.")
+    sweep = _sweep_thresholds(thresholds, decodings)
+    chat_template_kwargs = parse_chat_template_kwargs(chat_template_kwargs)  # refuse bad options before loading
     student, tokenizer = _load_student(student, tokenizer)
     teacher_model = _load_teacher(teacher)
     rows = _load_prompts(dataset, split, heldout_size, seed, limit)
-    prompts = tokenize_prompts(rows, tokenizer, max_prompt_length, truncation="left")
+    prompts = tokenize_prompts(rows, tokenizer, max_prompt_length, "left", chat_template_kwargs)
     effective_block = block_size or diffusion_settings(student).block_size
-    if effective_block is not None:
-        max_new_tokens = blocks_needed(max_new_tokens, effective_block) * effective_block
+    max_new_tokens = round_up_to_block(max_new_tokens, effective_block)
     scorer = None
     if teacher_model is not None:
         from ..teachers import LocalTeacher
@@ -218,13 +282,19 @@ def evaluate_model(
         scorer = LocalTeacher(teacher_model)
 
     settings = {"block_size": block_size, "max_new_tokens": max_new_tokens, "threshold": threshold}
-    settings["stop_token_ids"] = _stop_ids(tokenizer)
-    records = {
-        f"student_{decoding}": _run_student(student, tokenizer, prompts, decoding, settings, scorer, batch_size)
-        for decoding in decodings
-    }
+    settings["stop_token_ids"] = _stop_ids(tokenizer, student)
+    records = {}
+    for name, decoding, run_threshold in _student_systems(decodings, threshold, sweep):
+        tally = OffsetConfidence() if confidence else None
+        run_settings = {**settings, "threshold": run_threshold}
+        records[name] = _run_student(student, tokenizer, prompts, decoding, run_settings, scorer, batch_size, tally)
+        if decoding == "dynamic":
+            records[name]["threshold"] = run_threshold
+    ceiling = OracleCeiling([effective_block], sweep or [threshold]) if "dynamic" in decodings else None
     if teacher_model is not None and teacher_generate:
-        records[TEACHER_SYSTEM] = _run_teacher(teacher_model, tokenizer, prompts, max_new_tokens, batch_size, scorer)
+        records[TEACHER_SYSTEM] = _run_teacher(
+            teacher_model, tokenizer, prompts, max_new_tokens, batch_size, scorer, settings["stop_token_ids"], ceiling
+        )
 
     has_tests = {"test", "entry_point"} <= set(rows.column_names)
     problems = [rows[i] for i in range(len(rows))] if has_tests else None
@@ -233,6 +303,11 @@ def evaluate_model(
         for name, record in records.items()
     }
     results = {name: _summary(record, outcomes[name], len(prompts)) for name, record in records.items()}
+    ceiling = ceiling if ceiling is not None and ceiling.tokens else None
+    _add_diagnostics(results, records, ceiling, effective_block)
+    diagnostics = {"oracle_ceiling": ceiling.as_dict()} if ceiling is not None else {}
+    if any("threshold" in record for record in records.values()):
+        diagnostics["sweep"] = sweep_rows({"results": results})
     return {
         "settings": {
             "dataset": dataset if isinstance(dataset, str) else "<Dataset>",
@@ -242,14 +317,53 @@ def evaluate_model(
             "block_size": effective_block,
             "threshold": threshold,
             "decodings": list(decodings),
+            "thresholds": sweep,
+            "chat_template_kwargs": chat_template_kwargs,
             "batch_size": batch_size,
             "shift": diffusion_settings(student).shift,
             "temperature": 0.0,
         },
         "num_prompts": len(prompts),
         "results": results,
+        **diagnostics,
         "samples": _samples(rows, records, outcomes) if keep_samples else [],
     }
+
+
+def _sweep_thresholds(thresholds: Sequence[float] | None, decodings: Sequence[str]) -> list[float] | None:
+    """Validated, sorted, de-duplicated sweep thresholds (``None`` = no sweep), checked before any model loads."""
+    if thresholds is None:
+        return None
+    values = sorted({float(t) for t in thresholds})
+    if not values:
+        raise ValueError("thresholds is empty: pass at least one threshold, or None for the single `threshold`.")
+    bad = [t for t in values if not 0.0 <= t <= 1.0]
+    if bad:
+        raise ValueError(f"Sweep thresholds must be probabilities in [0, 1], got {bad}.")
+    if "dynamic" not in decodings:
+        raise ValueError("A threshold sweep runs dynamic decoding: include 'dynamic' in decodings.")
+    return values
+
+
+def _student_systems(decodings, threshold: float, sweep: list[float] | None) -> list[tuple[str, str, float]]:
+    """``(row name, decoding, threshold)`` of every student run: one per decoding, one per sweep threshold."""
+    systems = []
+    for decoding in decodings:
+        if decoding == "dynamic" and sweep is not None:
+            systems.extend((sweep_system(value), decoding, value) for value in sweep)
+        else:
+            systems.append((f"student_{decoding}", decoding, threshold))
+    return systems
+
+
+def _add_diagnostics(results, records, ceiling: OracleCeiling | None, block_size: int | None) -> None:
+    """Dynamic rows get their ``threshold`` and the ``oracle_ceiling`` there; rows with a tally their offsets."""
+    for name, record in records.items():
+        if "threshold" in record:
+            results[name]["threshold"] = record["threshold"]
+            results[name]["oracle_ceiling"] = ceiling.ceiling(block_size, record["threshold"]) if ceiling else None
+        if "confidence_by_offset" in record:
+            results[name]["confidence_by_offset"] = record["confidence_by_offset"]
 
 
 def _samples(rows, records, outcomes) -> list[dict[str, Any]]:
@@ -292,6 +406,14 @@ def format_table(report: dict[str, Any]) -> str:
     return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)) for line in lines)
 
 
+def _json_object(text: str) -> dict[str, Any]:
+    """argparse type of ``--chat-template-kwargs``: a JSON object, with the parser's message on bad input."""
+    try:
+        return parse_chat_template_kwargs(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="opdlm-eval",
@@ -311,8 +433,31 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--limit", type=int, default=None, help="Evaluate the first N prompts only.")
     parser.add_argument("--max-new-tokens", type=int, default=128, help="Completion budget (rounded to blocks).")
     parser.add_argument("--max-prompt-length", type=int, default=None, help="Keep the last N prompt tokens.")
+    parser.add_argument(
+        "--chat-template-kwargs",
+        "--chat_template_kwargs",
+        type=_json_object,
+        default={},
+        help="Chat-template variables as a JSON object, e.g. '{\"enable_thinking\": false}' (Qwen3 non-thinking "
+        "mode); use the value the student was trained with.",
+    )
     parser.add_argument("--block-size", type=int, default=None, help="Student block size (default: its own).")
     parser.add_argument("--threshold", type=float, default=0.9, help="Dynamic decoding confidence threshold.")
+    parser.add_argument(
+        "--thresholds",
+        type=float,
+        nargs="+",
+        default=None,
+        help="Threshold sweep: dynamic decoding at each value (e.g. 0.5 0.6 0.7 0.8 0.9 0.95) instead of --threshold.",
+    )
+    parser.add_argument(
+        "--plot", default=None, help="Write a PNG of quality vs tokens/forward (sweep, oracle ceiling, AR teacher)."
+    )
+    parser.add_argument(
+        "--no-confidence",
+        action="store_true",
+        help="Skip the confidence-by-frontier-offset report (no logit records).",
+    )
     parser.add_argument("--decodings", nargs="+", default=list(DECODINGS), choices=DECODINGS)
     parser.add_argument("--no-teacher-generate", action="store_true", help="Do not decode the teacher itself.")
     parser.add_argument("--batch-size", type=int, default=8)
@@ -336,7 +481,15 @@ def _json_safe(value):
 
 def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Parse ``argv`` like the console script, evaluate, print the table; returns the report."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.plot:
+        if "dynamic" not in args.decodings:
+            parser.error("--plot draws the dynamic-decoding rows: include 'dynamic' in --decodings.")
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            parser.error("--plot needs matplotlib: pip install 'opdlm-trl[eval]'.")
     report = evaluate_model(
         args.student,
         teacher=args.teacher,
@@ -355,9 +508,16 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
         timeout=args.timeout,
         runner=args.runner,
         keep_samples=not args.no_samples,
+        chat_template_kwargs=args.chat_template_kwargs,
+        thresholds=args.thresholds,
+        confidence=not args.no_confidence,
     )
     print(f"{report['num_prompts']} prompts, {report['settings']['max_new_tokens']} new tokens, greedy")
     print(format_table(report))
+    if report.get("sweep"):
+        print(format_sweep(report))
+    if args.plot:
+        print(f"plot written to {plot_sweep(report, args.plot)}")
     if args.output:
         with open(args.output, "w") as handle:
             json.dump(_json_safe(report), handle, indent=2)

@@ -1,0 +1,470 @@
+"""Parallel-decoding diagnostics: how much parallelism is reachable, and what the student does.
+
+Three views, reported by ``opdlm-eval`` (``docs/evaluation.md``):
+
+* **Oracle ceiling** (a conservative chain bound): on the teacher's own greedy text, a position ``j``
+  whose left neighbours ``i..j-1`` in its block are still masked can be predicted by a perfectly
+  distilled student with confidence at least ``prod_{k=i..j} p_T(x_k | x_<k)``: its prediction is
+  the teacher's marginal over the unknown neighbours, a sum in which the greedy path is one term.
+  Conservative twice over (other paths add probability; the student may also be sure of a different
+  token). A student that commits every position
+  whose bound reaches the threshold needs one denoising step per chain restart;
+  ``tokens / steps`` is the tokens per forward it reaches (:func:`chain_bound_steps`,
+  :func:`oracle_ceiling`, :func:`teacher_oracle_ceiling`).
+* **Confidence by offset**: the student's top-1 probability at a masked position ``d`` places right
+  of its block's frontier (first still-masked position), beside the teacher's max probability there.
+  A student stuck at ~1 token per forward is confident at ``d = 0`` only.
+* **Threshold sweep**: dynamic decoding at several thresholds, quality vs tokens per forward beside
+  the AR teacher and the oracle ceiling (:func:`threshold_sweep`, :func:`plot_sweep`).
+
+Everything here but the orchestration functions is a pure tensor function, so the trainer can log the
+same offset metrics from its own logits (:func:`offset_confidence_sums`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+
+from ..masks import blocks_needed, frontier_offsets
+from ..modeling import suppress_mask_logit
+
+__all__ = [
+    "CEILING_NOTE",
+    "DEFAULT_SWEEP",
+    "HISTOGRAM_BINS",
+    "OffsetConfidence",
+    "OracleCeiling",
+    "chain_bound_steps",
+    "format_sweep",
+    "offset_confidence_metrics",
+    "offset_confidence_sums",
+    "oracle_ceiling",
+    "plot_sweep",
+    "sweep_rows",
+    "sweep_system",
+    "teacher_oracle_ceiling",
+    "teacher_top1_logprob",
+    "threshold_sweep",
+    "top1_probability",
+]
+
+DEFAULT_SWEEP = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
+HISTOGRAM_BINS = 10  # bins of 0.1 over [0, 1]
+DEFAULT_OFFSETS = 4  # frontier offsets 0..3
+CEILING_NOTE = (
+    "conservative chain bound: tokens/forward of a student that commits, on the teacher's own greedy text, "
+    "every position whose chain probability prod_{k=i..j} p_T(x_k | x_<k) from the frontier i reaches the threshold"
+)
+
+
+def _check_threshold(threshold: float) -> None:
+    if not (isinstance(threshold, int | float) and 0.0 <= threshold <= 1.0):
+        raise ValueError(f"threshold must be a probability in [0, 1], got {threshold!r}.")
+
+
+def _check_block_size(block_size: int | None) -> None:
+    if block_size is not None and (not isinstance(block_size, int) or block_size < 1):
+        raise ValueError(f"block_size must be a positive int or None (one block), got {block_size!r}.")
+
+
+# ------------------------------------------------------------------------------------------ oracle ceiling
+
+
+def chain_bound_steps(
+    token_logprobs: torch.Tensor, mask: torch.Tensor, block_size: int | None, threshold: float
+) -> torch.Tensor:
+    """``(B, n_blocks)`` denoising steps of the chain-bound oracle on a teacher-scored completion batch.
+
+    ``token_logprobs`` ``(B, C)``: ``log p_T(x_j | prompt, x_<j)`` of the teacher's own greedy tokens
+    (:attr:`opdlm_trl.teachers.TeacherTargets.token_logprobs`); ``mask`` ``(B, C)``: the real tokens
+    (through the stop token). Completion position 0 starts a block (the sampler's prompt ends on a
+    block boundary); ``block_size=None`` = one block. Inside a block, each step starts at the frontier
+    (first uncommitted position), always commits it, and keeps committing while the running product of
+    ``p_T`` from the frontier stays ``>= threshold``; the first position that breaks the chain is the
+    next step's frontier. Padding after the stop counts neither as a token nor as a step.
+    """
+    _check_threshold(threshold)
+    _check_block_size(block_size)
+    if token_logprobs.shape != mask.shape or token_logprobs.dim() != 2:
+        raise ValueError(
+            f"token_logprobs {tuple(token_logprobs.shape)} and mask {tuple(mask.shape)} must be the same (B, C) shape."
+        )
+    batch, length = mask.shape
+    size = max(length, 1) if block_size is None else block_size
+    padded = blocks_needed(length, size) * size
+    real = torch.nn.functional.pad(mask.bool(), (0, padded - length)).view(batch, -1, size)
+    logprobs = torch.nn.functional.pad(token_logprobs.double(), (0, padded - length)).view(batch, -1, size)
+    log_threshold = math.log(threshold) if threshold > 0 else -math.inf
+    steps = torch.zeros(real.shape[:2], dtype=torch.long, device=mask.device)
+    running = torch.zeros(real.shape[:2], dtype=torch.float64, device=mask.device)
+    started = torch.zeros(real.shape[:2], dtype=torch.bool, device=mask.device)
+    for offset in range(size):
+        here, logprob = real[..., offset], logprobs[..., offset]
+        extended = running + logprob
+        restart = here & (~started | (extended < log_threshold))
+        steps += restart.long()
+        running = torch.where(restart, logprob, torch.where(here, extended, running))
+        started |= here
+    return steps
+
+
+def oracle_ceiling(
+    token_logprobs: torch.Tensor, mask: torch.Tensor, block_size: int | None, threshold: float
+) -> float:
+    """Chain-bound tokens per forward of one batch: real tokens / oracle steps, pooled (``nan`` if empty)."""
+    steps = int(chain_bound_steps(token_logprobs, mask, block_size, threshold).sum())
+    return int(mask.bool().sum()) / steps if steps else float("nan")
+
+
+class OracleCeiling:
+    """Pools the chain bound over batches for several block sizes and thresholds (tokens / steps)."""
+
+    def __init__(self, block_sizes: Iterable[int | None], thresholds: Iterable[float]):
+        self.block_sizes = list(dict.fromkeys(block_sizes))
+        self.thresholds = sorted(set(float(t) for t in thresholds))
+        for block_size in self.block_sizes:
+            _check_block_size(block_size)
+        for threshold in self.thresholds:
+            _check_threshold(threshold)
+        self.tokens = 0
+        self.steps = {(b, t): 0 for b in self.block_sizes for t in self.thresholds}
+
+    def add(self, token_logprobs: torch.Tensor, mask: torch.Tensor) -> None:
+        """Add a teacher-scored batch of the teacher's own greedy completions."""
+        self.tokens += int(mask.bool().sum())
+        for block_size, threshold in self.steps:
+            self.steps[block_size, threshold] += int(
+                chain_bound_steps(token_logprobs, mask, block_size, threshold).sum()
+            )
+
+    def ceiling(self, block_size: int | None, threshold: float) -> float:
+        steps = self.steps[block_size, float(threshold)]
+        return self.tokens / steps if steps else float("nan")
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready ``{"tokens", "note", "by_block": {block: {threshold: ceiling}}}`` (string keys)."""
+        return {
+            "tokens": self.tokens,
+            "note": CEILING_NOTE,
+            "by_block": {str(b): {f"{t:g}": self.ceiling(b, t) for t in self.thresholds} for b in self.block_sizes},
+        }
+
+
+@torch.no_grad()
+def teacher_oracle_ceiling(
+    teacher,
+    tokenizer,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    block_sizes: Iterable[int | None] = (4,),
+    thresholds: Iterable[float] = DEFAULT_SWEEP,
+    batch_size: int = 8,
+    stop_token_ids: Sequence[int] | None = None,
+) -> OracleCeiling:
+    """Generate the teacher's greedy completions (HF ``generate``), score them, pool the chain bound.
+
+    ``teacher`` is an HF causal LM; ``prompts`` token-id lists (e.g. :func:`opdlm_trl.data.tokenize_prompts`).
+    Stop tokens default to :func:`opdlm_trl.sampling.default_stop_token_ids`.
+    """
+    from ..sampling import autoregressive_greedy, default_stop_token_ids
+    from ..teachers import LocalTeacher
+
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+    stop_ids = list(stop_token_ids) if stop_token_ids is not None else default_stop_token_ids(tokenizer)
+    scorer, tally = LocalTeacher(teacher), OracleCeiling(block_sizes, thresholds)
+    for start in range(0, len(prompts), batch_size):
+        prompt_ids, prompt_mask, completion_ids, completion_mask = autoregressive_greedy(
+            teacher, prompts[start : start + batch_size], tokenizer.pad_token_id, max_new_tokens, stop_ids
+        )
+        targets = scorer.score(prompt_ids, prompt_mask, completion_ids, completion_mask, 1)
+        tally.add(targets.token_logprobs.cpu(), targets.mask.cpu())
+    return tally
+
+
+# ------------------------------------------------------------------------------------ confidence by offset
+
+
+def top1_probability(
+    logits: torch.Tensor, mask_token_id: int | None = None, vocab_size: int | None = None, chunk_rows: int = 1024
+) -> torch.Tensor:
+    """Largest probability of each row of ``logits`` (``(..., V)`` -> ``(...)``), as the sampler ranks it.
+
+    The sampler never proposes ``[MASK]`` nor ids beyond the teacher vocabulary, so both are excluded
+    from the softmax the same way (``mask_token_id`` / ``vocab_size``; ``None`` = keep). Rows are
+    processed ``chunk_rows`` at a time: in the trainer this runs beside the loss graph, so it must not
+    add a full ``(N, V)`` float32 copy.
+    """
+    flat = logits.reshape(-1, logits.shape[-1])
+    if vocab_size is not None:
+        flat = flat[:, :vocab_size]
+    parts = []
+    for start in range(0, flat.shape[0], chunk_rows):
+        chunk = flat[start : start + chunk_rows].float()
+        if mask_token_id is not None:
+            chunk = suppress_mask_logit(chunk, mask_token_id)
+        parts.append((chunk.amax(-1) - chunk.logsumexp(-1)).exp())
+    empty = flat.new_zeros(0, dtype=torch.float32)
+    return (torch.cat(parts) if parts else empty).view(logits.shape[:-1])
+
+
+def teacher_top1_logprob(
+    top_logprobs: torch.Tensor | None = None, full_logprobs: torch.Tensor | None = None
+) -> torch.Tensor | None:
+    """The teacher's max log-probability per position from top-k (descending) or full targets; None if neither."""
+    if top_logprobs is not None:
+        return top_logprobs[..., 0].float()
+    if full_logprobs is not None:
+        return full_logprobs.float().amax(-1)
+    return None
+
+
+def offset_confidence_sums(
+    student_prob: torch.Tensor,
+    teacher_prob: torch.Tensor | None,
+    offsets: torch.Tensor,
+    max_offset: int = DEFAULT_OFFSETS,
+) -> torch.Tensor:
+    """``(4, max_offset)`` rows: student prob sums, teacher prob sums, counts, teacher counts per offset.
+
+    Sums, not means, so processes and batches pool exactly (gather, then divide). Positions with an
+    offset outside ``[0, max_offset)`` (not masked, or farther from the frontier) are ignored; without
+    teacher targets the teacher rows stay zero.
+    """
+    offsets = offsets.long()
+    valid = (offsets >= 0) & (offsets < max_offset)
+    index = offsets.clamp(0, max_offset - 1)
+    sums = torch.zeros((4, max_offset), dtype=torch.float32, device=student_prob.device)
+    weight = valid.float()
+    sums[0].index_add_(0, index, student_prob.float() * weight)
+    sums[2].index_add_(0, index, weight)
+    if teacher_prob is not None:
+        sums[1].index_add_(0, index, teacher_prob.float().to(student_prob.device) * weight)
+        sums[3].index_add_(0, index, weight)
+    return sums
+
+
+def offset_confidence_metrics(sums: torch.Tensor) -> dict[str, float]:
+    """Per-offset means ``confidence/student_offset{d}`` and ``confidence/teacher_offset{d}`` of pooled sums.
+
+    Offsets without any position are left out (a mean over nothing is not a measurement).
+    """
+    metrics = {}
+    for offset in range(sums.shape[1]):
+        if sums[2, offset] > 0:
+            metrics[f"confidence/student_offset{offset}"] = float(sums[0, offset] / sums[2, offset])
+        if sums[3, offset] > 0:
+            metrics[f"confidence/teacher_offset{offset}"] = float(sums[1, offset] / sums[3, offset])
+    return metrics
+
+
+def _histogram(values: torch.Tensor, offsets: torch.Tensor, max_offset: int) -> torch.Tensor:
+    bins = (values.float() * HISTOGRAM_BINS).long().clamp(0, HISTOGRAM_BINS - 1)
+    counts = torch.zeros(max_offset * HISTOGRAM_BINS, dtype=torch.long)
+    counts.index_add_(0, (offsets * HISTOGRAM_BINS + bins).cpu(), torch.ones_like(bins).cpu())
+    return counts.view(max_offset, HISTOGRAM_BINS)
+
+
+class OffsetConfidence:
+    """Evaluation tally: per frontier offset, mean and 0.1-bin histogram of student and teacher confidence.
+
+    Fed by :meth:`add` (flat probabilities and offsets) or :meth:`add_records` (the sampler's
+    ``record_logits`` trajectory of one batch).
+    """
+
+    def __init__(self, max_offset: int = DEFAULT_OFFSETS):
+        if max_offset < 1:
+            raise ValueError(f"max_offset must be >= 1, got {max_offset}.")
+        self.max_offset = max_offset
+        self.sums = torch.zeros((4, max_offset), dtype=torch.float64)
+        self.student_hist = torch.zeros((max_offset, HISTOGRAM_BINS), dtype=torch.long)
+        self.teacher_hist = torch.zeros((max_offset, HISTOGRAM_BINS), dtype=torch.long)
+
+    def add(self, student_prob: torch.Tensor, teacher_prob: torch.Tensor | None, offsets: torch.Tensor) -> None:
+        """Positions with their frontier offset (``-1`` or ``>= max_offset``: ignored)."""
+        student_prob, offsets = student_prob.flatten().cpu(), offsets.flatten().cpu().long()
+        teacher_prob = None if teacher_prob is None else teacher_prob.flatten().cpu()
+        self.sums += offset_confidence_sums(student_prob, teacher_prob, offsets, self.max_offset).double()
+        keep = (offsets >= 0) & (offsets < self.max_offset)
+        self.student_hist += _histogram(student_prob[keep], offsets[keep], self.max_offset)
+        if teacher_prob is not None:
+            self.teacher_hist += _histogram(teacher_prob[keep], offsets[keep], self.max_offset)
+
+    def add_records(self, records, rollout, teacher_top1: torch.Tensor | None, settings) -> None:
+        """Every denoising step of one decoded batch.
+
+        ``records``: the sampler's :class:`opdlm_trl.sampling.StepRecord` list for ``rollout``
+        (``DiffusionSampler(record_logits=True)``); ``teacher_top1`` ``(B, C)``: the teacher's max
+        probability at each completion position given the final text ``x0`` (None: student only);
+        ``settings``: the student's :class:`opdlm_trl.modeling.DiffusionSettings`. At step ``s`` of
+        block ``b`` a position is masked iff it was committed at a step ``>= s`` (or never); only real
+        completion positions count (the teacher has no target past the stop).
+        """
+        size = rollout.block_size
+        teacher_top1 = None if teacher_top1 is None else teacher_top1.cpu()
+        for record in records:
+            span = slice(record.block * size, (record.block + 1) * size)
+            step_map = rollout.step_map[record.rows, span].cpu()
+            masked = (step_map < 0) | (step_map >= record.step)
+            real = rollout.completion_mask[record.rows, span].cpu().bool()
+            offsets = frontier_offsets(masked, size).masked_fill(~real, -1)
+            student = top1_probability(record.logits, settings.mask_token_id, settings.teacher_vocab_size).cpu()
+            teacher = None if teacher_top1 is None else teacher_top1[record.rows.cpu(), span]
+            self.add(student, teacher, offsets)
+
+    def summary(self) -> dict[str, Any]:
+        """JSON-ready means per offset (None where empty) and histograms (``bins``: lower edges, then 1.0)."""
+
+        def mean(row: int, count_row: int) -> list[float | None]:
+            return [
+                float(self.sums[row, d] / self.sums[count_row, d]) if self.sums[count_row, d] > 0 else None
+                for d in range(self.max_offset)
+            ]
+
+        has_teacher = bool(self.sums[3].sum() > 0)
+        return {
+            "offsets": list(range(self.max_offset)),
+            "count": [int(c) for c in self.sums[2].tolist()],
+            "student_mean": mean(0, 2),
+            "teacher_mean": mean(1, 3) if has_teacher else None,
+            "bins": [round(i / HISTOGRAM_BINS, 1) for i in range(HISTOGRAM_BINS + 1)],
+            "student_hist": self.student_hist.tolist(),
+            "teacher_hist": self.teacher_hist.tolist() if has_teacher else None,
+        }
+
+
+# ------------------------------------------------------------------------------------------ threshold sweep
+
+
+def sweep_system(threshold: float) -> str:
+    """Result-row name of dynamic decoding at ``threshold`` in a sweep (``student_dynamic@0.9``)."""
+    return f"student_dynamic@{threshold:g}"
+
+
+def sweep_rows(report: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """One row per dynamic-decoding threshold of an :func:`opdlm_trl.eval.evaluate_model` report, ascending.
+
+    Each row: ``threshold``, ``system`` and the row's ``tokens_per_forward``, ``teacher_nll_per_token``,
+    ``top1_agreement``, ``pass_at_1``, ``tokens_per_second`` and ``oracle_ceiling`` (None without an AR
+    teacher run).
+    """
+    keys = ("tokens_per_forward", "teacher_nll_per_token", "top1_agreement", "pass_at_1", "tokens_per_second")
+    rows = []
+    for name, metrics in report["results"].items():
+        if "threshold" not in metrics:
+            continue
+        row = {"threshold": metrics["threshold"], "system": name}
+        row.update({key: metrics.get(key) for key in keys})
+        row["oracle_ceiling"] = metrics.get("oracle_ceiling")
+        rows.append(row)
+    return sorted(rows, key=lambda row: row["threshold"])
+
+
+def _cell(value, digits: int = 3) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{value:.{digits}f}"
+
+
+def format_sweep(report: Mapping[str, Any]) -> str:
+    """Fixed-width table of the sweep (one line per threshold) with the AR teacher's tokens/s below."""
+    header = ("threshold", "tok/fwd", "oracle", "NLL/tok", "top1-agr", "pass@1", "tok/s")
+    lines = [header]
+    for row in report.get("sweep", []):
+        lines.append(
+            (
+                f"{row['threshold']:g}",
+                _cell(row["tokens_per_forward"], 2),
+                _cell(row["oracle_ceiling"], 2),
+                _cell(row["teacher_nll_per_token"]),
+                _cell(row["top1_agreement"]),
+                _cell(row["pass_at_1"]),
+                _cell(row["tokens_per_second"], 1),
+            )
+        )
+    teacher = report["results"].get("teacher_ar")
+    if teacher is not None:
+        lines.append(
+            (
+                "teacher_ar",
+                _cell(teacher["tokens_per_forward"], 2),
+                "-",
+                _cell(teacher["teacher_nll_per_token"]),
+                _cell(teacher["top1_agreement"]),
+                _cell(teacher["pass_at_1"]),
+                _cell(teacher["tokens_per_second"], 1),
+            )
+        )
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)) for line in lines)
+
+
+def plot_sweep(report: Mapping[str, Any], path: str) -> str:
+    """PNG of quality (teacher NLL, top-1 agreement) vs tokens per forward: student sweep, oracle, AR teacher.
+
+    The oracle points sit at the teacher's own quality (its greedy text: its NLL, agreement 1.0) and
+    the chain-bound tokens per forward of each threshold; the AR teacher is the point at 1.0 token per
+    forward. Needs matplotlib (the ``eval`` extra); uses the Agg backend (no display).
+    """
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as error:
+        raise ImportError("plot_sweep needs matplotlib: pip install 'opdlm-trl[eval]'.") from error
+    rows = report.get("sweep") or sweep_rows(report)
+    if not rows:
+        raise ValueError("The report has no dynamic-decoding rows to plot; run with decodings including 'dynamic'.")
+    teacher = report["results"].get("teacher_ar")
+    figure, axes = plt.subplots(1, 2, figsize=(10, 4))
+    panels = (
+        ("teacher_nll_per_token", "teacher NLL / token (lower is better)"),
+        ("top1_agreement", "top-1 agreement"),
+    )
+    for axis, (key, label) in zip(axes, panels, strict=True):
+        points = [(r["tokens_per_forward"], r[key], r["threshold"]) for r in rows if r[key] is not None]
+        if points:
+            axis.plot([p[0] for p in points], [p[1] for p in points], "o-", label="student (dynamic)")
+            for x, y, threshold in points:
+                axis.annotate(f"{threshold:g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        if teacher is not None and teacher.get(key) is not None:
+            axis.plot([1.0], [teacher[key]], "k*", markersize=12, label="AR teacher")
+            oracle = [(r["oracle_ceiling"], r["threshold"]) for r in rows if r["oracle_ceiling"] is not None]
+            if oracle:
+                axis.plot([o[0] for o in oracle], [teacher[key]] * len(oracle), "s--", color="gray",
+                          label="oracle ceiling (chain bound)")  # fmt: skip
+                for x, threshold in oracle:
+                    axis.annotate(f"{threshold:g}", (x, teacher[key]), textcoords="offset points", xytext=(4, -10),
+                                  fontsize=8, color="gray")  # fmt: skip
+        axis.set_xlabel("tokens per forward")
+        axis.set_ylabel(label)
+        axis.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    figure.suptitle(f"threshold sweep, block {report['settings'].get('block_size')}, {report['num_prompts']} prompts")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path
+
+
+def threshold_sweep(
+    student, teacher=None, thresholds: Sequence[float] = DEFAULT_SWEEP, plot: str | None = None, **evaluate_kwargs
+) -> dict[str, Any]:
+    """Dynamic decoding at each threshold beside the AR teacher and the oracle ceiling (one report).
+
+    A thin layer over :func:`opdlm_trl.eval.evaluate_model` (``evaluate_kwargs`` go there; default
+    ``decodings=("dynamic",)``): the report's ``sweep`` lists one row per threshold
+    (:func:`sweep_rows`); ``plot`` also writes :func:`plot_sweep`'s PNG there.
+    """
+    from .cli import evaluate_model
+
+    evaluate_kwargs.setdefault("decodings", ("dynamic",))
+    report = evaluate_model(student, teacher=teacher, thresholds=thresholds, **evaluate_kwargs)
+    if plot:
+        plot_sweep(report, plot)
+    return report
