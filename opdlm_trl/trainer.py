@@ -2,7 +2,7 @@
 
 One optimisation step, as data (docs/trainer.md has the long version):
 
-1. prompts -> chat template -> token lists                           (TRL's ``_tokenize_prompts``)
+1. prompts -> chat template -> token lists                           (:func:`opdlm_trl.data.render_prompts`)
 2. the student decodes them with the diffusion sampler               (:mod:`opdlm_trl.sampling`)
 3. the frozen teacher scores the finished sequences                  (:mod:`opdlm_trl.teachers`)
 4. visited states are chosen from the trajectory record              (:mod:`opdlm_trl.states`)
@@ -12,26 +12,30 @@ One optimisation step, as data (docs/trainer.md has the long version):
 The trainer only orchestrates: it overrides TRL's generation hook (``_generate_and_score_completions``) and its
 loss hook (``compute_loss``), each kept short, and keeps the method in the modules above. Everything else —
 generation-batch buffering across gradient accumulation, DDP/DeepSpeed preparation, logging of ``_metrics``,
-checkpointing, model cards — is TRL's.
+checkpointing, model cards — is TRL's, except that ``train`` resumes only from a complete checkpoint and the train
+sampler keeps its epoch order across a resume (:mod:`opdlm_trl.checkpoints`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import os
 import textwrap
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
-from transformers.trainer_callback import ExportableState
-from trl import DistillationTrainer
-from trl.models.utils import prepare_deepspeed, unwrap_model_for_generation
 
 from . import losses as L
+from ._trl import DistillationTrainer, ExportableState, prepare_deepspeed, unwrap_model_for_generation
+from .checkpoints import resolve_resume_checkpoint, resumable_sampler
 from .config import OPDConfig
 from .curriculum import completion_length
-from .masks import training_layout
+from .data import render_prompts
+from .eval.diagnostics import offset_confidence_metrics, offset_confidence_sums, teacher_top1_logprob, top1_probability
+from .grouping import merge_groups, plan_groups
+from .masks import frontier_offsets, shown_at, training_layout
 from .modeling import (
     DiffusionSettings,
     diffusion_settings,
@@ -40,9 +44,9 @@ from .modeling import (
     to_diffusion,
     unwrap_model,
 )
-from .sampling import DiffusionSampler, Rollout, SamplerConfig
+from .sampling import DiffusionSampler, Rollout, SamplerConfig, default_stop_token_ids
 from .states import TrainingStates, select_states
-from .teachers import TeacherTargets, build_teacher
+from .teachers import LocalTeacher, SharedWeightsTeacher, TeacherTargets, build_teacher
 
 __all__ = ["OPDProgress", "OPDTrainer"]
 
@@ -174,6 +178,9 @@ class OPDTrainer(DistillationTrainer):
         self.teacher = teacher or (self._build_teacher(teacher_model) if self._needs_teacher else None)
         self._teacher_params = self._count_teacher_parameters(teacher_model)
         self._student_params = sum(p.numel() for p in unwrap_model(self.model).parameters())
+        # TRL stops on the tokenizer's and generation_config's EOS; generation and evaluation use the same rule
+        # (plus end-of-turn tokens), so training stops rollouts exactly where the student will be stopped later.
+        self.eos_token_ids = default_stop_token_ids(self._tokenizer, self.model)
 
     # ----------------------------------------------------------------------------------------------- setup
     def _prepare_student(self, model, teacher_model, args, processing_class, peft_config, teacher):
@@ -282,16 +289,17 @@ class OPDTrainer(DistillationTrainer):
         )
 
     def sampler_config(self, max_new_tokens: int) -> SamplerConfig:
-        return SamplerConfig.from_options(
-            self.args,
+        """The rollout sampler: the config's settings with the student's own block size and the stop tokens."""
+        return self.args.rollout_sampler_config(
             block_size=self.settings.block_size,
             max_new_tokens=max_new_tokens,
             stop_token_ids=list(self.eos_token_ids),
-            use_cache=self.args.use_kv_cache,
         )
 
     def _prompt_token_lists(self, prompts: list) -> list[list[int]]:
-        prompt_ids, _, _ = self._tokenize_prompts(prompts)
+        # The package's one prompt renderer (TRL's rule, with args.chat_template_kwargs), shared with generate,
+        # opdlm-eval and the baselines so a prompt is the same token sequence wherever it is decoded.
+        prompt_ids = render_prompts(prompts, self.processing_class, self.chat_template_kwargs)
         limit = self.args.max_prompt_length
         if limit is None:
             return [list(ids) for ids in prompt_ids]
@@ -327,17 +335,30 @@ class OPDTrainer(DistillationTrainer):
             rollout = sampler.sample(student, self._prompt_token_lists(prompts))
         return rollout
 
+    def _score(self, rollout: Rollout) -> TeacherTargets:
+        """Teacher targets of the rollout; a padded local/shared teacher scores in row groups (exact, less padding).
+
+        A vLLM teacher receives unpadded token lists already, so it gets the batch in one call.
+        """
+        score = functools.partial(self.teacher.score, top_k=self.args.teacher_top_k)
+        ids, mask = rollout.completion_ids, rollout.completion_mask
+        if not self.args.length_groups or not isinstance(self.teacher, LocalTeacher | SharedWeightsTeacher):
+            return score(rollout.prompt_ids, rollout.prompt_mask, ids, mask)
+        groups = plan_groups(rollout.prompt_mask, mask, None, self.args.length_groups)
+        parts = []
+        for group in groups:
+            rows, prompt = group.rows, slice(group.prompt_start, None)
+            # completions keep their full width: targets of every group stack into (B, C, ...)
+            parts.append(
+                score(rollout.prompt_ids[rows, prompt], rollout.prompt_mask[rows, prompt], ids[rows], mask[rows])
+            )
+        return merge_groups(parts, groups)
+
     def _generate_and_score_completions(self, inputs: list[dict]) -> dict:
         mode = "train" if self.model.training else "eval"
         rollout = self._roll_out([example["prompt"] for example in inputs])
-        targets = self.teacher.score(
-            rollout.prompt_ids,
-            rollout.prompt_mask,
-            rollout.completion_ids,
-            rollout.completion_mask,
-            top_k=self.args.teacher_top_k,
-        )
-        states = select_states(rollout, self.args.state_selection)
+        targets = self._score(rollout)
+        states = select_states(rollout, self.args.state_selection, exclude_stop_token=self.args.exclude_stop_token)
         self._log_rollout(rollout, states, mode)
         batch = self._training_batch(rollout, targets, states)
         # Normaliser of the whole generation batch (all accumulation steps, all processes), see compute_loss.
@@ -365,7 +386,7 @@ class OPDTrainer(DistillationTrainer):
 
     def _clean_canvas(self, rollout: Rollout) -> torch.Tensor:
         """x0 as the sampler last saw it: never-committed positions of decoded blocks were still [MASK]."""
-        never = (rollout.step_map < 0) & rollout.decoded_mask.bool()
+        never = ~shown_at(rollout.step_map) & rollout.decoded_mask.bool()
         return rollout.completion_ids.masked_fill(never, self.settings.mask_token_id)
 
     def _log_rollout(self, rollout: Rollout, states, mode: str) -> None:
@@ -430,14 +451,42 @@ class OPDTrainer(DistillationTrainer):
         return (loss, None) if return_outputs else loss
 
     def _student_logits(self, model, inputs) -> torch.Tensor:
-        """One block-causal forward over ``[prompt | x0 | x_t]``; logits only at the supervised positions."""
+        """Block-causal forwards over ``[prompt | x0 | x_t]``; logits only at the supervised positions.
+
+        Rows go through in ``length_groups`` groups of similar length, each cut to the columns its rows use
+        (:mod:`opdlm_trl.grouping`); the logits come back in the batch's row-major order of ``loss_mask``.
+        """
+        loss_mask = inputs["loss_mask"].bool()
+        if not self.args.length_groups:
+            return self._group_logits(model, inputs, slice(None), None, None, loss_mask)
+        groups = plan_groups(
+            inputs["prompt_mask"], inputs["decoded_mask"], self.settings.block_size, self.args.length_groups
+        )
+        # position of every supervised (row, column) in the row-major order compute_loss uses
+        order = (loss_mask.flatten().long().cumsum(0) - 1).view_as(loss_mask)
+        parts, positions = [], []
+        for group in groups:
+            rows, end = group.rows, group.completion_end
+            selected = loss_mask[rows, :end]
+            parts.append(self._group_logits(model, inputs, rows, group.prompt_start, end, selected))
+            positions.append(order[rows, :end][selected])
+        positions = torch.cat(positions)
+        if positions.numel() != int(loss_mask.sum()):
+            raise RuntimeError("Row groups lost supervised positions: a loss position lies outside decoded_mask.")
+        inverse = torch.empty_like(positions)
+        inverse[positions] = torch.arange(positions.numel(), device=positions.device)
+        return torch.cat(parts)[inverse]
+
+    def _group_logits(self, model, inputs, rows, prompt_start, completion_end, selected) -> torch.Tensor:
+        """One forward of ``rows`` over prompt columns ``[prompt_start:]`` and completion columns ``[:end]``."""
         dtype = next(unwrap_model(self.model).parameters()).dtype
+        prompt, completion = slice(prompt_start, None), slice(None, completion_end)
         layout = training_layout(
-            inputs["prompt_ids"],
-            inputs["prompt_mask"],
-            inputs["clean_ids"],
-            inputs["noisy_ids"],
-            inputs["decoded_mask"],
+            inputs["prompt_ids"][rows, prompt],
+            inputs["prompt_mask"][rows, prompt],
+            inputs["clean_ids"][rows, completion],
+            inputs["noisy_ids"][rows, completion],
+            inputs["decoded_mask"][rows, completion],
             self.settings.block_size,
             self.settings.shift,
             dtype,
@@ -449,7 +498,7 @@ class OPDTrainer(DistillationTrainer):
             logits_to_keep=layout.source_index,
             use_cache=False,
         )
-        logits = outputs.logits[inputs["loss_mask"].bool()]
+        logits = outputs.logits[selected]
         return suppress_mask_logit(logits.float(), self.settings.mask_token_id)
 
     def _divergence(self, student_logits: torch.Tensor, inputs, targets: dict) -> torch.Tensor:
@@ -478,12 +527,36 @@ class OPDTrainer(DistillationTrainer):
             ).float()
             count = torch.tensor(float(per_position.numel()), device=student_logits.device)
             sums = torch.stack([per_position.detach().sum(), agreement.sum(), count])
+            # Confidence by distance from each block's frontier (rows of student_logits follow loss_mask order).
+            loss_mask = inputs["loss_mask"].bool()
+            offsets = frontier_offsets(loss_mask, self.settings.block_size)[loss_mask]
+            teacher_logprob = teacher_top1_logprob(targets.get("top_logprobs"), targets.get("full_logprobs"))
+            teacher_prob = None if teacher_logprob is None else teacher_logprob.exp()
+            by_offset = offset_confidence_sums(top1_probability(student_logits.detach()), teacher_prob, offsets)
+            sums = torch.cat([sums, by_offset.flatten()])
             # One row per process: plain gather. gather_for_metrics would cut the rows to the dataset's sample
             # remainder on an epoch's last batch and drop whole processes (tests/test_distributed.py).
             sums = self.accelerator.gather(sums.unsqueeze(0)).sum(0)
         if sums[2] > 0:
             self._metrics[mode]["divergence"].append((sums[0] / sums[2]).item())
             self._metrics[mode]["agreement"].append((sums[1] / sums[2]).item())
+        for name, value in offset_confidence_metrics(sums[3:].view(4, -1)).items():
+            self._metrics[mode][name].append(value)
+
+    # ----------------------------------------------------------------------------------------------- resuming
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
+        """TRL's ``train``, resuming only from a *complete* checkpoint (:mod:`opdlm_trl.checkpoints`).
+
+        ``True`` (or the command-line strings ``"true"`` / ``"last"``) picks the newest complete ``checkpoint-N`` of
+        ``output_dir``, skipping, with a warning, one that a killed run left half written; an explicit path is
+        refused with an error naming the missing file; ``"false"`` / ``"none"`` train from scratch.
+        """
+        checkpoint = resolve_resume_checkpoint(resume_from_checkpoint, self.args.output_dir, self.args)
+        return super().train(checkpoint, *args, **kwargs)
+
+    def _get_train_sampler(self, dataset=None):
+        """TRL's sampler, with an epoch order that a resume repeats (TRL's replays epoch 0's order on resume)."""
+        return resumable_sampler(super()._get_train_sampler(dataset))
 
     # ----------------------------------------------------------------------------------------------- saving
     def _load_callback_state(self) -> None:
