@@ -87,14 +87,17 @@ def _build_trainer(args: argparse.Namespace, output_dir: str):
         remasking="dynamic",
         threshold=0.9,
         temperature=1.0,
-        learning_rate=2e-4,
+        learning_rate=5e-5 if args.full_finetune else 2e-4,
+        length_groups=args.length_groups,
         max_prompt_length=args.max_prompt_length,
         prompt_truncation="left",
         save_strategy="no",
         disable_tqdm=True,
         seed=0,
     )
-    lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear")
+    lora = (
+        None if args.full_finetune else LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear")
+    )
     trainer = OPDTrainer(model, args=config, train_dataset=args.dataset, processing_class=tokenizer, peft_config=lora)
     trainer.create_optimizer()
     trainer.model.train()
@@ -113,10 +116,7 @@ def _opd_step(trainer, prompts: list, times: dict):
     from opdlm_trl.states import select_states
 
     rollout = _timed(times, "rollout", trainer._roll_out, prompts)
-    targets = _timed(
-        times, "teacher", trainer.teacher.score, rollout.prompt_ids, rollout.prompt_mask, rollout.completion_ids,
-        rollout.completion_mask, trainer.args.teacher_top_k,
-    )  # fmt: skip
+    targets = _timed(times, "teacher", trainer._score, rollout)
 
     def assemble():
         batch = trainer._training_batch(rollout, targets, select_states(rollout, trainer.args.state_selection))
@@ -210,7 +210,8 @@ def _spawn(mode: str, args: argparse.Namespace, rows_path: str) -> dict:
         sys.executable, __file__, "--worker", mode, "--rows", rows_path, "--model-dir", args.model_dir,
         "--batch", str(args.batch), "--new-tokens", str(args.new_tokens), "--block-size", str(args.block_size),
         "--steps", str(args.steps), "--warmup", str(args.warmup), "--threads", str(args.threads or 0),
-        "--max-prompt-length", str(args.max_prompt_length),
+        "--max-prompt-length", str(args.max_prompt_length), "--length-groups", str(args.length_groups),
+        *(["--full-finetune"] if args.full_finetune else []),
     ]  # fmt: skip
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     if done.returncode != 0:
@@ -236,6 +237,31 @@ def summarise(opd: dict, sft: dict) -> dict:
         "memory_target_met": peak_ratio <= TARGET_MEMORY_RATIO,
         "step_memory_growth_mib": {"opd": growth_opd, "sft": growth_sft},
     }
+
+
+def generated_tokens_per_second(run: dict) -> float:
+    """Rollout tokens of the measured steps over their wall time: the throughput a training run sees."""
+    return sum(s["generated_tokens"] for s in run["steps"]) / sum(s["total"] for s in run["steps"])
+
+
+def compare_paths(paths: dict[int, dict]) -> dict:
+    """Generated tokens/s and phase times per ``length_groups`` value, and the speed-up over the first one."""
+    first = next(iter(paths))
+    base = generated_tokens_per_second(paths[first])
+    table = {
+        str(groups): {
+            "generated_tokens_per_second": generated_tokens_per_second(run),
+            "speedup": generated_tokens_per_second(run) / base,
+            "mean_seconds": run["mean_seconds"],
+            "generated_tokens_per_step": sum(s["generated_tokens"] for s in run["steps"]) / len(run["steps"]),
+        }
+        for groups, run in paths.items()
+    }
+    print(f"\n{'length_groups':<15}{'gen tok/s':>11}{'speed-up':>10}" + "".join(f"{p:>11}" for p in PHASES))
+    for groups, row in table.items():
+        phases = "".join(f"{row['mean_seconds'][p]:>11.2f}" for p in PHASES)
+        print(f"{groups:<15}{row['generated_tokens_per_second']:>11.2f}{row['speedup']:>10.2f}{phases}")
+    return table
 
 
 def print_table(opd: dict, sft: dict, summary: dict) -> None:
@@ -276,6 +302,11 @@ def main(argv: list[str] | None = None) -> dict | None:
     parser.add_argument("--warmup", type=int, default=1, help="unmeasured steps first")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     parser.add_argument("--max-prompt-length", type=int, default=512, help="longer prompts keep their last tokens")
+    parser.add_argument("--full-finetune", action="store_true", help="full fine-tune + frozen local teacher copy")
+    parser.add_argument("--length-groups", type=int, default=4, help="OPDConfig.length_groups of the OPD run")
+    parser.add_argument(
+        "--compare-groups", type=int, nargs="+", help="run OPD once per value side by side, e.g. 0 4 (0 = old path)"
+    )
     parser.add_argument("--smoke", action="store_true", help="tiny random model, 1 step, 8 tokens (seconds)")
     parser.add_argument("--output", help="write the results as JSON here")
     parser.add_argument("--worker", choices=["opd", "sft"], help=argparse.SUPPRESS)
@@ -294,10 +325,17 @@ def main(argv: list[str] | None = None) -> dict | None:
 
             args.model_dir = default_model_dir()
         rows_path = os.path.join(scratch, "rows.pt")
-        opd = _spawn("opd", args, rows_path)
+        paths = {}
+        for groups in args.compare_groups or []:  # the previous path (0) and the grouped one, same prompts and seed
+            args.length_groups = groups
+            paths[groups] = _spawn("opd", args, rows_path)
+        args.length_groups = args.compare_groups[-1] if args.compare_groups else args.length_groups
+        opd = paths.get(args.length_groups) or _spawn("opd", args, rows_path)
         sft = _spawn("sft", args, rows_path)
     summary = summarise(opd, sft)
     print_table(opd, sft, summary)
+    if paths:
+        summary["paths"] = compare_paths(paths)
     payload = {
         "shape": {
             k: getattr(args, k)
