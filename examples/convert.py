@@ -30,11 +30,12 @@ from transformers import AutoTokenizer
 from trl import ModelConfig, ScriptArguments, TrlParser, get_peft_config
 
 from opdlm_trl import OPDConfig, OPDTrainer
+from opdlm_trl.autoregressive import autoregressive_greedy
 from opdlm_trl.data import default_model_dir, humaneval_prompt_dataset, load_prompt_dataset, render_prompts
 from opdlm_trl.modeling import adapters_disabled
-from opdlm_trl.sampling import DiffusionSampler, autoregressive_greedy
+from opdlm_trl.sampling import DiffusionSampler
 from opdlm_trl.teachers import LocalTeacher, SharedWeightsTeacher
-from opdlm_trl.trainer import _load_pretrained
+from opdlm_trl.trainer import load_pretrained
 
 EMBEDDED = "embedded"
 HUMANEVAL = "humaneval"
@@ -165,6 +166,33 @@ def parse_args(argv: list[str] | None = None) -> tuple[ConvertArguments, OPDConf
     return parser.parse_args_and_config(argv)
 
 
+@contextlib.contextmanager
+def whole_models_while_loading(training_args: OPDConfig):
+    """Load models whole in every process, also under DeepSpeed ZeRO-3.
+
+    Under ``accelerate launch`` with a ZeRO-3 config, building the ``OPDConfig`` (``TrainingArguments``) registers
+    DeepSpeed's config with transformers, and from then on ``from_pretrained`` shards every model while it loads
+    (``deepspeed.zero.Init``), whatever ``zero3_init_flag`` says: the conversion to a diffusion student and the teacher
+    vocabulary check would then read empty (0-row) embeddings. The trainer shards the student and the teacher when it
+    prepares them, so loading them whole first is what this script needs (host RAM: one copy per model per process).
+    """
+    from transformers.integrations.deepspeed import (
+        is_deepspeed_zero3_enabled,
+        set_hf_deepspeed_config,
+        unset_hf_deepspeed_config,
+    )
+
+    plugin = getattr(training_args, "deepspeed_plugin", None)  # the one TrainingArguments registered
+    if not is_deepspeed_zero3_enabled() or getattr(plugin, "dschf", None) is None:
+        yield
+        return
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        set_hf_deepspeed_config(plugin.dschf)
+
+
 def build_trainer(script_args: ConvertArguments, training_args: OPDConfig, model_args: ModelConfig):
     """Load the model, tokenizer and prompts and build the OPDTrainer; returns ``(trainer, report_prompts)``."""
     path = model_args.model_name_or_path
@@ -173,12 +201,18 @@ def build_trainer(script_args: ConvertArguments, training_args: OPDConfig, model
     init_kwargs = {"attn_implementation": model_args.attn_implementation or "sdpa"}
     if model_args.dtype:
         init_kwargs["dtype"] = model_args.dtype
-    model = _load_pretrained(path, init_kwargs, training_args.trust_remote_code)
+    teacher = training_args.teacher_model_name_or_path
+    with whole_models_while_loading(training_args):
+        model = load_pretrained(path, init_kwargs, training_args.trust_remote_code)
+        if isinstance(teacher, str):  # loaded as the trainer would, but whole (see whole_models_while_loading)
+            teacher = load_pretrained(
+                teacher, training_args.teacher_model_init_kwargs, training_args.trust_remote_code
+            )
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=training_args.trust_remote_code)
     train_dataset, heldout = load_datasets(script_args)
     trainer = OPDTrainer(
         model=model,
-        teacher_model=training_args.teacher_model_name_or_path,
+        teacher_model=teacher,
         args=training_args,
         train_dataset=train_dataset,
         processing_class=tokenizer,

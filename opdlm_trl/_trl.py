@@ -14,6 +14,8 @@ Imported (use these, not the TRL paths):
 * ``split_tensor_dict`` / ``shuffle_sequence_dict``: not called by us, but ``DistillationTrainer._prepare_inputs``
   runs them on the dict our generation hook returns (see :data:`BATCH_CONTRACT`).
 * ``RepeatSampler``: TRL's training sampler, which :mod:`opdlm_trl.checkpoints` makes resumable.
+* ``create_model_from_path(model_id, architecture=None, **kwargs)``: TRL's model loading (``dtype`` strings, its
+  transformers-version fixes); :func:`opdlm_trl.trainer.load_pretrained` calls it the way TRL's trainers do.
 
 Named (not importable, so listed): :data:`HOOKS` (methods we override), :data:`TRAINER_ATTRIBUTES` (state we
 read or write) and :data:`BATCH_CONTRACT` (what TRL does with the generation hook's dict).
@@ -24,7 +26,7 @@ from __future__ import annotations
 from transformers.trainer_callback import ExportableState
 from trl import DistillationConfig, DistillationTrainer
 from trl.models.utils import prepare_deepspeed, unwrap_model_for_generation
-from trl.trainer.utils import RepeatSampler, shuffle_sequence_dict, split_tensor_dict
+from trl.trainer.utils import RepeatSampler, create_model_from_path, shuffle_sequence_dict, split_tensor_dict
 
 __all__ = [
     "BATCH_CONTRACT",
@@ -34,6 +36,7 @@ __all__ = [
     "DistillationTrainer",
     "ExportableState",
     "RepeatSampler",
+    "create_model_from_path",
     "prepare_deepspeed",
     "shuffle_sequence_dict",
     "split_tensor_dict",

@@ -8,10 +8,12 @@
   responses with random masks instead of the student's own rollouts (the paper's off-policy KD ablation).
 * :func:`teacher_responses` — greedy answers of the original ARLM (the SFT / KD data) and what they cost.
 
-Both trainers subclass :class:`opdlm_trl.OPDTrainer` and only replace its generation hook: instead of a
-rollout they tokenize ``prompt`` + ``completion`` into the very same ``[prompt | x0 | x_t]`` batch
-(prompt left-padded to a block boundary, completion right-padded to whole blocks) and reuse the trainer's
-block-causal student forward, so the shift convention, masks and logits alignment are shared with OPD.
+Both trainers subclass :class:`opdlm_trl.OPDTrainer` and keep its skeleton (generation hook, ``compute_loss``,
+normaliser, finite-loss check, metric gathering). They replace how the batch is made (``_make_batch``): instead of a
+rollout they tokenize ``prompt`` + ``completion`` into the very same ``[prompt | x0 | x_t]``
+:class:`opdlm_trl.batch.TrainingBatch` (prompt left-padded to a block boundary, completion right-padded to whole
+blocks) and reuse the trainer's block-causal student forward, so the shift convention, masks and logits alignment
+are shared with OPD. MDLM also replaces the per-position loss, its reduction and its metrics.
 ``training_tokens`` counts the completion tokens trained on, so budgets compare with OPD's generated tokens.
 """
 
@@ -24,12 +26,15 @@ from typing import Any
 import torch
 
 from . import losses as L
+from .autoregressive import autoregressive_greedy
+from .batch import TrainingBatch
 from .config import OPDConfig
 from .data import is_conversational, tokenize_prompts
+from .losses import mdlm_reduce  # noqa: F401  (re-exported: defined in losses.py with the other reductions)
 from .masks import pad_to_blocks
-from .sampling import autoregressive_greedy, default_stop_token_ids
+from .sampling import default_stop_token_ids
 from .states import TrainingStates, mdlm_states
-from .trainer import OPDTrainer, _targets_to_batch
+from .trainer import OPDTrainer
 
 __all__ = [
     "FINISHED_COLUMN",
@@ -117,31 +122,6 @@ class GivenTextBatch:
     completion_mask: torch.Tensor
 
 
-def mdlm_reduce(
-    per_position: torch.Tensor,
-    row_index: torch.Tensor,
-    row_tokens: torch.Tensor,
-    normalization: str = "sequence",
-    normaliser: torch.Tensor | float | None = None,
-) -> torch.Tensor:
-    """MDLM loss from weighted per-position NLLs: each row's sum divided by its *completion length*.
-
-    Why not :func:`opdlm_trl.losses.reduce_loss`: MDLM's ``1/t`` weight already turns the sum over the
-    ~``t L`` masked positions into an unbiased estimate of the sum over all ``L`` tokens; dividing by the
-    masked count instead would weight every row by ``1/t`` twice. ``"sequence"``: mean over rows of
-    ``sum_row / L_row``; ``"token"``: ``sum / sum_rows L_row``. ``normaliser`` replaces the number of rows
-    (``sequence``) or of completion tokens (``token``) for gradient accumulation over a larger batch.
-    """
-    values = per_position.float()
-    tokens = row_tokens.float().clamp(min=1)
-    if normalization == "token":
-        denominator = tokens.sum() if normaliser is None else normaliser
-        return values.sum() / torch.as_tensor(denominator, dtype=torch.float32, device=values.device).clamp(min=1)
-    per_row = values / tokens[row_index]
-    denominator = (row_tokens > 0).sum() if normaliser is None else normaliser
-    return per_row.sum() / torch.as_tensor(denominator, dtype=torch.float32, device=values.device).clamp(min=1)
-
-
 class _GivenTextMixin:
     """Turns dataset rows (``prompt`` + ``completion``) into the tensors a rollout would have provided."""
 
@@ -209,19 +189,19 @@ class _GivenTextMixin:
         metrics["supervised_per_row"].append(supervised.mean().item())
         metrics["mask_rate"].append(states.mask_rate.mean().item())
         if mode == "train":
-            self._progress.training_tokens += int(lengths.sum().item())
-            metrics["training_tokens"] = [float(self._progress.training_tokens)]
+            self._count_training_tokens(lengths)
 
-    def _base_batch(self, given: GivenTextBatch, states: TrainingStates) -> dict:
-        return {
-            "prompt_ids": given.prompt_ids,
-            "prompt_mask": given.prompt_mask,
-            "clean_ids": given.completion_ids,
-            "noisy_ids": states.noisy_ids,
-            "decoded_mask": given.completion_mask,  # key mask of the layout: padding is never attended
-            "loss_mask": states.loss_mask,
-            "completion_ids": given.completion_ids,
-        }
+    def _given_text_training_batch(self, given: GivenTextBatch, states: TrainingStates) -> TrainingBatch:
+        """The trainer's batch for given text: ``x0`` is the given completion, its real tokens are the keys."""
+        return TrainingBatch(
+            prompt_ids=given.prompt_ids,
+            prompt_mask=given.prompt_mask,
+            clean_ids=given.completion_ids,
+            noisy_ids=states.noisy_ids,
+            completion_key_mask=given.completion_mask,  # padding is never attended
+            loss_mask=states.loss_mask,
+            completion_ids=given.completion_ids,
+        )
 
 
 # ---------------------------------------------------------------------------------------------- MDLM
@@ -251,48 +231,47 @@ class MDLMTrainer(_GivenTextMixin, OPDTrainer):
     def _count_teacher_parameters(self, teacher_model) -> int:
         return 0
 
-    def _generate_and_score_completions(self, inputs: list[dict]) -> dict:
-        mode = "train" if self.model.training else "eval"
+    _loss_name = "MDLM"
+    _nonfinite_hint = "Raise mask_eps or lower the learning rate."
+
+    def _make_batch(self, inputs: list[dict], mode: str) -> TrainingBatch:
+        """Given completions, randomly masked at rate ``t`` per block (or row): no rollout, no teacher."""
         given = self._given_text_batch(inputs)
         states = self._random_mask_states(given, per_block=self.args.block_masking)
         self._count_tokens(given, states, mode)
-        row_tokens = given.completion_mask.sum(1)
-        count = row_tokens.sum() if self.args.loss_normalization == "token" else (row_tokens > 0).sum()
-        return {
-            **self._base_batch(given, states),
-            "position_rate": states.position_rate,
-            "row_tokens": row_tokens,
-            "num_items_in_batch": self.accelerator.gather(count.reshape(1)).sum(),
-        }
+        batch = self._given_text_training_batch(given, states)
+        batch.position_rate = states.position_rate
+        batch.row_tokens = given.completion_mask.sum(1)
+        return batch
 
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        mode = "train" if self.model.training else "eval"
-        student_logits = self._student_logits(model, inputs)  # OPD's forward: (N, V) at the masked positions
-        selected = inputs["loss_mask"].bool()
-        tokens = inputs["completion_ids"][selected]
-        per_position = L.mdlm_loss(
-            student_logits, tokens, inputs["position_rate"][selected], weighting=self.args.mask_weighting
+    def _items_per_row(self, batch: TrainingBatch) -> torch.Tensor:
+        """MDLM divides each row by its completion length (:func:`opdlm_trl.losses.mdlm_reduce`)."""
+        return batch.row_tokens
+
+    def _per_position_loss(self, student_logits: torch.Tensor, batch: TrainingBatch) -> torch.Tensor:
+        """``-log p_S(x0_i)`` weighted by ``1/t`` (or uniformly) at the masked positions."""
+        selected = batch.supervised
+        return L.mdlm_loss(
+            student_logits,
+            batch.completion_ids[selected],
+            batch.position_rate[selected],
+            weighting=self.args.mask_weighting,
         )
-        normaliser = inputs.get("num_items_in_batch") if self.model.training else None
-        if normaliser is not None:
-            normaliser = normaliser.float() / self.accelerator.num_processes
-        loss = mdlm_reduce(
-            per_position, selected.nonzero()[:, 0], inputs["row_tokens"], self.args.loss_normalization, normaliser
-        )
-        if not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"Non-finite MDLM loss ({loss.item()}) at step {self.state.global_step}: raise mask_eps or lower "
-                "the learning rate."
-            )
-        with torch.no_grad():
-            nll = -L.student_token_log_probs(student_logits, tokens)
-            accuracy = (student_logits.argmax(-1) == tokens).float()
-            sums = torch.stack([nll.sum(), accuracy.sum(), torch.tensor(float(tokens.numel()), device=nll.device)])
-            sums = self.accelerator.gather_for_metrics(sums.unsqueeze(0)).sum(0)
+
+    def _reduce(self, per_position: torch.Tensor, batch: TrainingBatch, normaliser) -> torch.Tensor:
+        return L.mdlm_reduce(per_position, batch.row_index, batch.row_tokens, self.args.loss_normalization, normaliser)
+
+    def _metric_sums(self, student_logits, per_position, batch: TrainingBatch) -> torch.Tensor:
+        """``[masked NLL, masked accuracy, positions]`` of this process."""
+        tokens = batch.completion_ids[batch.supervised]
+        nll = -L.student_token_log_probs(student_logits, tokens)
+        accuracy = (student_logits.argmax(-1) == tokens).float()
+        return torch.stack([nll.sum(), accuracy.sum(), torch.tensor(float(tokens.numel()), device=nll.device)])
+
+    def _log_metric_sums(self, sums: torch.Tensor, batch: TrainingBatch, mode: str) -> None:
         if sums[2] > 0:
             self._metrics[mode]["masked_nll"].append((sums[0] / sums[2]).item())
             self._metrics[mode]["masked_accuracy"].append((sums[1] / sums[2]).item())
-        return (loss, None) if return_outputs else loss
 
 
 # ---------------------------------------------------------------------------------------------- off-policy KD
@@ -327,8 +306,8 @@ class OffPolicyKDTrainer(_GivenTextMixin, OPDTrainer):
             model, teacher_model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset, **kwargs
         )
 
-    def _generate_and_score_completions(self, inputs: list[dict]) -> dict:
-        mode = "train" if self.model.training else "eval"
+    def _make_batch(self, inputs: list[dict], mode: str) -> TrainingBatch:
+        """Given completions scored by the teacher, randomly masked at one rate ``t`` per row."""
         given = self._given_text_batch(inputs)
         targets = self.teacher.score(
             given.prompt_ids,
@@ -339,13 +318,7 @@ class OffPolicyKDTrainer(_GivenTextMixin, OPDTrainer):
         )
         states = self._random_mask_states(given, per_block=False)
         self._count_tokens(given, states, mode)
-        per_row = states.loss_mask.sum(1)
-        count = per_row.sum() if self.args.loss_normalization == "token" else (per_row > 0).sum()
-        return {
-            **self._base_batch(given, states),
-            **_targets_to_batch(targets),
-            "num_items_in_batch": self.accelerator.gather(count.reshape(1)).sum(),
-        }
+        return self._given_text_training_batch(given, states).with_targets(targets)
 
 
 # ---------------------------------------------------------------------------------------------- teacher data

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from ._trl import DistillationConfig
 from .curriculum import SCHEDULES
@@ -229,6 +230,25 @@ class OPDConfig(DistillationConfig):
             "use_cache": self.use_kv_cache,  # TrainingArguments.use_cache is the HF generation flag, not ours
         }
         return SamplerConfig.from_options(self, **{**defaults, **overrides})
+
+    def teacher_options(self) -> dict[str, Any]:
+        """:func:`opdlm_trl.teachers.build_teacher`'s options for ``teacher_backend``, from its ``teacher_*`` fields.
+
+        Only the chosen backend's fields: each backend's constructor refuses options it does not take.
+        """
+        if self.teacher_backend == "vllm_server":
+            return dict(
+                base_url=self.teacher_url,
+                model_name=self.teacher_model_name,
+                timeout=self.teacher_timeout,
+                max_retries=self.teacher_max_retries,
+                max_concurrency=self.teacher_max_concurrency,
+            )
+        if self.teacher_backend == "vllm_colocate":
+            return dict(
+                model=self.teacher_model_name_or_path, gpu_memory_utilization=self.teacher_gpu_memory_utilization
+            )
+        return dict(chunk_size=self.teacher_chunk_size)
 
     def _validate_choices(self) -> None:
         for name, allowed in (

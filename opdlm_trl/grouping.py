@@ -98,7 +98,12 @@ def content_columns(
 def plan_groups(
     prompt_mask: torch.Tensor, completion_mask: torch.Tensor, block_size: int | None, max_groups: int
 ) -> list[RowGroup]:
-    """Group rows by the columns they need (real prompt + completion tokens) and cut each group's windows."""
+    """Group rows by the columns they need (real prompt + completion tokens) and cut each group's windows.
+
+    ``completion_mask`` marks the completion columns a row uses: for the student's forward, the training batch's
+    ``completion_key_mask`` (the layout's keys, :class:`opdlm_trl.batch.TrainingBatch`); for the teacher, the
+    completion mask of the tokens it scores.
+    """
     lengths = prompt_mask.long().sum(1) + completion_mask.long().sum(1)
     return [
         content_columns(rows, prompt_mask, completion_mask, block_size) for rows in length_groups(lengths, max_groups)

@@ -49,12 +49,14 @@ __all__ = [
     "forward_kl",
     "generalized_jsd",
     "mdlm_loss",
+    "mdlm_reduce",
+    "normaliser_count",
     "reduce_loss",
     "reverse_kl",
     "student_log_probs",
     "student_token_log_probs",
     "token_policy_gradient",
-    "top1_agreement",
+    "top1_matches",
 ]
 
 # The per-position divergences a distillation trainer may pick (``OPDConfig.loss_type``): forward_kl,
@@ -348,13 +350,55 @@ def reduce_loss(
     return row_mean.masked_fill(~present, 0.0).sum() / denominator
 
 
-def top1_agreement(
+def mdlm_reduce(
+    per_position: torch.Tensor,
+    row_index: torch.Tensor,
+    row_tokens: torch.Tensor,
+    normalization: str = "sequence",
+    normaliser: torch.Tensor | float | None = None,
+) -> torch.Tensor:
+    """MDLM loss from weighted per-position NLLs: each row's sum divided by its *completion length*.
+
+    Why not :func:`reduce_loss`: MDLM's ``1/t`` weight already turns the sum over the ~``t L`` masked
+    positions into an unbiased estimate of the sum over all ``L`` tokens; dividing by the masked count
+    instead would weight every row by ``1/t`` twice. ``"sequence"``: mean over rows of ``sum_row / L_row``;
+    ``"token"``: ``sum / sum_rows L_row``. ``normaliser`` replaces the number of rows (``sequence``) or of
+    completion tokens (``token``) for gradient accumulation over a larger batch (:func:`normaliser_count`
+    of ``row_tokens`` over that batch).
+    """
+    values = per_position.float()
+    tokens = row_tokens.float().clamp(min=1)
+    if normalization == "token":
+        denominator = tokens.sum() if normaliser is None else normaliser
+        return values.sum() / torch.as_tensor(denominator, dtype=torch.float32, device=values.device).clamp(min=1)
+    per_row = values / tokens[row_index]
+    denominator = (row_tokens > 0).sum() if normaliser is None else normaliser
+    return per_row.sum() / torch.as_tensor(denominator, dtype=torch.float32, device=values.device).clamp(min=1)
+
+
+def normaliser_count(per_row: torch.Tensor, normalization: str) -> torch.Tensor:
+    """What a reduction divides by, for rows holding ``per_row`` counted items each (0-d long tensor).
+
+    ``"token"``: all items; ``"sequence"``: the rows with at least one item. The trainers count it once over the
+    whole generation batch (every accumulation step, every process) and pass it to :func:`reduce_loss` /
+    :func:`mdlm_reduce` of each micro-batch, so the accumulated gradient is that of the whole batch's mean.
+    """
+    if normalization not in NORMALIZATIONS:
+        raise ValueError(f"Unknown loss normalization {normalization!r}; choose one of {NORMALIZATIONS}.")
+    return per_row.sum() if normalization == "token" else (per_row > 0).sum()
+
+
+def top1_matches(
     student_logits: torch.Tensor,
     teacher_top_ids: torch.Tensor | None = None,
     teacher_top_logprobs: torch.Tensor | None = None,
     teacher_full_logprobs: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``(N,)`` bool: the student's argmax equals the teacher's most likely token (a metric; no grad).
+
+    Per position, from logits; the trainer logs its mean as ``agreement``. Not
+    :func:`opdlm_trl.eval.metrics.top1_agreement`, the pooled fraction of *generated* tokens equal to the teacher's
+    top-1, which needs no student logits.
 
     With top-k targets the teacher's top-1 is the id of the largest ``teacher_top_logprobs`` entry
     (the list need not be sorted); without log-probs, column 0 of ``teacher_top_ids``.

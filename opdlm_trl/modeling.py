@@ -62,7 +62,12 @@ class DiffusionSettings:
 
 
 def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
-    """The underlying ``PreTrainedModel`` of a peft / DDP / DeepSpeed wrapper."""
+    """The underlying ``PreTrainedModel`` of a peft / DDP / DeepSpeed wrapper.
+
+    Not accelerate's ``unwrap_model`` (``extract_model_from_parallel``) nor transformers' ``unwrap_model``: those
+    strip the parallel wrappers but keep a peft model, and callers here need the base model's ``config``,
+    decoder and output head. It also unwraps any ``.module`` holder (a DeepSpeed inference engine of a teacher).
+    """
     while True:
         if hasattr(model, "get_base_model"):
             model = model.get_base_model()
@@ -227,18 +232,19 @@ def save_diffusion_settings(model: torch.nn.Module, directory: str | os.PathLike
         json.dump(diffusion_settings(model).to_dict(), handle, indent=2)
 
 
-def _load_adapter_student(path: str, tokenizer_path: str | None, kwargs: dict):
+def _load_adapter_student(path: str, tokenizer_path: str | None, base_model_path: str | None, kwargs: dict):
     """Rebuild a LoRA student: original model -> same conversion -> adapter (incl. the mask row)."""
     from peft import PeftConfig, PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     settings_path = os.path.join(path, SETTINGS_FILE)
     if not os.path.exists(settings_path):
         raise ValueError(f"{path} holds a peft adapter without {SETTINGS_FILE}: it was not saved by opdlm_trl.")
     with open(settings_path) as handle:
         settings = DiffusionSettings(**json.load(handle))
-    base_path = PeftConfig.from_pretrained(path).base_model_name_or_path
-    base = AutoModelForCausalLM.from_pretrained(base_path, **kwargs)
+    base = _load_adapter_base(
+        path, base_model_path or PeftConfig.from_pretrained(path).base_model_name_or_path, kwargs
+    )
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_path or path, trust_remote_code=kwargs["trust_remote_code"])
     to_diffusion(base, tokenizer, block_size=settings.block_size, shift=settings.shift, probe=False)
     if diffusion_settings(base) != settings:
@@ -246,12 +252,38 @@ def _load_adapter_student(path: str, tokenizer_path: str | None, kwargs: dict):
     return PeftModel.from_pretrained(base, path).eval(), tokenizer
 
 
-def load_diffusion_model(path_or_id: str, tokenizer_path: str | None = None, **from_pretrained_kwargs):
+def _load_adapter_base(adapter_path: str, base_path: str | None, kwargs: dict):
+    """The original model a LoRA student was trained on, or an error naming it and the fix.
+
+    The adapter records its base as a path or hub id. A path that is gone (another machine, a deleted temporary
+    folder) would otherwise surface as a hub connection error about a "repo id" that is really a folder name.
+    """
+    from transformers import AutoModelForCausalLM
+
+    fix = (
+        f"Pass base_model_path= (the original model's folder) to load_diffusion_model, or restore that folder; "
+        f"the adapter at {adapter_path} cannot be used without the weights it was trained on."
+    )
+    if not base_path:
+        raise ValueError(f"The LoRA student at {adapter_path} names no base model in adapter_config.json. {fix}")
+    looks_local = os.path.isabs(base_path) or base_path.startswith((".", "~")) or base_path.count("/") > 1
+    if looks_local and not os.path.isdir(os.path.expanduser(base_path)):
+        raise FileNotFoundError(f"The LoRA student's base model {base_path!r} is not a folder on this machine. {fix}")
+    try:
+        return AutoModelForCausalLM.from_pretrained(base_path, **kwargs)
+    except OSError as error:
+        raise OSError(f"Cannot load the LoRA student's base model {base_path!r} ({error}). {fix}") from error
+
+
+def load_diffusion_model(
+    path_or_id: str, tokenizer_path: str | None = None, base_model_path: str | None = None, **from_pretrained_kwargs
+):
     """Load a saved student and its tokenizer with identical behaviour; returns ``(model, tokenizer)``.
 
     Works for a full student (``config.opdlm`` in its config) and for a LoRA student saved by
     :class:`opdlm_trl.OPDTrainer` (adapter + ``opdlm.json``: the original model named in the adapter config is
-    converted the same way and the adapter applied). Defaults to ``attn_implementation="sdpa"`` and
+    converted the same way and the adapter applied; ``base_model_path`` overrides where that original model is,
+    e.g. when the adapter was saved on another machine). Defaults to ``attn_implementation="sdpa"`` and
     ``trust_remote_code=False``; weights load with safetensors. Raises if the checkpoint is not a converted
     student or its tokenizer lost the mask.
     """
@@ -261,7 +293,7 @@ def load_diffusion_model(path_or_id: str, tokenizer_path: str | None = None, **f
     from_pretrained_kwargs.setdefault("trust_remote_code", False)
     from_pretrained_kwargs.setdefault("use_safetensors", True)
     if os.path.exists(os.path.join(str(path_or_id), "adapter_config.json")):
-        return _load_adapter_student(str(path_or_id), tokenizer_path, from_pretrained_kwargs)
+        return _load_adapter_student(str(path_or_id), tokenizer_path, base_model_path, from_pretrained_kwargs)
     model = AutoModelForCausalLM.from_pretrained(path_or_id, **from_pretrained_kwargs)
     tokenizer = AutoTokenizer.from_pretrained(
         tokenizer_path or path_or_id, trust_remote_code=from_pretrained_kwargs["trust_remote_code"]

@@ -28,7 +28,14 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
 from . import losses as L
-from ._trl import DistillationTrainer, ExportableState, prepare_deepspeed, unwrap_model_for_generation
+from ._trl import (
+    DistillationTrainer,
+    ExportableState,
+    create_model_from_path,
+    prepare_deepspeed,
+    unwrap_model_for_generation,
+)
+from .batch import TrainingBatch
 from .checkpoints import resolve_resume_checkpoint, resumable_sampler
 from .config import OPDConfig
 from .curriculum import completion_length
@@ -48,7 +55,7 @@ from .sampling import DiffusionSampler, Rollout, SamplerConfig, default_stop_tok
 from .states import TrainingStates, select_states
 from .teachers import LocalTeacher, SharedWeightsTeacher, TeacherTargets, build_teacher
 
-__all__ = ["OPDProgress", "OPDTrainer"]
+__all__ = ["OPDProgress", "OPDTrainer", "load_pretrained"]
 
 _OPDLM_CITATION = textwrap.dedent("""\
     @article{su2026opdlm,
@@ -85,13 +92,19 @@ def _check_prompt_dataset(dataset, name: str) -> None:
         )
 
 
-def _load_pretrained(path: str, init_kwargs: dict | None, trust_remote_code: bool):
+def load_pretrained(path: str, init_kwargs: dict | None, trust_remote_code: bool):
+    """An AR causal LM from a folder or hub id, as TRL's trainers load ``model_init_kwargs`` (``dtype`` strings).
+
+    Two defaults differ from TRL's and are why this is not a bare ``create_model_from_path`` call: ``sdpa``
+    attention (the block-causal 4D masks need it, :func:`opdlm_trl.to_diffusion`), and no ``device_map`` unless
+    asked for: the model loads whole on the CPU and the accelerator places it, once per process (TRL's default
+    ``device_map="auto"`` would spread one process's model over every visible GPU).
+    """
     kwargs = dict(init_kwargs or {})
     kwargs.setdefault("attn_implementation", "sdpa")
     kwargs.setdefault("trust_remote_code", trust_remote_code)
-    dtype = kwargs.get("dtype", "float32")
-    kwargs["dtype"] = getattr(torch, dtype) if isinstance(dtype, str) and dtype != "auto" else dtype
-    return AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    kwargs.setdefault("device_map", None)
+    return create_model_from_path(path, AutoModelForCausalLM, **kwargs)
 
 
 def _is_converted(model) -> bool:
@@ -187,13 +200,13 @@ class OPDTrainer(DistillationTrainer):
         """Load and convert the student; keep a frozen copy of the original as teacher when one is needed."""
         if isinstance(model, str):
             path = model
-            model = _load_pretrained(path, args.model_init_kwargs, args.trust_remote_code)
+            model = load_pretrained(path, args.model_init_kwargs, args.trust_remote_code)
             if processing_class is None:
                 processing_class = AutoTokenizer.from_pretrained(path, trust_remote_code=args.trust_remote_code)
         if processing_class is None:
             raise ValueError("Pass `processing_class` (the tokenizer) when `model` is an instantiated model.")
         if isinstance(teacher_model, str):
-            teacher_model = _load_pretrained(teacher_model, args.teacher_model_init_kwargs, args.trust_remote_code)
+            teacher_model = load_pretrained(teacher_model, args.teacher_model_init_kwargs, args.trust_remote_code)
         needs_local_copy = (
             self._needs_teacher
             and teacher is None
@@ -229,46 +242,28 @@ class OPDTrainer(DistillationTrainer):
             )
 
     def _build_teacher(self, teacher_model):
-        args = self.args
-        backend = args.teacher_backend
-        if backend == "auto":
-            backend = "local" if teacher_model is not None else "shared"
-        common = dict(student=self.model, top_k=args.teacher_top_k)
-        if backend == "shared":
-            if not hasattr(self.model, "peft_config"):
-                raise ValueError(
-                    "teacher_backend='shared' runs the student's base weights with adapters disabled, which only "
-                    "equals the original ARLM for a peft (LoRA) student. Pass a peft_config or a teacher_model."
-                )
-            return build_teacher("shared", student=self.model, chunk_size=args.teacher_chunk_size)
-        if backend == "local":
-            if teacher_model is None:
-                raise ValueError("teacher_backend='local' needs `teacher_model` (a model or a path).")
-            teacher_model.eval().requires_grad_(False)
-            if self.is_deepspeed_enabled:
-                teacher_model = prepare_deepspeed(teacher_model, self.accelerator)
-            else:
-                teacher_model = self.accelerator.prepare_model(teacher_model, evaluation_mode=True)
-            return build_teacher("local", model=teacher_model, chunk_size=args.teacher_chunk_size, **common)
-        if backend == "vllm_server":
-            return build_teacher(
-                "vllm_server",
-                base_url=args.teacher_url,
-                tokenizer=self._tokenizer,
-                model_name=args.teacher_model_name,
-                timeout=args.teacher_timeout,
-                max_retries=args.teacher_max_retries,
-                max_concurrency=args.teacher_max_concurrency,
-                **common,
-            )
-        if not args.teacher_model_name_or_path:
-            raise ValueError("teacher_backend='vllm_colocate' needs teacher_model_name_or_path (a local model dir).")
+        """The configured teacher, from the package's one factory (:func:`opdlm_trl.teachers.build_teacher`).
+
+        Only the preparation of a local teacher model stays here (:meth:`_prepare_teacher_model`): it needs this
+        trainer's accelerator, which the factory does not know.
+        """
+        options = self.args.teacher_options()
+        options.setdefault("model", teacher_model)
         return build_teacher(
-            "vllm_colocate",
-            model=args.teacher_model_name_or_path,
-            gpu_memory_utilization=args.teacher_gpu_memory_utilization,
-            **common,
+            self.args.teacher_backend,
+            student=self.model,
+            tokenizer=self._tokenizer,
+            top_k=self.args.teacher_top_k,
+            prepare_model=self._prepare_teacher_model,
+            **options,
         )
+
+    def _prepare_teacher_model(self, teacher_model):
+        """A frozen local teacher for inference: a ZeRO inference engine under DeepSpeed (no optimizer state),
+        else placed on the device (and wrapped for evaluation) by the accelerator."""
+        if self.is_deepspeed_enabled:
+            return prepare_deepspeed(teacher_model, self.accelerator)
+        return self.accelerator.prepare_model(teacher_model, evaluation_mode=True)
 
     def _count_teacher_parameters(self, teacher_model) -> int:
         # ds_numel: under ZeRO-3 the prepared teacher holds empty shards, numel() would count 0.
@@ -354,35 +349,55 @@ class OPDTrainer(DistillationTrainer):
             )
         return merge_groups(parts, groups)
 
+    # ----------------------------------------------------------------------------------------------- the batch
     def _generate_and_score_completions(self, inputs: list[dict]) -> dict:
+        """TRL's generation hook, shared by every trainer of the package: :meth:`_make_batch` + the normaliser.
+
+        Returns a dict of tensors (TRL shuffles and splits it along dim 0, :mod:`opdlm_trl.batch`).
+        """
         mode = "train" if self.model.training else "eval"
+        batch = self._make_batch(inputs, mode)
+        batch.num_items_in_batch = self._items_in_batch(batch)
+        return batch.to_dict()
+
+    def _make_batch(self, inputs: list[dict], mode: str) -> TrainingBatch:
+        """OPD's batch: roll the student out, score the rollout with the teacher, choose the visited states."""
         rollout = self._roll_out([example["prompt"] for example in inputs])
         targets = self._score(rollout)
         states = select_states(rollout, self.args.state_selection, exclude_stop_token=self.args.exclude_stop_token)
         self._log_rollout(rollout, states, mode)
-        batch = self._training_batch(rollout, targets, states)
-        # Normaliser of the whole generation batch (all accumulation steps, all processes), see compute_loss.
-        per_row = states.loss_mask.sum(1).to(self.accelerator.device)
-        count = per_row.sum() if self.args.loss_normalization == "token" else (per_row > 0).sum()
-        batch["num_items_in_batch"] = self.accelerator.gather(count.reshape(1)).sum()
-        return batch
+        return self._rollout_batch(rollout, targets, states)
+
+    def _items_in_batch(self, batch: TrainingBatch) -> torch.Tensor:
+        """Normaliser of the whole generation batch (all accumulation steps, all processes), see compute_loss."""
+        count = L.normaliser_count(
+            self._items_per_row(batch).to(self.accelerator.device), self.args.loss_normalization
+        )
+        return self.accelerator.gather(count.reshape(1)).sum()
+
+    def _items_per_row(self, batch: TrainingBatch) -> torch.Tensor:
+        """What :meth:`_reduce` averages over, per row: the supervised positions (``reduce_loss``)."""
+        return batch.loss_mask.sum(1)
+
+    def _rollout_batch(self, rollout: Rollout, targets: TeacherTargets, states: TrainingStates) -> TrainingBatch:
+        """The batch ``compute_loss`` reads, from a rollout, its teacher targets and the chosen states."""
+        return TrainingBatch(
+            prompt_ids=rollout.prompt_ids,
+            prompt_mask=rollout.prompt_mask,
+            clean_ids=self._clean_canvas(rollout),
+            noisy_ids=states.noisy_ids,
+            completion_key_mask=rollout.decoded_mask,  # every block the sampler ran: the keys of its forwards
+            loss_mask=states.loss_mask,
+            completion_ids=rollout.completion_ids,
+        ).with_targets(targets)
 
     def _training_batch(self, rollout: Rollout, targets: TeacherTargets, states: TrainingStates) -> dict:
-        """The tensors ``compute_loss`` reads, from a rollout, its teacher targets and the chosen states.
+        """:meth:`_rollout_batch` as the dict TRL would pass to ``compute_loss``.
 
         A separate step so tests and tools can train on a fixed (recorded, seeded) rollout exactly as the trainer
-        does; ``num_items_in_batch`` is added by the caller because it depends on the whole generation batch.
+        does; ``num_items_in_batch`` is left out because it depends on the whole generation batch.
         """
-        return {
-            "prompt_ids": rollout.prompt_ids,
-            "prompt_mask": rollout.prompt_mask,
-            "clean_ids": self._clean_canvas(rollout),
-            "noisy_ids": states.noisy_ids,
-            "decoded_mask": rollout.decoded_mask,
-            "loss_mask": states.loss_mask,
-            "completion_ids": rollout.completion_ids,
-            **_targets_to_batch(targets),
-        }
+        return self._rollout_batch(rollout, targets, states).to_dict()
 
     def _clean_canvas(self, rollout: Rollout) -> torch.Tensor:
         """x0 as the sampler last saw it: never-committed positions of decoded blocks were still [MASK]."""
@@ -405,13 +420,17 @@ class OPDTrainer(DistillationTrainer):
         metrics["supervised_per_row"].append(supervised.mean().item())
         metrics["curriculum/length"].append(float(self.current_completion_length()))
         if mode == "train":
-            self._progress.training_tokens += int(lengths.sum().item())
-            tokens = self._progress.training_tokens
-            metrics["training_tokens"] = [float(tokens)]
+            tokens = self._count_training_tokens(lengths)
             metrics["flops"] = [float(2 * self._teacher_params * tokens + 6 * self._student_params * tokens)]
         if self.log_completions:
             self._logs["prompt"].extend(self._gather_texts(rollout.prompt_ids, rollout.prompt_mask))
             self._logs["completion"].extend(self._gather_texts(rollout.completion_ids, rollout.completion_mask))
+
+    def _count_training_tokens(self, lengths: torch.Tensor) -> int:
+        """Add the gathered completion ``lengths`` of a training batch to the cumulative ``training_tokens``."""
+        self._progress.training_tokens += int(lengths.sum().item())
+        self._metrics["train"]["training_tokens"] = [float(self._progress.training_tokens)]
+        return self._progress.training_tokens
 
     def _gather_texts(self, ids: torch.Tensor, mask: torch.Tensor) -> list[str]:
         from accelerate.utils import gather_object
@@ -422,45 +441,67 @@ class OPDTrainer(DistillationTrainer):
         return gather_object(texts)
 
     # ----------------------------------------------------------------------------------------------- loss
+    # The loss's name in errors (OffPolicyKD trains OPD's divergence, so it keeps "OPD") and what a non-finite loss
+    # most likely means (subclasses with another loss say their own).
+    _loss_name = "OPD"
+    _nonfinite_hint = (
+        "Lower the learning rate, check the teacher's targets (a vLLM teacher returning -inf?), or train in "
+        "float32/bf16 rather than fp16."
+    )
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """TRL's loss hook, shared by every trainer of the package: forward, per-position loss, reduce, metrics."""
         mode = "train" if self.model.training else "eval"
-        student_logits = self._student_logits(model, inputs)  # (N, V) at supervised positions
-        targets = _batch_to_targets(inputs)
-        per_position = self._divergence(student_logits, inputs, targets)
-        row_index = inputs["loss_mask"].nonzero()[:, 0]
-        # The generation batch's count over all processes / num_processes: summing the micro-batch losses of one
-        # accumulation window and averaging gradients over processes (DDP) gives the mean over the whole batch.
-        normaliser = inputs.get("num_items_in_batch") if self.model.training else None
-        if normaliser is not None:
-            normaliser = normaliser.float() / self.accelerator.num_processes
-        loss = L.reduce_loss(
+        batch = TrainingBatch.of(inputs)
+        student_logits = self._student_logits(model, batch)  # (N, V) at supervised positions
+        per_position = self._per_position_loss(student_logits, batch)
+        loss = self._reduce(per_position, batch, self._normaliser(batch))
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"Non-finite {self._loss_name} loss ({loss.item()}) at step {self.state.global_step}. "
+                f"{self._nonfinite_hint}"
+            )
+        with torch.no_grad():
+            sums = self._metric_sums(student_logits, per_position, batch)
+            # One row per process: plain gather. gather_for_metrics would cut the rows to the dataset's sample
+            # remainder on an epoch's last batch and drop whole processes (tests/test_distributed.py).
+            sums = self.accelerator.gather(sums.unsqueeze(0)).sum(0)
+        self._log_metric_sums(sums, batch, mode)
+        return (loss, None) if return_outputs else loss
+
+    def _normaliser(self, batch: TrainingBatch) -> torch.Tensor | None:
+        """The generation batch's count over all processes / num_processes (training only).
+
+        Summing the micro-batch losses of one accumulation window and averaging gradients over processes (DDP)
+        then gives the mean over the whole batch. Evaluation reduces each batch on its own.
+        """
+        if not self.model.training or batch.num_items_in_batch is None:
+            return None
+        return batch.num_items_in_batch.float() / self.accelerator.num_processes
+
+    def _reduce(self, per_position: torch.Tensor, batch: TrainingBatch, normaliser) -> torch.Tensor:
+        """OPD's reduction: per-row means (``sequence``) or the token mean, :func:`opdlm_trl.losses.reduce_loss`."""
+        return L.reduce_loss(
             per_position,
-            row_index,
-            inputs["loss_mask"].shape[0],
+            batch.row_index,
+            batch.loss_mask.shape[0],
             self.args.loss_normalization,
             num_items_in_batch=normaliser,
             num_rows_in_batch=normaliser,
         )
-        if not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"Non-finite OPD loss ({loss.item()}) at step {self.state.global_step}. Lower the learning rate, "
-                "check the teacher's targets (a vLLM teacher returning -inf?), or train in float32/bf16 rather "
-                "than fp16."
-            )
-        self._log_loss_metrics(student_logits, per_position, targets, inputs, mode)
-        return (loss, None) if return_outputs else loss
 
-    def _student_logits(self, model, inputs) -> torch.Tensor:
+    def _student_logits(self, model, inputs: TrainingBatch | dict) -> torch.Tensor:
         """Block-causal forwards over ``[prompt | x0 | x_t]``; logits only at the supervised positions.
 
         Rows go through in ``length_groups`` groups of similar length, each cut to the columns its rows use
         (:mod:`opdlm_trl.grouping`); the logits come back in the batch's row-major order of ``loss_mask``.
         """
-        loss_mask = inputs["loss_mask"].bool()
+        batch = TrainingBatch.of(inputs)
+        loss_mask = batch.supervised
         if not self.args.length_groups:
-            return self._group_logits(model, inputs, slice(None), None, None, loss_mask)
+            return self._group_logits(model, batch, slice(None), None, None, loss_mask)
         groups = plan_groups(
-            inputs["prompt_mask"], inputs["decoded_mask"], self.settings.block_size, self.args.length_groups
+            batch.prompt_mask, batch.completion_key_mask, self.settings.block_size, self.args.length_groups
         )
         # position of every supervised (row, column) in the row-major order compute_loss uses
         order = (loss_mask.flatten().long().cumsum(0) - 1).view_as(loss_mask)
@@ -468,25 +509,27 @@ class OPDTrainer(DistillationTrainer):
         for group in groups:
             rows, end = group.rows, group.completion_end
             selected = loss_mask[rows, :end]
-            parts.append(self._group_logits(model, inputs, rows, group.prompt_start, end, selected))
+            parts.append(self._group_logits(model, batch, rows, group.prompt_start, end, selected))
             positions.append(order[rows, :end][selected])
         positions = torch.cat(positions)
         if positions.numel() != int(loss_mask.sum()):
-            raise RuntimeError("Row groups lost supervised positions: a loss position lies outside decoded_mask.")
+            raise RuntimeError(
+                "Row groups lost supervised positions: a loss position lies outside completion_key_mask."
+            )
         inverse = torch.empty_like(positions)
         inverse[positions] = torch.arange(positions.numel(), device=positions.device)
         return torch.cat(parts)[inverse]
 
-    def _group_logits(self, model, inputs, rows, prompt_start, completion_end, selected) -> torch.Tensor:
+    def _group_logits(self, model, batch: TrainingBatch, rows, prompt_start, completion_end, selected) -> torch.Tensor:
         """One forward of ``rows`` over prompt columns ``[prompt_start:]`` and completion columns ``[:end]``."""
         dtype = next(unwrap_model(self.model).parameters()).dtype
         prompt, completion = slice(prompt_start, None), slice(None, completion_end)
         layout = training_layout(
-            inputs["prompt_ids"][rows, prompt],
-            inputs["prompt_mask"][rows, prompt],
-            inputs["clean_ids"][rows, completion],
-            inputs["noisy_ids"][rows, completion],
-            inputs["decoded_mask"][rows, completion],
+            batch.prompt_ids[rows, prompt],
+            batch.prompt_mask[rows, prompt],
+            batch.clean_ids[rows, completion],
+            batch.noisy_ids[rows, completion],
+            batch.completion_key_mask[rows, completion],
             self.settings.block_size,
             self.settings.shift,
             dtype,
@@ -501,15 +544,17 @@ class OPDTrainer(DistillationTrainer):
         logits = outputs.logits[selected]
         return suppress_mask_logit(logits.float(), self.settings.mask_token_id)
 
-    def _divergence(self, student_logits: torch.Tensor, inputs, targets: dict) -> torch.Tensor:
+    def _per_position_loss(self, student_logits: torch.Tensor, batch: TrainingBatch) -> torch.Tensor:
+        """OPD's divergence to the teacher at every supervised position, ``(N,)`` (``args.loss_type``)."""
         args = self.args
+        targets = batch.supervised_targets
         if args.loss_type == "token_pg":
-            tokens = inputs["completion_ids"][inputs["loss_mask"].bool()]
+            tokens = batch.completion_ids[batch.supervised]
             return L.token_policy_gradient(student_logits, tokens, targets["token_logprobs"])
         kwargs = dict(
-            teacher_full_logprobs=targets.get("full_logprobs"),
-            teacher_top_ids=targets.get("top_ids"),
-            teacher_top_logprobs=targets.get("top_logprobs"),
+            teacher_full_logprobs=targets["full_logprobs"],
+            teacher_top_ids=targets["top_ids"],
+            teacher_top_logprobs=targets["top_logprobs"],
             tail_bucket=args.tail_bucket,
         )
         if args.loss_type == "forward_kl":
@@ -518,25 +563,27 @@ class OPDTrainer(DistillationTrainer):
             return L.reverse_kl(student_logits, **kwargs)
         return L.generalized_jsd(student_logits, beta=args.beta, **kwargs)
 
-    def _log_loss_metrics(self, student_logits, per_position, targets, inputs, mode: str) -> None:
-        with torch.no_grad():
-            agreement = L.top1_agreement(
-                student_logits,
-                teacher_top_ids=targets.get("top_ids"),
-                teacher_full_logprobs=targets.get("full_logprobs"),
-            ).float()
-            count = torch.tensor(float(per_position.numel()), device=student_logits.device)
-            sums = torch.stack([per_position.detach().sum(), agreement.sum(), count])
-            # Confidence by distance from each block's frontier (rows of student_logits follow loss_mask order).
-            loss_mask = inputs["loss_mask"].bool()
-            offsets = frontier_offsets(loss_mask, self.settings.block_size)[loss_mask]
-            teacher_logprob = teacher_top1_logprob(targets.get("top_logprobs"), targets.get("full_logprobs"))
-            teacher_prob = None if teacher_logprob is None else teacher_logprob.exp()
-            by_offset = offset_confidence_sums(top1_probability(student_logits.detach()), teacher_prob, offsets)
-            sums = torch.cat([sums, by_offset.flatten()])
-            # One row per process: plain gather. gather_for_metrics would cut the rows to the dataset's sample
-            # remainder on an epoch's last batch and drop whole processes (tests/test_distributed.py).
-            sums = self.accelerator.gather(sums.unsqueeze(0)).sum(0)
+    def _metric_sums(self, student_logits, per_position, batch: TrainingBatch) -> torch.Tensor:
+        """This process's metric sums (one flat tensor, summed over processes by ``compute_loss``).
+
+        ``[divergence, top-1 agreement, positions]`` then the confidence sums by distance from each block's
+        frontier (rows of ``student_logits`` follow ``loss_mask`` order).
+        """
+        targets = batch.supervised_targets
+        agreement = L.top1_matches(
+            student_logits, teacher_top_ids=targets["top_ids"], teacher_full_logprobs=targets["full_logprobs"]
+        ).float()
+        count = torch.tensor(float(per_position.numel()), device=student_logits.device)
+        sums = torch.stack([per_position.detach().sum(), agreement.sum(), count])
+        loss_mask = batch.supervised
+        offsets = frontier_offsets(loss_mask, self.settings.block_size)[loss_mask]
+        teacher_logprob = teacher_top1_logprob(targets["top_logprobs"], targets["full_logprobs"])
+        teacher_prob = None if teacher_logprob is None else teacher_logprob.exp()
+        by_offset = offset_confidence_sums(top1_probability(student_logits.detach()), teacher_prob, offsets)
+        return torch.cat([sums, by_offset.flatten()])
+
+    def _log_metric_sums(self, sums: torch.Tensor, batch: TrainingBatch, mode: str) -> None:
+        """Turn the all-process sums of :meth:`_metric_sums` into logged means."""
         if sums[2] > 0:
             self._metrics[mode]["divergence"].append((sums[0] / sums[2]).item())
             self._metrics[mode]["agreement"].append((sums[1] / sums[2]).item())
@@ -584,20 +631,3 @@ class OPDTrainer(DistillationTrainer):
             merged = copy.deepcopy(self.accelerator.unwrap_model(self.model)).merge_and_unload()
             merged.save_pretrained(merged_dir, safe_serialization=True)
             self._tokenizer.save_pretrained(merged_dir)
-
-
-_TARGET_KEYS = ("token_logprobs", "top_ids", "top_logprobs", "full_logprobs")
-
-
-def _targets_to_batch(targets: TeacherTargets) -> dict:
-    """Teacher targets as flat batch entries (TRL splits/shuffles tensors along the batch dimension)."""
-    return {f"teacher_{key}": getattr(targets, key) for key in _TARGET_KEYS}
-
-
-def _batch_to_targets(inputs: dict) -> dict:
-    """Teacher targets gathered at the supervised positions: ``(N, ...)`` tensors or None."""
-    selected = inputs["loss_mask"].bool()
-    return {
-        key: (inputs[f"teacher_{key}"][selected] if inputs.get(f"teacher_{key}") is not None else None)
-        for key in _TARGET_KEYS
-    }

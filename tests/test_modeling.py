@@ -407,6 +407,16 @@ def test_lora_student_round_trip_through_adapter_dir(tmp_path):
         got = student_forward(loaded, ids, mask).logits
     assert torch.allclose(expected, got, atol=1e-6)
 
+    # The base folder moves (another machine, a deleted temporary folder): a clear error naming the folder and
+    # the fix, not a hub connection error; base_model_path= points at the new place and reloads the same student.
+    moved_dir = tmp_path / "moved"
+    original_dir.rename(moved_dir)
+    with pytest.raises(FileNotFoundError, match=rf"{original_dir}'? is not a folder.*Pass base_model_path="):
+        load_diffusion_model(str(adapter_dir))
+    moved, _ = load_diffusion_model(str(adapter_dir), base_model_path=str(moved_dir))
+    with torch.no_grad():
+        assert torch.allclose(expected, student_forward(moved, ids, mask).logits, atol=1e-6)
+
 
 def test_adapter_dir_without_settings_is_refused(tmp_path):
     from peft import LoraConfig, get_peft_model

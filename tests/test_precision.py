@@ -113,7 +113,7 @@ def test_bf16_training_step_is_finite_with_an_at_once_stopped_and_a_padding_row(
     padded["completion_ids"][0] = trainer._tokenizer.pad_token_id
     padded["clean_ids"][0] = trainer._tokenizer.pad_token_id
     padded["noisy_ids"][0] = trainer.settings.mask_token_id
-    padded["decoded_mask"][0] = 0
+    padded["completion_key_mask"][0] = 0
     padded["loss_mask"][0] = False
     trainer.model.train()
     trainer.model.zero_grad()

@@ -28,7 +28,19 @@ def test_trainer_attributes_we_use_are_still_set_by_the_base_classes(name, assig
 
 def test_loss_is_scaled_for_gradient_accumulation_by_the_trainer():
     # OPDTrainer.compute_loss divides by the generation batch's count: transformers must not divide again.
-    assert _trl.DistillationTrainer.loss_is_scaled_for_ga is True
+    assert _trl.DistillationTrainer.loss_is_scaled_for_ga is True, (
+        "DistillationTrainer.loss_is_scaled_for_ga is no longer True: transformers would divide OPD's loss by "
+        "gradient_accumulation_steps a second time (opdlm_trl/_trl.py TRAINER_ATTRIBUTES)."
+    )
+
+
+def test_create_model_from_path_takes_an_architecture_and_from_pretrained_kwargs():
+    # opdlm_trl.trainer.load_pretrained passes AutoModelForCausalLM and from_pretrained keyword arguments.
+    parameters = inspect.signature(_trl.create_model_from_path).parameters
+    assert list(parameters)[:2] == ["model_id", "architecture"] and "kwargs" in parameters, (
+        f"trl's create_model_from_path{tuple(parameters)} changed; opdlm_trl.trainer.load_pretrained calls "
+        "create_model_from_path(path, AutoModelForCausalLM, **init_kwargs)."
+    )
 
 
 def test_prepare_inputs_shuffles_and_splits_the_generation_hooks_batch():

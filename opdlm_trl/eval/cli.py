@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from ..autoregressive import autoregressive_greedy
 from ..data import (
     default_model_dir,
     humaneval_prompt_dataset,
@@ -31,7 +32,6 @@ from ..data import (
 )
 from ..masks import round_up_to_block
 from ..modeling import diffusion_settings, load_diffusion_model
-from ..sampling import autoregressive_greedy
 from .diagnostics import (
     OffsetConfidence,
     OracleCeiling,

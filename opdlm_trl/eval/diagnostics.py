@@ -170,7 +170,8 @@ def teacher_oracle_ceiling(
     ``teacher`` is an HF causal LM; ``prompts`` token-id lists (e.g. :func:`opdlm_trl.data.tokenize_prompts`).
     Stop tokens default to :func:`opdlm_trl.sampling.default_stop_token_ids`.
     """
-    from ..sampling import autoregressive_greedy, default_stop_token_ids
+    from ..autoregressive import autoregressive_greedy
+    from ..sampling import default_stop_token_ids
     from ..teachers import LocalTeacher
 
     if batch_size < 1:

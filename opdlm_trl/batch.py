@@ -1,0 +1,107 @@
+"""The training batch: what a trainer's generation hook hands TRL and what its loss hook reads back.
+
+TRL's ``_prepare_inputs`` shuffles the generation hook's result along dim 0 and cuts it into accumulation slices
+(``shuffle_sequence_dict`` / ``split_tensor_dict``, :data:`opdlm_trl._trl.BATCH_CONTRACT`), so what travels through
+TRL must stay a plain ``dict`` of tensors. :class:`TrainingBatch` names those tensors once: the generation hook
+builds one and returns :meth:`TrainingBatch.to_dict`, ``compute_loss`` reads a slice back with
+:meth:`TrainingBatch.of`. ``OPDTrainer`` and the baselines share it, so every trainer's batch has the same keys.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["TEACHER_TARGET_KEYS", "TrainingBatch"]
+
+# The TeacherTargets fields a batch carries, each as ``teacher_<name>`` (the targets' own mask is the completion
+# mask and is not needed by the loss).
+TEACHER_TARGET_KEYS = ("token_logprobs", "top_ids", "top_logprobs", "full_logprobs")
+
+
+@dataclass
+class TrainingBatch:
+    """One generation batch (or an accumulation slice of it) in the ``[prompt | x0 | x_t]`` training layout.
+
+    Every tensor has the batch's rows on dim 0. ``(B, P)`` prompt tensors are left-padded to a block boundary,
+    ``(B, C)`` completion tensors are right-padded to whole blocks.
+
+    Attributes:
+        prompt_ids / prompt_mask: the rendered prompt and its padding mask.
+        clean_ids: ``x0`` as the student's forward sees it (a rollout's never-committed positions stay [MASK]).
+        noisy_ids: ``x_t``, the partially masked state the student is trained to denoise.
+        completion_key_mask: 1 at every completion column the layout's keys include (every position of every
+            block the sampler ran; for given text, the real tokens). Keys outside it are never attended.
+        loss_mask: the supervised positions (masked in ``x_t``, real in ``x0``).
+        completion_ids: the committed tokens (the target of ``token_pg`` and of the MDLM loss).
+        teacher_token_logprobs / teacher_top_ids / teacher_top_logprobs / teacher_full_logprobs: the teacher's
+            targets (:class:`opdlm_trl.teachers.TeacherTargets`), None when absent.
+        position_rate: ``(B, C)`` masking rate ``t`` of each position's row or block (MDLM's ``1/t`` weight).
+        row_tokens: ``(B,)`` completion tokens of each row (MDLM's per-row divisor).
+        num_items_in_batch: 0-d count the loss divides by, over the whole generation batch (all accumulation
+            steps, all processes): TRL copies a 0-d tensor whole into every slice.
+    """
+
+    prompt_ids: torch.Tensor
+    prompt_mask: torch.Tensor
+    clean_ids: torch.Tensor
+    noisy_ids: torch.Tensor
+    completion_key_mask: torch.Tensor
+    loss_mask: torch.Tensor
+    completion_ids: torch.Tensor
+    teacher_token_logprobs: torch.Tensor | None = None
+    teacher_top_ids: torch.Tensor | None = None
+    teacher_top_logprobs: torch.Tensor | None = None
+    teacher_full_logprobs: torch.Tensor | None = None
+    position_rate: torch.Tensor | None = None
+    row_tokens: torch.Tensor | None = None
+    num_items_in_batch: torch.Tensor | None = None
+
+    @classmethod
+    def of(cls, inputs: TrainingBatch | dict) -> TrainingBatch:
+        """A view of a batch dict (what TRL hands ``compute_loss``); a ``TrainingBatch`` is returned as is.
+
+        Keys that are no field (a caller's extras) are ignored; missing optional fields are None.
+        """
+        if isinstance(inputs, cls):
+            return inputs
+        names = {field.name for field in dataclasses.fields(cls)}
+        return cls(**{key: value for key, value in inputs.items() if key in names})
+
+    def to_dict(self) -> dict[str, torch.Tensor]:
+        """The dict TRL splits and shuffles: every field that is set (None fields are left out)."""
+        return {
+            field.name: getattr(self, field.name)
+            for field in dataclasses.fields(self)
+            if getattr(self, field.name) is not None
+        }
+
+    def with_targets(self, targets) -> TrainingBatch:
+        """This batch with a :class:`~opdlm_trl.teachers.TeacherTargets`' tensors as ``teacher_*`` fields."""
+        return dataclasses.replace(self, **{f"teacher_{key}": getattr(targets, key) for key in TEACHER_TARGET_KEYS})
+
+    @property
+    def supervised(self) -> torch.Tensor:
+        """``(B, C)`` bool ``loss_mask``: row-major order of the supervised positions is the loss's ``N`` order."""
+        return self.loss_mask.bool()
+
+    @property
+    def row_index(self) -> torch.Tensor:
+        """``(N,)`` batch row of every supervised position, in the loss's order."""
+        return self.supervised.nonzero()[:, 0]
+
+    @functools.cached_property
+    def supervised_targets(self) -> dict[str, torch.Tensor | None]:
+        """Teacher targets at the supervised positions: ``(N, ...)`` tensors (or None), keyed like the losses'
+        ``teacher_*`` arguments without the prefix.
+
+        Cached: the loss and the metrics read the same gathered tensors, and a full-vocabulary one is ``(N, V)``.
+        """
+        selected = self.supervised
+        return {
+            key: None if getattr(self, f"teacher_{key}") is None else getattr(self, f"teacher_{key}")[selected]
+            for key in TEACHER_TARGET_KEYS
+        }
