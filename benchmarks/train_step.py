@@ -204,6 +204,107 @@ def run_worker(args: argparse.Namespace) -> dict:
     }
 
 
+def _full_length_rollout(trainer, prompts: list):
+    """A rollout with the shapes of a trained student's: every row decodes the whole budget (static, no stop).
+
+    An untrained student stops after a token or two, which would make any padding comparison meaningless; the
+    phases compared here cost the same for any tokens of the same shape.
+    """
+    from opdlm_trl.sampling import DiffusionSampler
+
+    config = trainer.args.rollout_sampler_config(
+        max_new_tokens=trainer.args.max_completion_length, remasking="static", temperature=0.0, stop_token_ids=[]
+    )
+    with trainer._rollout_mode() as student:
+        return DiffusionSampler(config, pad_token_id=trainer._tokenizer.pad_token_id).sample(
+            student, trainer._prompt_token_lists(prompts)
+        )
+
+
+def run_paths(args: argparse.Namespace) -> dict:
+    """The phases ``length_groups`` changes (teacher scoring, student forward + backward), both paths interleaved
+    ``--rounds`` times in ONE process on one fixed full-length rollout, so machine noise hits both alike; plus the
+    trainer's own rollout and optimizer step once, to put the saving in a whole step's terms."""
+    from opdlm_trl.data import humaneval_prompt_dataset
+    from opdlm_trl.states import select_states
+
+    torch.manual_seed(0)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    args.dataset = humaneval_prompt_dataset("train").select(range(args.batch))
+    prompts = list(args.dataset["prompt"])
+    with tempfile.TemporaryDirectory() as output_dir:
+        trainer = _build_trainer(args, output_dir)
+        trainer.model.train()
+        rollout = _full_length_rollout(trainer, prompts)
+        states = select_states(rollout, "per_block", generator=torch.Generator().manual_seed(0))
+        times = {groups: {"teacher": [], "student": []} for groups in args.compare_groups}
+        for _ in range(args.rounds):
+            for groups in args.compare_groups:
+                trainer.args.length_groups = groups
+                targets = _timed_list(times[groups]["teacher"], trainer._score, rollout)
+                batch = trainer._training_batch(rollout, targets, states)
+                batch["num_items_in_batch"] = (batch["loss_mask"].sum(1) > 0).sum()
+
+                def student(batch=batch):
+                    trainer.model.zero_grad(set_to_none=True)
+                    trainer.compute_loss(trainer.model, batch).backward()
+
+                _timed_list(times[groups]["student"], student)
+        once: dict[str, float] = {}
+        trained_rollout = _timed(once, "rollout", trainer._roll_out, prompts)
+        _timed(once, "optimizer", _optimizer_step, trainer)
+    return {
+        "prompt_width": int(rollout.prompt_ids.shape[1]),
+        "prompt_tokens": int(rollout.prompt_mask.sum()),
+        "completion_tokens": int(rollout.completion_mask.sum()),
+        "rollout_seconds": once["rollout"],
+        "rollout_generated_tokens": int(trained_rollout.completion_mask.sum()),
+        "optimizer_seconds": once["optimizer"],
+        "seconds": {str(g): t for g, t in times.items()},
+    }
+
+
+def _timed_list(into: list, function, *arguments):
+    start = time.perf_counter()
+    result = function(*arguments)
+    into.append(time.perf_counter() - start)
+    return result
+
+
+def summarise_paths(result: dict) -> dict:
+    """Median phase times per path; speed-up of the phases and of a whole step with full-length rollouts.
+
+    A step's generated tokens/s = completion tokens / (rollout + teacher + student + optimizer). The rollout is
+    the same code on both paths; it is measured once, scaled to the full-length rollout's token count (the
+    trainer's own rollout of an untrained student is short).
+    """
+    import statistics
+
+    medians = {g: {k: statistics.median(v) for k, v in phases.items()} for g, phases in result["seconds"].items()}
+    per_token_rollout = result["rollout_seconds"] / max(result["rollout_generated_tokens"], 1)
+    rollout = per_token_rollout * result["completion_tokens"]
+    step = {g: rollout + m["teacher"] + m["student"] + result["optimizer_seconds"] for g, m in medians.items()}
+    base = next(iter(medians))
+    table = {
+        g: {
+            **m,
+            "step_seconds_estimate": step[g],
+            "generated_tokens_per_second": result["completion_tokens"] / step[g],
+            "phase_speedup": (medians[base]["teacher"] + medians[base]["student"]) / (m["teacher"] + m["student"]),
+            "step_speedup": step[base] / step[g],
+        }
+        for g, m in medians.items()
+    }
+    print(f"{'length_groups':<15}{'teacher s':>11}{'student s':>11}{'phases x':>10}{'step s':>9}{'gen tok/s':>11}")
+    for g, row in table.items():
+        print(
+            f"{g:<15}{row['teacher']:>11.2f}{row['student']:>11.2f}{row['phase_speedup']:>10.2f}"
+            f"{row['step_seconds_estimate']:>9.1f}{row['generated_tokens_per_second']:>11.2f}"
+        )
+    return {"rollout_seconds_full_length": rollout, "paths": table}
+
+
 # ------------------------------------------------------------------------------------------------- driver
 def _spawn(mode: str, args: argparse.Namespace, rows_path: str) -> dict:
     command = [
@@ -292,6 +393,28 @@ def _smoke_model_dir(directory: str) -> str:
     return save_tiny_pair(directory, "llama", hidden_size=64, num_heads=4)
 
 
+def _paths_main(args: argparse.Namespace) -> dict:
+    """``--compare-groups A B --rounds R``: the interleaved in-process comparison, JSON out."""
+    if not args.compare_groups:
+        raise SystemExit("--rounds needs --compare-groups (e.g. --compare-groups 0 4).")
+    with tempfile.TemporaryDirectory() as scratch:
+        if args.smoke:
+            args.model_dir = _smoke_model_dir(os.path.join(scratch, "tiny"))
+            args.new_tokens, args.max_prompt_length = 8, 64
+        elif args.model_dir is None:
+            from opdlm_trl.data import default_model_dir
+
+            args.model_dir = default_model_dir()
+        result = run_paths(args)
+    payload = {"shape": {k: getattr(args, k) for k in ("model_dir", "batch", "new_tokens", "full_finetune")}}
+    payload.update(result=result, summary=summarise_paths(result), machine={"cpus": os.cpu_count()})
+    payload["shape"]["threads"] = torch.get_num_threads()
+    if args.output:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output).write_text(json.dumps(payload, indent=2))
+    return payload
+
+
 def main(argv: list[str] | None = None) -> dict | None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model-dir", help="an autoregressive checkpoint (default: the embedded SmolLM2-135M)")
@@ -307,6 +430,13 @@ def main(argv: list[str] | None = None) -> dict | None:
     parser.add_argument(
         "--compare-groups", type=int, nargs="+", help="run OPD once per value side by side, e.g. 0 4 (0 = old path)"
     )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=0,
+        help="with --compare-groups: measure only the phases the paths change, interleaved this many times in one "
+        "process on one fixed full-length rollout (robust on a shared machine)",
+    )
     parser.add_argument("--smoke", action="store_true", help="tiny random model, 1 step, 8 tokens (seconds)")
     parser.add_argument("--output", help="write the results as JSON here")
     parser.add_argument("--worker", choices=["opd", "sft"], help=argparse.SUPPRESS)
@@ -316,6 +446,8 @@ def main(argv: list[str] | None = None) -> dict | None:
         args.mode = args.worker
         print(json.dumps(run_worker(args)))
         return None
+    if args.rounds:
+        return _paths_main(args)
     with tempfile.TemporaryDirectory() as scratch:
         if args.smoke:
             args.model_dir = _smoke_model_dir(os.path.join(scratch, "tiny"))

@@ -143,3 +143,14 @@ def test_token_targets_on_a_constructed_table():
     assert entry("opd", "pass_at_1", 0.9)["tokens"] is None
     results["teacher"]["pass_at_1"] = 0.05
     assert module.summary(results)["opd|shift=1|static|pass_at_1|0.9"]["tokens"] == 1024  # 0.02 < 0.045 <= 0.05
+
+
+def test_train_step_paths_smoke_compares_both_length_group_settings(tmp_path):
+    """The side-by-side of the previous (one padded batch) and the grouped path writes both, with speed-ups."""
+    output = tmp_path / "paths.json"
+    _run("train_step.py", "--batch", "5", "--compare-groups", "0", "4", "--rounds", "1", "--output", str(output))
+    document = json.loads(output.read_text())
+    assert _assert_finite(document) > 0
+    paths = document["summary"]["paths"]
+    assert set(paths) == {"0", "4"} and paths["0"]["step_speedup"] == 1.0
+    assert all(row["generated_tokens_per_second"] > 0 for row in paths.values())
