@@ -23,6 +23,20 @@ SERVER_COMMAND_HINT = (
 )
 
 
+class _ScoringPlan:
+    """What both vLLM teachers do before asking vLLM: the k to return and to ask for, the unpadded sequences and the
+    rows that have a completion to score (a row with none gets empty targets, no request)."""
+
+    top_k: int | None
+    exclude_token_ids: tuple[int, ...]
+
+    def _plan(self, top_k, prompt_ids, prompt_mask, completion_ids, completion_mask):
+        k, asked = requested_k(top_k, self.top_k, self.exclude_token_ids)
+        sequences, prompt_lengths = real_sequences(prompt_ids, prompt_mask, completion_ids, completion_mask)
+        todo = [row for row, tokens in enumerate(sequences) if len(tokens) > prompt_lengths[row]]
+        return k, asked, sequences, prompt_lengths, todo
+
+
 def requested_k(top_k: int | None, default: int | None, excluded: Sequence[int]) -> tuple[int, int]:
     """(k to return, k to ask vLLM for): one extra per excluded id so dropping it still leaves k."""
     k = default if top_k is None else top_k
@@ -36,7 +50,7 @@ def requested_k(top_k: int | None, default: int | None, excluded: Sequence[int])
     return k, k + len(excluded)
 
 
-class VLLMServerTeacher:
+class VLLMServerTeacher(_ScoringPlan):
     """Teacher served by a stock vLLM OpenAI-compatible server (``/v1/completions`` + ``prompt_logprobs``).
 
     Requests carry token-id prompts (only the real tokens), ``max_tokens=1`` and ``prompt_logprobs=k``;
@@ -243,9 +257,9 @@ class VLLMServerTeacher:
         self, prompt_ids, prompt_mask, completion_ids, completion_mask, top_k: int | None = None
     ) -> TeacherTargets:
         """Targets from the server (CPU tensors; use ``.to(device)``). ``top_k=None``: the constructor's k."""
-        k, asked = requested_k(top_k, self.top_k, self.exclude_token_ids)
-        sequences, prompt_lengths = real_sequences(prompt_ids, prompt_mask, completion_ids, completion_mask)
-        todo = [row for row, tokens in enumerate(sequences) if len(tokens) > prompt_lengths[row]]
+        k, asked, sequences, prompt_lengths, todo = self._plan(
+            top_k, prompt_ids, prompt_mask, completion_ids, completion_mask
+        )
         longest = max((len(sequences[row]) for row in todo), default=0)
         if self.max_model_len is not None and longest >= self.max_model_len:
             raise ValueError(
@@ -282,7 +296,7 @@ class VLLMServerTeacher:
         return f"VLLMServerTeacher({self.base_url!r}, model={self.model_name!r}, top_k={self.top_k})"
 
 
-class VLLMColocateTeacher:
+class VLLMColocateTeacher(_ScoringPlan):
     """In-process ``vllm.LLM`` teacher (GPU colocated with training, or the CPU build).
 
     Scores with ``SamplingParams(max_tokens=1, prompt_logprobs=k)`` on ``TokensPrompt``s and parses
@@ -320,9 +334,9 @@ class VLLMColocateTeacher:
     ) -> TeacherTargets:
         from vllm.inputs import TokensPrompt
 
-        k, asked = requested_k(top_k, self.top_k, self.exclude_token_ids)
-        sequences, prompt_lengths = real_sequences(prompt_ids, prompt_mask, completion_ids, completion_mask)
-        todo = [row for row, tokens in enumerate(sequences) if len(tokens) > prompt_lengths[row]]
+        k, asked, sequences, prompt_lengths, todo = self._plan(
+            top_k, prompt_ids, prompt_mask, completion_ids, completion_mask
+        )
         params = self._vllm.SamplingParams(max_tokens=1, temperature=1.0, prompt_logprobs=asked)
         try:
             outputs = self.llm.generate(
