@@ -223,8 +223,8 @@ def _full_length_rollout(trainer, prompts: list):
 
 def run_paths(args: argparse.Namespace) -> dict:
     """The phases ``length_groups`` changes (teacher scoring, student forward + backward), both paths interleaved
-    ``--rounds`` times in ONE process on one fixed full-length rollout, so machine noise hits both alike; plus the
-    trainer's own rollout and optimizer step once, to put the saving in a whole step's terms."""
+    ``--rounds`` times in ONE process on one fixed full-length rollout, so machine noise hits both alike; plus that
+    rollout and an optimizer step timed once, to put the saving in a whole step's terms."""
     from opdlm_trl.data import humaneval_prompt_dataset
     from opdlm_trl.states import select_states
 
@@ -236,7 +236,9 @@ def run_paths(args: argparse.Namespace) -> dict:
     with tempfile.TemporaryDirectory() as output_dir:
         trainer = _build_trainer(args, output_dir)
         trainer.model.train()
+        began = time.perf_counter()
         rollout = _full_length_rollout(trainer, prompts)
+        full_rollout_seconds = time.perf_counter() - began
         states = select_states(rollout, "per_block", generator=torch.Generator().manual_seed(0))
         times = {groups: {"teacher": [], "student": []} for groups in args.compare_groups}
         for _ in range(args.rounds):
@@ -252,14 +254,13 @@ def run_paths(args: argparse.Namespace) -> dict:
 
                 _timed_list(times[groups]["student"], student)
         once: dict[str, float] = {}
-        trained_rollout = _timed(once, "rollout", trainer._roll_out, prompts)
         _timed(once, "optimizer", _optimizer_step, trainer)
     return {
         "prompt_width": int(rollout.prompt_ids.shape[1]),
         "prompt_tokens": int(rollout.prompt_mask.sum()),
         "completion_tokens": int(rollout.completion_mask.sum()),
-        "rollout_seconds": once["rollout"],
-        "rollout_generated_tokens": int(trained_rollout.completion_mask.sum()),
+        "rollout_seconds": full_rollout_seconds,
+        "rollout_nfe": rollout.nfe,
         "optimizer_seconds": once["optimizer"],
         "seconds": {str(g): t for g, t in times.items()},
     }
@@ -276,14 +277,14 @@ def summarise_paths(result: dict) -> dict:
     """Median phase times per path; speed-up of the phases and of a whole step with full-length rollouts.
 
     A step's generated tokens/s = completion tokens / (rollout + teacher + student + optimizer). The rollout is
-    the same code on both paths; it is measured once, scaled to the full-length rollout's token count (the
-    trainer's own rollout of an untrained student is short).
+    the same code on both paths and is measured once: the full-length static rollout, whose NFE (one token per
+    step) equals that of a dynamic rollout of a student that commits one token per forward, as every trained
+    student here does.
     """
     import statistics
 
     medians = {g: {k: statistics.median(v) for k, v in phases.items()} for g, phases in result["seconds"].items()}
-    per_token_rollout = result["rollout_seconds"] / max(result["rollout_generated_tokens"], 1)
-    rollout = per_token_rollout * result["completion_tokens"]
+    rollout = result["rollout_seconds"]
     step = {g: rollout + m["teacher"] + m["student"] + result["optimizer_seconds"] for g, m in medians.items()}
     base = next(iter(medians))
     table = {
