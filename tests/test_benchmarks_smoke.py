@@ -154,3 +154,12 @@ def test_train_step_paths_smoke_compares_both_length_group_settings(tmp_path):
     paths = document["summary"]["paths"]
     assert set(paths) == {"0", "4"} and paths["0"]["step_speedup"] == 1.0
     assert all(row["generated_tokens_per_second"] > 0 for row in paths.values())
+
+
+def test_training_curve_smoke_reads_a_log_and_writes_the_curve(tmp_path):
+    _run("training_curve.py", "--out-dir", str(tmp_path), "--window", "3")
+    document = json.loads((tmp_path / "curve.json").read_text())
+    assert _assert_finite(document) > 0 and (tmp_path / "curve.png").stat().st_size > 0
+    speed = document["series"]["rollout/tokens_per_step"]
+    assert len(speed["raw"]) == len(document["training_tokens"]) == 12
+    assert speed["smoothed"][2] == sum(speed["raw"][:3]) / 3  # trailing mean over the window
