@@ -77,6 +77,8 @@ def test_token_efficiency_smoke(tmp_path):
             assert scores["teacher_nll_per_token"] > 0 and 0 <= scores["top1_agreement"] <= 1
             assert scores["tokens_per_forward"] >= 1
     assert results["teacher"]["tokens_per_forward"] == 1.0
+    ceiling = results["teacher"]["oracle_ceiling"]["by_block"]["4"]  # the parallel-decoding ceiling, recorded
+    assert all(value >= 1.0 for value in ceiling.values())
     assert results["teacher_data"]["teacher_generation_tokens"] > 0
     _assert_finite({key: value for key, value in results.items() if key != "summary"})
     assert (tmp_path / "token_efficiency.png").stat().st_size > 0
