@@ -18,6 +18,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -274,7 +275,7 @@ class StubServer:
     top-2 companions.
     """
 
-    def __init__(self, failures: int = 0, truncate: bool = False):
+    def __init__(self, failures: int = 0, truncate: bool = False, port: int = 0):
         self.failures, self.truncate, self.scoring_requests = failures, truncate, 0
         stub = self
 
@@ -317,7 +318,7 @@ class StubServer:
                     choices.append({"index": index, "prompt_token_ids": prompt, "prompt_logprobs": entries})
                 return self._send(200, {"choices": choices})
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True)
         self.thread.start()
@@ -389,6 +390,23 @@ def test_server_dropping_mid_run_fails_loudly(stub_server):
     stub.close()
     with pytest.raises(TeacherServerError, match="ConnectionError"):
         teacher.score(*_tiny_batch(), top_k=2)
+
+
+def test_server_that_dies_and_comes_back_within_the_retry_window_costs_nothing(stub_server):
+    """A restarted server (same port) inside the backoff window: the scoring call succeeds, no step is lost."""
+    stub = stub_server()
+    port = stub.server.server_address[1]
+    teacher = VLLMServerTeacher(stub.url, max_retries=6, backoff=0.05, max_concurrency=1)
+    stub.close()  # connection refused from now on
+    restarted = []
+    timer = threading.Timer(0.3, lambda: restarted.append(stub_server(port=port)))
+    timer.start()
+    began = time.monotonic()
+    targets = teacher.score(*_tiny_batch(), top_k=2)
+    timer.join()
+    assert restarted and restarted[0].scoring_requests == 1  # answered by the restarted server
+    assert targets.mask.sum() == 4 and targets.top_ids[0].tolist() == [[1, 20], [1, 21], [1, 22]]
+    assert time.monotonic() - began < 0.05 * (2**6)  # well inside the retry window
 
 
 def test_vllm_teacher_needs_a_k(stub_server):
