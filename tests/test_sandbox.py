@@ -9,6 +9,7 @@ containment failure cannot hurt the machine.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import signal
@@ -197,41 +198,40 @@ def test_infinite_loop_through_libc_dies_with_the_run(contained):
     assert time.monotonic() - began < 5 and _lingering(contained.marker) == []
 
 
-def test_kill_the_parent(run):
+@contextlib.contextmanager
+def _kill_targets():
+    """This test process (a SIGUSR1 handler records any signal that arrives) and a victim process to aim at;
+    yields ``(received, victim)`` and restores the handler and reaps the victim whatever happens."""
     received = []
     previous = signal.signal(signal.SIGUSR1, lambda *_: received.append(True))
     victim = subprocess.Popen(["sleep", "30"])
     try:
+        yield received, victim
+        time.sleep(0.2)  # a signal that got through would have arrived by now
+        assert received == [] and victim.poll() is None
+    finally:
+        victim.kill()
+        victim.wait()
+        signal.signal(signal.SIGUSR1, previous)
+
+
+def test_kill_the_parent(run):
+    with _kill_targets() as (_, victim):
         for program in (
             f"import os, signal\nos.kill({os.getpid()}, signal.SIGUSR1)",
             "import os, signal\nos.kill(os.getppid(), signal.SIGUSR1)",
             f"import os, signal\nos.kill({victim.pid}, signal.SIGKILL)",
         ):
             assert _refused(run(program)), program
-        time.sleep(0.2)
-        assert received == [] and victim.poll() is None
-    finally:
-        victim.kill()
-        victim.wait()
-        signal.signal(signal.SIGUSR1, previous)
 
 
 def test_kill_through_libc_cannot_reach_outside(contained):
-    received = []
-    previous = signal.signal(signal.SIGUSR1, lambda *_: received.append(True))
-    victim = subprocess.Popen(["sleep", "30"])
-    try:
+    with _kill_targets() as (_, victim):
         program = (
             f"import ctypes\nlibc = ctypes.CDLL(None)\nassert libc.kill({os.getpid()}, {int(signal.SIGUSR1)}) != 0\n"
             f"assert libc.kill({victim.pid}, 9) != 0\n"
         )
         assert contained(program) == {"passed": True, "result": "passed"}  # both kills failed (own pid namespace)
-        time.sleep(0.2)
-        assert received == [] and victim.poll() is None
-    finally:
-        victim.kill()
-        victim.wait()
-        signal.signal(signal.SIGUSR1, previous)
 
 
 # ------------------------------------------------------------------------------ network, memory, output
