@@ -77,7 +77,7 @@ def _build_trainer(args: argparse.Namespace, output_dir: str):
     config = OPDConfig(
         output_dir=output_dir,
         use_cpu=True,
-        bf16=False,
+        bf16=args.bf16,
         report_to="none",
         gradient_checkpointing=False,
         per_device_train_batch_size=args.batch,
@@ -215,7 +215,7 @@ def _full_length_rollout(trainer, prompts: list):
     config = trainer.args.rollout_sampler_config(
         max_new_tokens=trainer.args.max_completion_length, remasking="static", temperature=0.0, stop_token_ids=[]
     )
-    with trainer._rollout_mode() as student:
+    with trainer._rollout_mode() as student, trainer._mixed_precision():
         return DiffusionSampler(config, pad_token_id=trainer._tokenizer.pad_token_id).sample(
             student, trainer._prompt_token_lists(prompts)
         )
@@ -306,6 +306,136 @@ def summarise_paths(result: dict) -> dict:
     return {"rollout_seconds_full_length": rollout, "paths": table}
 
 
+def _precision_context(bf16: bool):
+    """What ``OPDTrainer._mixed_precision`` returns under ``bf16=True`` (accelerate's CPU autocast), or nothing."""
+    import contextlib
+
+    return (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
+
+
+def _gradient(trainer, batch) -> tuple[float, torch.Tensor]:
+    trainer.model.zero_grad(set_to_none=True)
+    loss = trainer.compute_loss(trainer.model, batch)
+    loss.backward()
+    grads = [p.grad.flatten().double() for p in trainer.model.parameters() if p.grad is not None]
+    return loss.item(), torch.cat(grads)
+
+
+def precision_fidelity(trainer, rollouts: dict, targets: dict, states) -> dict:
+    """How far bf16 autocast moves what the method computes, on the same tokens and states.
+
+    * rollout: share of completion tokens that the bf16 greedy full-length rollout writes identically;
+    * teacher: mean ``KL(p_fp32 || p_bf16)`` of the teacher's targets per completion position, and how often
+      their argmax agrees;
+    * student: relative loss difference and cosine of the full gradient, both on fp32 targets, on one batch.
+    """
+    reference, mixed = rollouts[False], rollouts[True]
+    mask = reference.completion_mask.bool() & mixed.completion_mask.bool()
+    same_tokens = (reference.completion_ids == mixed.completion_ids)[mask].float().mean().item()
+    t32, t16 = targets[False], targets[True]
+    valid = t32.mask.bool()
+    p32 = t32.full_logprobs[valid]
+    kl = (p32.exp() * (p32 - t16.full_logprobs[valid])).sum(-1)
+    argmax_agreement = (p32.argmax(-1) == t16.full_logprobs[valid].argmax(-1)).float().mean().item()
+    batch = trainer._training_batch(reference, t32, states)
+    batch["num_items_in_batch"] = (batch["loss_mask"].sum(1) > 0).sum()
+    losses, grads = {}, {}
+    for bf16 in (False, True):
+        trainer._mixed_precision = _precision_context(bf16)
+        losses[bf16], grads[bf16] = _gradient(trainer, batch)
+    cosine = torch.nn.functional.cosine_similarity(grads[False], grads[True], dim=0).item()
+    return {
+        "rollout_same_token_share": same_tokens,
+        "teacher_kl_mean": kl.mean().item(),
+        "teacher_kl_max": kl.max().item(),
+        "teacher_argmax_agreement": argmax_agreement,
+        "student_loss": {"fp32": losses[False], "bf16": losses[True]},
+        "student_loss_relative_difference": abs(losses[True] - losses[False]) / abs(losses[False]),
+        "gradient_cosine": cosine,
+        "gradient_norm_ratio": (grads[True].norm() / grads[False].norm()).item(),
+    }
+
+
+def run_precisions(args: argparse.Namespace) -> dict:
+    """float32 against bf16 autocast, every phase of a step, interleaved ``--rounds`` times in ONE process on
+    full-length rollouts (the trainer built with ``bf16=True``; the float32 path swaps its ``_mixed_precision`` for
+    a null context), and the fidelity of bf16 on the same tokens (:func:`precision_fidelity`)."""
+    from opdlm_trl.data import humaneval_prompt_dataset
+    from opdlm_trl.states import select_states
+
+    torch.manual_seed(0)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    args.dataset = humaneval_prompt_dataset("train").select(range(args.batch))
+    prompts = list(args.dataset["prompt"])
+    args.bf16 = True
+    with tempfile.TemporaryDirectory() as output_dir:
+        trainer = _build_trainer(args, output_dir)
+        trainer.model.train()
+        names = {False: "fp32", True: "bf16"}
+        times = {name: {"rollout": [], "teacher": [], "student": []} for name in names.values()}
+        rollouts, targets = {}, {}
+        for _ in range(args.rounds):
+            for bf16, name in names.items():
+                trainer._mixed_precision = _precision_context(bf16)
+                rollouts[bf16] = _timed_list(times[name]["rollout"], _full_length_rollout, trainer, prompts)
+                targets[bf16] = _timed_list(times[name]["teacher"], trainer._score, rollouts[bf16])
+                states = select_states(rollouts[bf16], "per_block", generator=torch.Generator().manual_seed(0))
+                batch = trainer._training_batch(rollouts[bf16], targets[bf16], states)
+                batch["num_items_in_batch"] = (batch["loss_mask"].sum(1) > 0).sum()
+
+                def student(batch=batch):
+                    trainer.model.zero_grad(set_to_none=True)
+                    trainer.compute_loss(trainer.model, batch).backward()
+
+                _timed_list(times[name]["student"], student)
+        # both precisions' targets of the float32 tokens: the same positions, compared one to one
+        trainer._mixed_precision = _precision_context(True)
+        targets[True] = trainer._score(rollouts[False])
+        trainer._mixed_precision = _precision_context(False)
+        targets[False] = trainer._score(rollouts[False])
+        states = select_states(rollouts[False], "per_block", generator=torch.Generator().manual_seed(0))
+        fidelity = precision_fidelity(trainer, rollouts, targets, states)
+        once: dict[str, float] = {}
+        _timed(once, "optimizer", _optimizer_step, trainer)
+    return {
+        "prompt_width": int(rollouts[False].prompt_ids.shape[1]),
+        "prompt_tokens": int(rollouts[False].prompt_mask.sum()),
+        "completion_tokens": int(rollouts[False].completion_mask.sum()),
+        "rollout_nfe": rollouts[False].nfe,
+        "optimizer_seconds": once["optimizer"],
+        "seconds": times,
+        "fidelity": fidelity,
+    }
+
+
+def summarise_precisions(result: dict) -> dict:
+    """Median phase times per precision; generated tokens/s of a whole step and its speed-up over float32."""
+    import statistics
+
+    medians = {p: {k: statistics.median(v) for k, v in phases.items()} for p, phases in result["seconds"].items()}
+    step = {p: sum(m.values()) + result["optimizer_seconds"] for p, m in medians.items()}
+    table = {
+        p: {
+            **m,
+            "step_seconds": step[p],
+            "generated_tokens_per_second": result["completion_tokens"] / step[p],
+            "step_speedup": step["fp32"] / step[p],
+        }
+        for p, m in medians.items()
+    }
+    print(
+        f"{'precision':<11}{'rollout s':>11}{'teacher s':>11}{'student s':>11}{'step s':>9}{'gen tok/s':>11}{'x':>7}"
+    )
+    for p, row in table.items():
+        print(
+            f"{p:<11}{row['rollout']:>11.2f}{row['teacher']:>11.2f}{row['student']:>11.2f}"
+            f"{row['step_seconds']:>9.1f}{row['generated_tokens_per_second']:>11.2f}{row['step_speedup']:>7.2f}"
+        )
+    print("fidelity of bf16:", json.dumps(result["fidelity"], indent=1))
+    return {"paths": table, "fidelity": result["fidelity"]}
+
+
 # ------------------------------------------------------------------------------------------------- driver
 def _spawn(mode: str, args: argparse.Namespace, rows_path: str) -> dict:
     command = [
@@ -314,6 +444,7 @@ def _spawn(mode: str, args: argparse.Namespace, rows_path: str) -> dict:
         "--steps", str(args.steps), "--warmup", str(args.warmup), "--threads", str(args.threads or 0),
         "--max-prompt-length", str(args.max_prompt_length), "--length-groups", str(args.length_groups),
         *(["--full-finetune"] if args.full_finetune else []),
+        *(["--bf16"] if args.bf16 else []),
     ]  # fmt: skip
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     if done.returncode != 0:
@@ -396,8 +527,8 @@ def _smoke_model_dir(directory: str) -> str:
 
 def _paths_main(args: argparse.Namespace) -> dict:
     """``--compare-groups A B --rounds R``: the interleaved in-process comparison, JSON out."""
-    if not args.compare_groups:
-        raise SystemExit("--rounds needs --compare-groups (e.g. --compare-groups 0 4).")
+    if not args.compare_groups and not args.compare_precision:
+        raise SystemExit("--rounds needs --compare-groups (e.g. --compare-groups 0 4) or --compare-precision.")
     with tempfile.TemporaryDirectory() as scratch:
         if args.smoke:
             args.model_dir = _smoke_model_dir(os.path.join(scratch, "tiny"))
@@ -406,9 +537,10 @@ def _paths_main(args: argparse.Namespace) -> dict:
             from opdlm_trl.data import default_model_dir
 
             args.model_dir = default_model_dir()
-        result = run_paths(args)
+        result = run_precisions(args) if args.compare_precision else run_paths(args)
+    summary = summarise_precisions(result) if args.compare_precision else summarise_paths(result)
     payload = {"shape": {k: getattr(args, k) for k in ("model_dir", "batch", "new_tokens", "full_finetune")}}
-    payload.update(result=result, summary=summarise_paths(result), machine={"cpus": os.cpu_count()})
+    payload.update(result=result, summary=summary, machine={"cpus": os.cpu_count()})
     payload["shape"]["threads"] = torch.get_num_threads()
     if args.output:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
@@ -427,9 +559,17 @@ def main(argv: list[str] | None = None) -> dict | None:
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     parser.add_argument("--max-prompt-length", type=int, default=512, help="longer prompts keep their last tokens")
     parser.add_argument("--full-finetune", action="store_true", help="full fine-tune + frozen local teacher copy")
+    parser.add_argument(
+        "--bf16", action="store_true", help="bf16 mixed precision (OPDConfig.bf16: autocast, float32 master weights)"
+    )
     parser.add_argument("--length-groups", type=int, default=4, help="OPDConfig.length_groups of the OPD run")
     parser.add_argument(
         "--compare-groups", type=int, nargs="+", help="run OPD once per value side by side, e.g. 0 4 (0 = old path)"
+    )
+    parser.add_argument(
+        "--compare-precision",
+        action="store_true",
+        help="with --rounds: float32 against bf16 autocast, every phase of a step, plus bf16's fidelity",
     )
     parser.add_argument(
         "--rounds",

@@ -309,12 +309,8 @@ class OffPolicyKDTrainer(_GivenTextMixin, OPDTrainer):
     def _make_batch(self, inputs: list[dict], mode: str) -> TrainingBatch:
         """Given completions scored by the teacher, randomly masked at one rate ``t`` per row."""
         given = self._given_text_batch(inputs)
-        targets = self.teacher.score(
-            given.prompt_ids,
-            given.prompt_mask,
-            given.completion_ids,
-            given.completion_mask,
-            top_k=self.args.teacher_top_k,
+        targets = self._teacher_targets(
+            given.prompt_ids, given.prompt_mask, given.completion_ids, given.completion_mask
         )
         states = self._random_mask_states(given, per_block=False)
         self._count_tokens(given, states, mode)

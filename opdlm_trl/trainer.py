@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import functools
 import os
 import textwrap
 
@@ -323,10 +322,22 @@ class OPDTrainer(DistillationTrainer):
             finally:
                 unwrapped.train(was_training)
 
+    def _mixed_precision(self):
+        """The run's mixed precision (``bf16``/``fp16``) around every forward the trainer calls itself.
+
+        accelerate casts only through the *prepared* model's ``forward``: a rollout can run on the module before the
+        first prepare, and a local teacher scores through its backbone and a chunked ``lm_head``, both bypassing that
+        wrapper. Without this, ``bf16=True`` trained the loss forward in bf16 but decoded and scored in float32. Master
+        weights, logits fed to the losses and the sampler's confidences stay float32 (they are cast up where they are
+        read). A no-op without mixed precision and under DeepSpeed (which holds bf16 weights itself); nesting with
+        accelerate's own autocast is harmless.
+        """
+        return self.accelerator.autocast()
+
     def _roll_out(self, prompts: list) -> Rollout:
         length = self.current_completion_length()
         sampler = DiffusionSampler(self.sampler_config(length), pad_token_id=self._tokenizer.pad_token_id)
-        with self._rollout_mode() as student:
+        with self._rollout_mode() as student, self._mixed_precision():
             rollout = sampler.sample(student, self._prompt_token_lists(prompts))
         return rollout
 
@@ -335,19 +346,27 @@ class OPDTrainer(DistillationTrainer):
 
         A vLLM teacher receives unpadded token lists already, so it gets the batch in one call.
         """
-        score = functools.partial(self.teacher.score, top_k=self.args.teacher_top_k)
         ids, mask = rollout.completion_ids, rollout.completion_mask
         if not self.args.length_groups or not isinstance(self.teacher, LocalTeacher | SharedWeightsTeacher):
-            return score(rollout.prompt_ids, rollout.prompt_mask, ids, mask)
+            return self._teacher_targets(rollout.prompt_ids, rollout.prompt_mask, ids, mask)
         groups = plan_groups(rollout.prompt_mask, mask, None, self.args.length_groups)
         parts = []
         for group in groups:
             rows, prompt = group.rows, slice(group.prompt_start, None)
             # completions keep their full width: targets of every group stack into (B, C, ...)
             parts.append(
-                score(rollout.prompt_ids[rows, prompt], rollout.prompt_mask[rows, prompt], ids[rows], mask[rows])
+                self._teacher_targets(
+                    rollout.prompt_ids[rows, prompt], rollout.prompt_mask[rows, prompt], ids[rows], mask[rows]
+                )
             )
         return merge_groups(parts, groups)
+
+    def _teacher_targets(self, prompt_ids, prompt_mask, completion_ids, completion_mask) -> TeacherTargets:
+        """One call of the teacher, in the run's precision, with the configured top-k."""
+        with self._mixed_precision():
+            return self.teacher.score(
+                prompt_ids, prompt_mask, completion_ids, completion_mask, top_k=self.args.teacher_top_k
+            )
 
     # ----------------------------------------------------------------------------------------------- the batch
     def _generate_and_score_completions(self, inputs: list[dict]) -> dict:
@@ -381,15 +400,16 @@ class OPDTrainer(DistillationTrainer):
 
     def _rollout_batch(self, rollout: Rollout, targets: TeacherTargets, states: TrainingStates) -> TrainingBatch:
         """The batch ``compute_loss`` reads, from a rollout, its teacher targets and the chosen states."""
+        rows = states.rows_of  # a selection may train several state rows per rollout row (every_step)
         return TrainingBatch(
-            prompt_ids=rollout.prompt_ids,
-            prompt_mask=rollout.prompt_mask,
-            clean_ids=self._clean_canvas(rollout),
+            prompt_ids=rows(rollout.prompt_ids),
+            prompt_mask=rows(rollout.prompt_mask),
+            clean_ids=rows(self._clean_canvas(rollout)),
             noisy_ids=states.noisy_ids,
-            completion_key_mask=rollout.decoded_mask,  # every block the sampler ran: the keys of its forwards
+            completion_key_mask=rows(rollout.decoded_mask),  # every block the sampler ran: the keys of its forwards
             loss_mask=states.loss_mask,
-            completion_ids=rollout.completion_ids,
-        ).with_targets(targets)
+            completion_ids=rows(rollout.completion_ids),
+        ).with_targets(targets if states.source_row is None else targets.select(states.source_row))
 
     def _training_batch(self, rollout: Rollout, targets: TeacherTargets, states: TrainingStates) -> dict:
         """:meth:`_rollout_batch` as the dict TRL would pass to ``compute_loss``.
@@ -407,7 +427,8 @@ class OPDTrainer(DistillationTrainer):
     def _log_rollout(self, rollout: Rollout, states, mode: str) -> None:
         device = self.accelerator.device
         lengths = self.accelerator.gather(rollout.completion_mask.sum(1).to(device)).float()
-        supervised = self.accelerator.gather(states.loss_mask.sum(1).to(device)).float()
+        supervised = self.accelerator.gather(states.supervised_per_rollout_row(len(rollout.prompt_ids)).to(device))
+        supervised = supervised.float()
         # one row per process: its batch's tokens per denoising step and forward count (NFE)
         per_process = torch.tensor([[rollout.tokens_per_step, rollout.nfe]], device=device, dtype=torch.float32)
         per_step, nfe = self.accelerator.gather(per_process).mean(0).tolist()
@@ -534,13 +555,14 @@ class OPDTrainer(DistillationTrainer):
             self.settings.shift,
             dtype,
         )
-        outputs = model(
-            input_ids=layout.input_ids,
-            attention_mask=layout.attention_mask,
-            position_ids=layout.position_ids,
-            logits_to_keep=layout.source_index,
-            use_cache=False,
-        )
+        with self._mixed_precision():
+            outputs = model(
+                input_ids=layout.input_ids,
+                attention_mask=layout.attention_mask,
+                position_ids=layout.position_ids,
+                logits_to_keep=layout.source_index,
+                use_cache=False,
+            )
         logits = outputs.logits[selected]
         return suppress_mask_logit(logits.float(), self.settings.mask_token_id)
 

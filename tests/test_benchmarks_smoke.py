@@ -158,6 +158,18 @@ def test_train_step_paths_smoke_compares_both_length_group_settings(tmp_path):
     assert all(row["generated_tokens_per_second"] > 0 for row in paths.values())
 
 
+def test_train_step_precision_smoke_times_both_and_measures_bf16_fidelity(tmp_path):
+    """float32 against bf16 autocast on the same full-length rollout: both timed, and bf16 stays close."""
+    output = tmp_path / "precision.json"
+    _run("train_step.py", "--compare-precision", "--rounds", "1", "--output", str(output))
+    document = json.loads(output.read_text())
+    assert _assert_finite(document) > 0
+    paths, fidelity = document["summary"]["paths"], document["summary"]["fidelity"]
+    assert set(paths) == {"fp32", "bf16"} and paths["fp32"]["step_speedup"] == 1.0
+    assert fidelity["student_loss"]["fp32"] != fidelity["student_loss"]["bf16"]  # bf16 did run
+    assert 0 <= fidelity["teacher_kl_mean"] < 1e-2 and fidelity["gradient_cosine"] > 0.99
+
+
 def test_training_curve_smoke_reads_a_log_and_writes_the_curve(tmp_path):
     _run("training_curve.py", "--out-dir", str(tmp_path), "--window", "3")
     document = json.loads((tmp_path / "curve.json").read_text())

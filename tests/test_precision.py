@@ -125,6 +125,36 @@ def test_bf16_training_step_is_finite_with_an_at_once_stopped_and_a_padding_row(
     assert grads and all(torch.isfinite(g).all() for g in grads)
 
 
+class LinearOutputDtypes:
+    """Output dtypes of one linear layer, split by grad mode: rollouts and teacher scoring run without grad."""
+
+    def __init__(self, model):
+        self.dtypes: dict[bool, set] = {True: set(), False: set()}
+        layer = next(m for m in unwrap_model(model).modules() if isinstance(m, torch.nn.Linear))
+        layer.register_forward_hook(self)
+
+    def __call__(self, module, args, output):
+        self.dtypes[torch.is_grad_enabled()].add(output.dtype)
+
+
+@pytest.mark.parametrize("bf16", [True, False], ids=["bf16", "fp32"])
+def test_bf16_mixed_precision_reaches_every_forward_of_a_step(tmp_path, bf16):
+    """``bf16=True`` with float32 weights: rollout, teacher scoring and the loss forward all compute in bf16.
+
+    accelerate autocasts only the prepared model's ``forward``; the local teacher scores through its backbone and
+    a chunked head, so without the trainer's own autocast it stayed in float32 (3x slower on a bf16 CPU).
+    """
+    trainer = make_trainer(tmp_path, tiny_model("llama"), bf16=bf16)  # a local frozen copy as the teacher
+    assert next(trainer.model.parameters()).dtype == torch.float32  # master weights stay float32
+    student, scorer = LinearOutputDtypes(trainer.model), LinearOutputDtypes(trainer.teacher.model)
+    result = trainer.train()
+    expected = {torch.bfloat16 if bf16 else torch.float32}
+    assert student.dtypes[False] == expected  # the rollout
+    assert student.dtypes[True] == expected  # the training forward
+    assert scorer.dtypes[False] == expected and not scorer.dtypes[True]  # the frozen teacher, never with grad
+    assert 0 < result.training_loss < float("inf")
+
+
 @pytest.mark.parametrize(
     ("peft", "use_reentrant"),
     [(False, False), (True, True)],  # full fine-tune; LoRA with TRL's reentrant mode (forced under ZeRO-3 + peft)
