@@ -99,8 +99,9 @@ class OPDConfig(DistillationConfig):
         default="per_block",
         metadata={
             "help": "Which visited states are trained: 'per_block' (one uniformly chosen step per block, "
-            "reference code), 'global_step' (one step of the whole trajectory, paper Alg. 1) or "
-            "'random_remask' (random masks on the on-policy x0: the OPDLM_off ablation)."
+            "reference code), 'global_step' (one step of the whole trajectory, paper Alg. 1), 'every_step' "
+            "(every visited state once: up to block_size copies of each row, as many times the student's "
+            "forward) or 'random_remask' (random masks on the on-policy x0: the OPDLM_off ablation)."
         },
     )
     loss_type: str = field(

@@ -18,6 +18,11 @@ Selections:
   block containing ``k`` carries its state and is supervised; the other decoded blocks are clean.
   (Equivalent to choosing block ``b`` with probability proportional to its step count, then a step
   uniformly inside it.)
+* ``every_step``: every visited state once. The batch grows to ``K * B`` rows (``K`` = most steps any block
+  took): copy ``k`` of a row carries step ``k`` of each block that took more than ``k`` steps (the other blocks
+  stay clean and unsupervised), and ``TrainingStates.source_row`` names the rollout row of each copy. The
+  reference code trains one state per block; this supervises all of them from the same rollout, at ``K`` times
+  the student's forward and backward (a lever measured in docs/results.md, not the method's default).
 * ``random_remask`` (the "OPDLM_off" ablation): ignore the trajectory; per row draw
   ``t ~ U(eps, 1)`` and mask every committed position independently with probability ``t``
   (at least one supervisable position per non-empty row).
@@ -47,7 +52,7 @@ __all__ = [
     "stop_token_mask",
 ]
 
-SELECTIONS = ("per_block", "global_step", "random_remask")
+SELECTIONS = ("per_block", "global_step", "every_step", "random_remask")
 
 
 @dataclass
@@ -66,6 +71,9 @@ class TrainingStates:
         position_rate: ``(B, C)`` float32 ``t`` that governed each position (the block's own ``t`` in
             the per-block forward process, else the row's ``mask_rate``); gather it at supervised
             positions for :func:`opdlm_trl.losses.mdlm_loss`.
+        source_row: ``(N,)`` long, the rollout row of each state row where a selection makes several rows of
+            one rollout row (``every_step``; every tensor above then has ``N`` rows); None: row ``i`` is rollout
+            row ``i``.
     """
 
     noisy_ids: torch.Tensor
@@ -73,6 +81,18 @@ class TrainingStates:
     state_step: torch.Tensor
     mask_rate: torch.Tensor
     position_rate: torch.Tensor
+    source_row: torch.Tensor | None = None
+
+    def rows_of(self, tensor: torch.Tensor) -> torch.Tensor:
+        """A per-rollout-row tensor (``(B, ...)``) aligned with these states' rows."""
+        return tensor if self.source_row is None else tensor[self.source_row.to(tensor.device)]
+
+    def supervised_per_rollout_row(self, n_rows: int) -> torch.Tensor:
+        """``(B,)`` supervised positions of each rollout row, summed over its state rows."""
+        counts = self.loss_mask.sum(1)
+        if self.source_row is None:
+            return counts
+        return torch.zeros(n_rows, dtype=counts.dtype, device=counts.device).index_add_(0, self.source_row, counts)
 
 
 def _uniform(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
@@ -165,6 +185,41 @@ def _states_from_steps(
         state_step=state_step,
         mask_rate=mask_rate,
         position_rate=mask_rate[:, None].expand_as(step_map).contiguous(),
+    )
+
+
+def _every_step_states(
+    completion_ids: torch.Tensor,
+    completion_mask: torch.Tensor,
+    decoded_mask: torch.Tensor,
+    step_map: torch.Tensor,
+    block_steps: torch.Tensor,
+    block_size: int,
+    mask_token_id: int,
+) -> TrainingStates:
+    """Every visited state once: copy ``k`` of each row carries step ``k`` of every block with more steps."""
+    steps = block_steps.long()
+    copies = max(int(steps.max()), 1) if steps.numel() else 1
+    parts = [
+        _states_from_steps(
+            completion_ids,
+            completion_mask,
+            decoded_mask,
+            step_map,
+            torch.where(steps > k, torch.full_like(steps, k), torch.full_like(steps, -1)),
+            block_size,
+            mask_token_id,
+        )
+        for k in range(copies)
+    ]
+    rows = torch.arange(completion_ids.shape[0], device=completion_ids.device)
+    return TrainingStates(
+        noisy_ids=torch.cat([p.noisy_ids for p in parts]),
+        loss_mask=torch.cat([p.loss_mask for p in parts]),
+        state_step=torch.cat([p.state_step for p in parts]),
+        mask_rate=torch.cat([p.mask_rate for p in parts]),
+        position_rate=torch.cat([p.position_rate for p in parts]),
+        source_row=rows.repeat(copies),
     )
 
 
@@ -266,7 +321,7 @@ def select_states_from_tensors(
         block_steps: ``(B, n_blocks)`` steps each block took (0 = block not run).
         block_size: tokens per block.
         mask_token_id: the student's ``[MASK]`` id.
-        selection: ``"per_block"``, ``"global_step"`` or ``"random_remask"``.
+        selection: one of :data:`SELECTIONS`.
         generator: optional ``torch.Generator`` for reproducible draws.
         eps: lower bound of ``t`` for ``random_remask``.
         unsupervised: optional ``(B, C)`` bool, completion positions that never carry a loss although they are
@@ -295,6 +350,10 @@ def select_states_from_tensors(
             completion_ids, committed, supervisable, n_blocks, block_size, mask_token_id, generator, eps, False
         )
     _check_trajectory(decoded_mask, step_map, block_steps, block_size)
+    if selection == "every_step":
+        return _every_step_states(
+            completion_ids, completion_mask, decoded_mask, step_map, block_steps, block_size, mask_token_id
+        )
     choose = _per_block_steps if selection == "per_block" else _global_steps
     state_step = choose(block_steps, generator)
     return _states_from_steps(

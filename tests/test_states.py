@@ -105,6 +105,41 @@ def test_selected_states_follow_the_visited_state_definition(selection):
             assert ((chosen_steps >= 0).sum(1) == torch.tensor([1, 1])).all()
 
 
+def test_every_step_hand_case():
+    """Two copies (the most steps any block took): copy k carries step k of every block with more steps."""
+    r = hand_rollout()
+    states = select_states(r, "every_step")
+    first, second = from_steps(r, [[0, 0, 0], [0, -1, -1]]), from_steps(r, [[1, -1, -1], [1, -1, -1]])
+    assert states.source_row.tolist() == [0, 1, 0, 1]
+    assert torch.equal(states.noisy_ids, torch.cat([first.noisy_ids, second.noisy_ids]))
+    assert torch.equal(states.loss_mask, torch.cat([first.loss_mask, second.loss_mask]))
+    assert states.state_step.tolist() == [[0, 0, 0], [0, -1, -1], [1, -1, -1], [1, -1, -1]]
+    assert states.supervised_per_rollout_row(2).tolist() == [5 + 1, 2 + 1]
+    assert torch.equal(states.rows_of(r.completion_ids), r.completion_ids.repeat(2, 1))
+
+
+def test_every_step_trains_each_visited_state_once_and_each_position_once_per_state_it_was_masked_in():
+    r = repeated(hand_rollout(), 3)
+    r.block_steps[:, 1] = torch.where(r.block_steps[:, 1] > 0, 3, 0)  # a three-step block too
+    r.step_map[0::2, 2:4] = torch.tensor([2, 1])
+    states = select_states(r, "every_step")
+    visited = {(row, b, s) for row in range(6) for b in range(3) for s in range(int(r.block_steps[row, b]))}
+    trained = [
+        (int(states.source_row[i]), b, int(states.state_step[i, b]))
+        for i in range(len(states.source_row))
+        for b in range(3)
+        if states.state_step[i, b] >= 0
+    ]
+    assert len(trained) == len(visited) and set(trained) == visited
+    # a committed position is still masked in the states before its commit step and at it: step_map + 1 times
+    supervisable = r.completion_mask.bool() & (r.step_map >= 0)
+    expected = torch.where(supervisable, r.step_map + 1, 0).sum(1)
+    assert torch.equal(states.supervised_per_rollout_row(6), expected)
+    for i, row in enumerate(states.source_row.tolist()):
+        noisy, supervised = reference_state(r, row, states.state_step[i].tolist())
+        assert states.noisy_ids[i].tolist() == noisy and states.loss_mask[i].tolist() == supervised
+
+
 def repeated(rollout, times: int) -> SimpleNamespace:
     fields = {k: v.repeat(times, 1) if isinstance(v, torch.Tensor) else v for k, v in vars(rollout).items()}
     return SimpleNamespace(**fields)
@@ -287,7 +322,7 @@ def test_plain_tensors_entry_point_equals_rollout_entry_point():
 def test_errors_name_the_problem():
     r = hand_rollout()
     with pytest.raises(ValueError, match="selection"):
-        select_states(r, "every_step")
+        select_states(r, "every_block")
     bad = SimpleNamespace(**vars(r))
     bad.step_map = r.step_map.clone()
     bad.step_map[0, 2] = 5  # block 1 took one step
@@ -313,10 +348,11 @@ def test_exclude_stop_token_never_supervises_the_stop_and_changes_nothing_else(s
     for seed in range(40):
         kept = select_states(rollout, selection, torch.Generator().manual_seed(seed))
         excluded = select_states(rollout, selection, torch.Generator().manual_seed(seed), exclude_stop_token=True)
-        assert not (excluded.loss_mask & stop).any()
-        default_supervises_stop |= bool((kept.loss_mask & stop).any())
+        stop_rows = kept.rows_of(stop)  # every_step: several state rows per rollout row
+        assert not (excluded.loss_mask & stop_rows).any()
+        default_supervises_stop |= bool((kept.loss_mask & stop_rows).any())
         last_of_cut_row_supervised |= bool(excluded.loss_mask[1, 1])
         if selection != "random_remask":  # trajectory states: the same visited state, one position less supervised
             assert torch.equal(excluded.noisy_ids, kept.noisy_ids)
-            assert torch.equal(excluded.loss_mask, kept.loss_mask & ~stop)
+            assert torch.equal(excluded.loss_mask, kept.loss_mask & ~stop_rows)
     assert default_supervises_stop and last_of_cut_row_supervised

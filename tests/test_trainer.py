@@ -29,7 +29,7 @@ from opdlm_trl.config import OPDConfig
 from opdlm_trl.curriculum import completion_length
 from opdlm_trl.modeling import student_forward, suppress_mask_logit, unwrap_model
 from opdlm_trl.sampling import DiffusionSampler, Rollout
-from opdlm_trl.states import select_states
+from opdlm_trl.states import SELECTIONS, select_states
 from opdlm_trl.teachers import LocalTeacher, SharedWeightsTeacher
 from opdlm_trl.tiny import tiny_model, tiny_tokenizer
 from opdlm_trl.trainer import OPDTrainer
@@ -249,17 +249,19 @@ def test_loss_on_a_fixed_rollout_batch_drops(tmp_path, shift):
 
 # ------------------------------------------------------------------------------------------------- train / inference consistency
 @pytest.mark.parametrize("shift", [False, True])
-def test_training_forward_reproduces_the_sampler_logits_at_every_supervised_state(tmp_path, shift):
+@pytest.mark.parametrize("selection", ["per_block", "every_step"])
+def test_training_forward_reproduces_the_sampler_logits_at_every_supervised_state(tmp_path, shift, selection):
     trainer = make_trainer(tmp_path, shift=shift, max_completion_length=12)
     rollout, sampler = roll_out(trainer, seed=1, record=True)
-    batch, states = fixed_batch(trainer, rollout, seed=2)
+    batch, states = fixed_batch(trainer, rollout, selection, seed=2)
+    source = states.rows_of(torch.arange(len(rollout.prompt_ids)))  # every_step: several rows per rollout row
     records = {(r.block, r.step): r for r in sampler.records}
     block_size = trainer.settings.block_size
     expected = []
     for row, column in batch["loss_mask"].nonzero().tolist():
         block = column // block_size
         record = records[(block, int(states.state_step[row, block]))]
-        index = record.rows.tolist().index(row)
+        index = record.rows.tolist().index(int(source[row]))
         expected.append(record.logits[index, column % block_size])
     expected = suppress_mask_logit(torch.stack(expected), trainer.settings.mask_token_id)
     trainer.model.eval()
@@ -289,9 +291,10 @@ def test_every_selection_and_loss_gives_a_finite_loss(scored_rollout, loss_type,
     args.loss_type, args.teacher_top_k, args.tail_bucket, args.beta = loss_type, top_k, tail_bucket, 0.5
     trainer.args = args
     committed = (rollout.step_map >= 0) & rollout.completion_mask.bool()
-    for selection in ("per_block", "global_step", "random_remask"):
+    for selection in SELECTIONS:
         states = select_states(rollout, selection, generator=torch.Generator().manual_seed(5))
-        assert not (states.loss_mask & ~committed).any() and states.loss_mask.any(1).all()
+        assert not (states.loss_mask & ~states.rows_of(committed)).any()
+        assert states.supervised_per_rollout_row(len(committed)).gt(0).all()
         batch = trainer._training_batch(rollout, targets[top_k], states)
         loss = eval_loss(trainer, batch)
         assert math.isfinite(loss), (selection, loss)
@@ -553,3 +556,27 @@ def test_exclude_stop_token_leaves_rollouts_that_stop_at_once_nothing_to_train(t
         assert logs["supervised_per_row"] == 0.0 and logs["loss"] == 0.0 and not moved
     else:
         assert logs["supervised_per_row"] == 1.0 and logs["loss"] > 0 and len(moved) == len(initial)
+
+
+def test_every_step_trains_a_copy_per_step_through_trls_accumulation_split(tmp_path):
+    """``every_step``: the generation batch holds K copies of each rollout row (K = most steps of a block); TRL
+    splits it over the accumulation steps unchanged and the step trains on all of them."""
+    trainer = make_trainer(
+        tmp_path,
+        state_selection="every_step",
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=2,
+        max_steps=1,
+    )
+    batches: list[dict] = []
+    generate = trainer._generate_and_score_completions
+    trainer._generate_and_score_completions = lambda inputs: batches.append(generate(inputs)) or batches[-1]
+    result = trainer.train()
+    (batch,) = batches
+    rows = len(PROMPTS)
+    assert batch["prompt_ids"].shape[0] % rows == 0 and batch["prompt_ids"].shape[0] > rows
+    copies = batch["prompt_ids"].shape[0] // rows
+    assert all(
+        torch.equal(batch["prompt_ids"][k * rows : (k + 1) * rows], batch["prompt_ids"][:rows]) for k in range(copies)
+    )
+    assert batch["loss_mask"].any() and 0 < result.training_loss < float("inf")
