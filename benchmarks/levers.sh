@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Levers for parallel decoding (docs/results.md, "Levers"): every cell is the long CPU OPD recipe
+# (examples/configs/cpu_long_opd.yaml, trained with bf16 autocast) plus ONE change, trained for the same number of
+# optimizer steps (= the same rollout-token budget, +-2%) from the same start and seed, then evaluated in float32 on
+# the first 24 held-out HumanEval prompts (64 new tokens, decoding block 4, static + dynamic at each threshold).
+#
+#   bash benchmarks/levers.sh OUT_DIR [STEPS] [CELL ...]       # default: 26 steps (~12.5k tokens), every cell
+#
+# Resumable: a cell with its report.json is skipped, a trained cell without one is only evaluated, and a killed
+# cell resumes from its newest complete checkpoint (every 13 steps). One torch thread per process: run two lanes
+# (disjoint cells) side by side on a 2-core machine, not more (each training process holds ~7 GB).
+set -euo pipefail
+out="${1:?usage: bash benchmarks/levers.sh OUT_DIR [STEPS] [CELL ...]}"
+steps="${2:-26}"
+shift $(($# < 2 ? $# : 2))
+
+declare -A CELLS=(
+  [plain]=""
+  [every_step]="--state_selection every_step"
+  [rollout_threshold_0.7]="--threshold 0.7"
+  [token_normalisation]="--loss_normalization token"
+  [train_block_8]="--block_size 8"
+  [rollout_temperature_0.7]="--temperature 0.7"
+)
+cells=("$@")
+[[ ${#cells[@]} -gt 0 ]] || cells=(plain every_step rollout_threshold_0.7 token_normalisation train_block_8)
+python=${PYTHON:-python}
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+
+for cell in "${cells[@]}"; do
+  [[ -v CELLS[$cell] ]] || { echo "unknown cell $cell; choose from: ${!CELLS[*]}" >&2; exit 2; }
+  dir="$out/$cell"
+  [[ -f $dir/report.json ]] && { echo "$cell: done"; continue; }
+  mkdir -p "$dir"
+  if [[ ! -f $dir/model.safetensors ]]; then
+    resume=()
+    compgen -G "$dir/checkpoint-*" >/dev/null && resume=(--resume_from_checkpoint true)
+    # shellcheck disable=SC2086  # the cell's override is a list of arguments
+    "$python" examples/convert.py --config examples/configs/cpu_long_opd.yaml --output_dir "$dir" \
+      --max_steps "$steps" --save_steps 13 --bf16 true --report_prompts 0 ${CELLS[$cell]} "${resume[@]}" \
+      >>"$dir/train.log" 2>&1
+  fi
+  "$python" -m opdlm_trl.eval.cli --student "$dir" --teacher embedded --limit 24 --max-new-tokens 64 \
+    --block-size 4 --thresholds 0.5 0.9 --decodings static dynamic --batch-size 8 \
+    --output "$dir/report.partial.json" >>"$dir/eval.log" 2>&1
+  mv "$dir/report.partial.json" "$dir/report.json"
+  echo "$cell: evaluated"
+done
