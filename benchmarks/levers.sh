@@ -37,7 +37,7 @@ for cell in "${cells[@]}"; do
     compgen -G "$dir/checkpoint-*" >/dev/null && resume=(--resume_from_checkpoint true)
     # shellcheck disable=SC2086  # the cell's override is a list of arguments
     "$python" examples/convert.py --config examples/configs/cpu_long_opd.yaml --output_dir "$dir" \
-      --max_steps "$steps" --save_steps 13 --bf16 true --report_prompts 0 ${CELLS[$cell]} "${resume[@]}" \
+      --max_steps "$steps" --save_steps 13 --save_total_limit 1 --bf16 true --report_prompts 0 ${CELLS[$cell]} "${resume[@]}" \
       >>"$dir/train.log" 2>&1
   fi
   "$python" -m opdlm_trl.eval.cli --student "$dir" --teacher embedded --limit 24 --max-new-tokens 64 \
