@@ -8,7 +8,9 @@
 #
 # Resumable: a cell with its report.json is skipped, a trained cell without one is only evaluated, and a killed
 # cell resumes from its newest complete checkpoint (every 13 steps). One torch thread per process: run two lanes
-# (disjoint cells) side by side on a 2-core machine, not more (each training process holds ~7 GB).
+# (disjoint cells) side by side on a 2-core machine, not more (each training process holds ~8 GB). every_step trains
+# up to 4 state rows per rollout: the same 8 rollouts per step, in 4 accumulation chunks of 2 rollouts (the same
+# optimizer step; one chunk of 32 rows ran out of 24 GB).
 set -euo pipefail
 out="${1:?usage: bash benchmarks/levers.sh OUT_DIR [STEPS] [CELL ...]}"
 steps="${2:-26}"
@@ -16,7 +18,7 @@ shift $(($# < 2 ? $# : 2))
 
 declare -A CELLS=(
   [plain]=""
-  [every_step]="--state_selection every_step"
+  [every_step]="--state_selection every_step --per_device_train_batch_size 2 --gradient_accumulation_steps 4"
   [rollout_threshold_0.7]="--threshold 0.7"
   [token_normalisation]="--loss_normalization token"
   [train_block_8]="--block_size 8"
