@@ -9,8 +9,8 @@
 # Resumable: a cell with its report.json is skipped, a trained cell without one is only evaluated, and a killed
 # cell resumes from its newest complete checkpoint (every 13 steps). One torch thread per process: run two lanes
 # (disjoint cells) side by side on a 2-core machine, not more (each training process holds ~8 GB). every_step trains
-# up to 4 state rows per rollout: the same 8 rollouts per step, in 4 accumulation chunks of 2 rollouts (the same
-# optimizer step; one chunk of 32 rows ran out of 24 GB).
+# up to 4 state rows per rollout: the same 8 rollouts per optimizer step, their up to 32 state rows in 4 accumulation
+# chunks (the same step's gradient; 32 rows in one forward ran out of 24 GB).
 set -euo pipefail
 out="${1:?usage: bash benchmarks/levers.sh OUT_DIR [STEPS] [CELL ...]}"
 steps="${2:-26}"
