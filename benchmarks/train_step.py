@@ -104,6 +104,13 @@ def _build_trainer(args: argparse.Namespace, output_dir: str):
     return trainer
 
 
+def _loss_batch(trainer, rollout, targets, states) -> dict:
+    """The dict ``compute_loss`` reads, with the normaliser of a one-micro-batch, one-process step."""
+    batch = trainer._training_batch(rollout, targets, states)
+    batch["num_items_in_batch"] = (batch["loss_mask"].sum(1) > 0).sum()
+    return batch
+
+
 def _timed(times: dict, name: str, function, *arguments):
     start = time.perf_counter()
     result = function(*arguments)
@@ -119,9 +126,7 @@ def _opd_step(trainer, prompts: list, times: dict):
     targets = _timed(times, "teacher", trainer._score, rollout)
 
     def assemble():
-        batch = trainer._training_batch(rollout, targets, select_states(rollout, trainer.args.state_selection))
-        batch["num_items_in_batch"] = (batch["loss_mask"].sum(1) > 0).sum()
-        return batch
+        return _loss_batch(trainer, rollout, targets, select_states(rollout, trainer.args.state_selection))
 
     batch = _timed(times, "states", assemble)
 
@@ -245,8 +250,7 @@ def run_paths(args: argparse.Namespace) -> dict:
             for groups in args.compare_groups:
                 trainer.args.length_groups = groups
                 targets = _timed_list(times[groups]["teacher"], trainer._score, rollout)
-                batch = trainer._training_batch(rollout, targets, states)
-                batch["num_items_in_batch"] = (batch["loss_mask"].sum(1) > 0).sum()
+                batch = _loss_batch(trainer, rollout, targets, states)
 
                 def student(batch=batch):
                     trainer.model.zero_grad(set_to_none=True)
@@ -337,8 +341,7 @@ def precision_fidelity(trainer, rollouts: dict, targets: dict, states) -> dict:
     p32 = t32.full_logprobs[valid]
     kl = (p32.exp() * (p32 - t16.full_logprobs[valid])).sum(-1)
     argmax_agreement = (p32.argmax(-1) == t16.full_logprobs[valid].argmax(-1)).float().mean().item()
-    batch = trainer._training_batch(reference, t32, states)
-    batch["num_items_in_batch"] = (batch["loss_mask"].sum(1) > 0).sum()
+    batch = _loss_batch(trainer, reference, t32, states)
     losses, grads = {}, {}
     for bf16 in (False, True):
         trainer._mixed_precision = _precision_context(bf16)
@@ -381,8 +384,7 @@ def run_precisions(args: argparse.Namespace) -> dict:
                 rollouts[bf16] = _timed_list(times[name]["rollout"], _full_length_rollout, trainer, prompts)
                 targets[bf16] = _timed_list(times[name]["teacher"], trainer._score, rollouts[bf16])
                 states = select_states(rollouts[bf16], "per_block", generator=torch.Generator().manual_seed(0))
-                batch = trainer._training_batch(rollouts[bf16], targets[bf16], states)
-                batch["num_items_in_batch"] = (batch["loss_mask"].sum(1) > 0).sum()
+                batch = _loss_batch(trainer, rollouts[bf16], targets[bf16], states)
 
                 def student(batch=batch):
                     trainer.model.zero_grad(set_to_none=True)
