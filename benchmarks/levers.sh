@@ -5,6 +5,7 @@
 # the first 24 held-out HumanEval prompts (64 new tokens, decoding block 4, static + dynamic at each threshold).
 #
 #   bash benchmarks/levers.sh OUT_DIR [STEPS] [CELL ...]       # default: 26 steps (~12.5k tokens), every cell
+#   bash benchmarks/levers.sh OUT_DIR 26 plain@1 plain@2      # CELL@N: the same cell with training seed N (default 0)
 #
 # Resumable: a cell with its report.json is skipped, a trained cell without one is only evaluated, and a killed
 # cell resumes from its newest complete checkpoint (every 13 steps). One torch thread per process: run two lanes
@@ -29,22 +30,27 @@ cells=("$@")
 python=${PYTHON:-python}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 
-for cell in "${cells[@]}"; do
+for spec in "${cells[@]}"; do
+  cell=${spec%@*}
+  seed=0
+  [[ $spec == *@* ]] && seed=${spec##*@}
   [[ -v CELLS[$cell] ]] || { echo "unknown cell $cell; choose from: ${!CELLS[*]}" >&2; exit 2; }
+  [[ $seed =~ ^[0-9]+$ ]] || { echo "bad seed in $spec: write CELL@N with N an integer" >&2; exit 2; }
   dir="$out/$cell"
-  [[ -f $dir/report.json ]] && { echo "$cell: done"; continue; }
+  [[ $seed == 0 ]] || dir="$out/$cell@$seed"
+  [[ -f $dir/report.json ]] && { echo "$spec: done"; continue; }
   mkdir -p "$dir"
   if [[ ! -f $dir/model.safetensors ]]; then
     resume=()
     compgen -G "$dir/checkpoint-*" >/dev/null && resume=(--resume_from_checkpoint true)
     # shellcheck disable=SC2086  # the cell's override is a list of arguments
     "$python" examples/convert.py --config examples/configs/cpu_long_opd.yaml --output_dir "$dir" \
-      --max_steps "$steps" --save_steps 13 --save_total_limit 1 --bf16 true --report_prompts 0 ${CELLS[$cell]} "${resume[@]}" \
+      --max_steps "$steps" --save_steps 13 --save_total_limit 1 --bf16 true --report_prompts 0 --seed "$seed" ${CELLS[$cell]} "${resume[@]}" \
       >>"$dir/train.log" 2>&1
   fi
   "$python" -m opdlm_trl.eval.cli --student "$dir" --teacher embedded --limit 24 --max-new-tokens 64 \
     --block-size 4 --thresholds 0.5 0.9 --decodings static dynamic --batch-size 8 \
     --output "$dir/report.partial.json" >>"$dir/eval.log" 2>&1
   mv "$dir/report.partial.json" "$dir/report.json"
-  echo "$cell: evaluated"
+  echo "$spec: evaluated"
 done
