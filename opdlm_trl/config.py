@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ._trl import DistillationConfig
-from .curriculum import SCHEDULES
+from .curriculum import RAMPS, SCHEDULES
 from .losses import DIVERGENCES, NORMALIZATIONS
 from .sampling import SamplerConfig
 from .states import SELECTIONS
@@ -89,6 +89,24 @@ class OPDConfig(DistillationConfig):
     )
     confidence: str = field(
         default="prob", metadata={"help": "Confidence score: 'prob', 'margin' (top1 - top2) or 'entropy'."}
+    )
+    threshold_final: float | None = field(
+        default=None,
+        metadata={
+            "help": "Ramp the rollout threshold from `threshold` to this value (reference code: 0.9 -> 0.7, off in "
+            "its launchers), so late rollouts commit several tokens a step. None: `threshold` throughout."
+        },
+    )
+    threshold_hold_steps: int = field(
+        default=0, metadata={"help": "Optimizer steps the rollout threshold stays at `threshold` before its ramp."}
+    )
+    threshold_ramp_steps: int | None = field(
+        default=None,
+        metadata={"help": "Optimizer steps of the threshold ramp after the hold; None: until the end of training."},
+    )
+    threshold_schedule: str = field(
+        default="cosine",
+        metadata={"help": "Shape of the threshold ramp: 'cosine' (reference code: 1 - cos, slow start) or 'linear'."},
     )
     use_kv_cache: bool = field(
         default=True, metadata={"help": "Decode rollouts with the exact block KV cache (False: full canvas)."}
@@ -216,6 +234,13 @@ class OPDConfig(DistillationConfig):
         if self.min_completion_length is None:
             self.min_completion_length = self.max_completion_length
         self.rollout_sampler_config()  # every sampler field fails here, with the sampler's own rule
+        if self.threshold_final is not None:
+            if self.remasking != "dynamic":
+                raise ValueError(
+                    f"threshold_final={self.threshold_final} ramps the threshold of dynamic decoding, but "
+                    f"remasking={self.remasking!r} commits a fixed count: set remasking='dynamic' or drop threshold_final."
+                )
+            self.rollout_sampler_config(threshold=self.threshold_final)  # the same rule for the ramp's end
 
     def rollout_sampler_config(self, **overrides) -> SamplerConfig:
         """The student's rollout sampler as these options describe it (``overrides`` win, e.g. the curriculum's
@@ -257,6 +282,7 @@ class OPDConfig(DistillationConfig):
             ("loss_type", DIVERGENCES),
             ("teacher_backend", _TEACHER_BACKENDS),
             ("curriculum", SCHEDULES),
+            ("threshold_schedule", RAMPS),
             ("loss_normalization", NORMALIZATIONS),
             ("prompt_truncation", _PROMPT_TRUNCATIONS),
         ):
@@ -283,6 +309,8 @@ class OPDConfig(DistillationConfig):
             raise ValueError("min_completion_length must be in [1, max_completion_length].")
         if self.curriculum_steps < 0:
             raise ValueError("curriculum_steps must be >= 0.")
+        if self.threshold_hold_steps < 0 or (self.threshold_ramp_steps is not None and self.threshold_ramp_steps < 1):
+            raise ValueError("threshold_hold_steps must be >= 0 and threshold_ramp_steps >= 1 (or None: to the end).")
         if self.length_groups < 0:
             raise ValueError("length_groups must be >= 0 (0 = one padded batch).")
         if self.teacher_top_k is not None and self.teacher_top_k < 1:

@@ -1,4 +1,4 @@
-"""Rollout-length curriculum (docs/method.md §6).
+"""Schedules over training: the rollout-length curriculum (docs/method.md §6) and the rollout-threshold ramp.
 
 Early in training the student's rollouts are short: long completions from an unconverted student
 are mostly noise, cost sampler time and give the teacher little to correct. The length grows from
@@ -13,6 +13,12 @@ The sampler decodes whole blocks, so the result is rounded *up* to a multiple of
 (at least one block) and capped at ``max_length`` rounded *down* to a block multiple, so the
 curriculum never asks for more tokens than the configured budget (unless that budget is below one
 block, in which case one block is the only possible length).
+
+The rollout threshold of dynamic decoding can ramp too (the reference code's ``dynamic_threshold_schedule``, e.g.
+0.9 -> 0.7, off in its launchers): held at ``start`` for ``hold_steps``, then moved to ``end`` over ``ramp_steps``
+along the same ``linear`` / ``cosine`` shapes, then clamped. A lower threshold late in training lets the student's
+own rollouts commit several tokens a step, so it is trained on the multi-token states it will visit when decoded
+fast (docs/results.md measures it as a lever).
 """
 
 from __future__ import annotations
@@ -21,9 +27,17 @@ import math
 
 from .masks import round_up_to_block
 
-__all__ = ["SCHEDULES", "completion_length"]
+__all__ = ["RAMPS", "SCHEDULES", "completion_length", "rollout_threshold"]
 
 SCHEDULES = ("linear", "cosine", "none")
+RAMPS = ("linear", "cosine")  # the shapes of the threshold ramp ("none" = no ramp is `threshold_final=None`)
+
+
+def ramp_fraction(progress: float, schedule: str) -> float:
+    """How far along its ramp a schedule is at ``progress`` in [0, 1]: linear, or cosine (1 - cos, slow start)."""
+    if schedule == "linear":
+        return progress
+    return 1.0 - math.cos(math.pi / 2 * progress)
 
 
 def _validate(step: int, min_length: int, max_length: int, warmup_steps: int, schedule: str, block_size: int) -> None:
@@ -48,11 +62,8 @@ def _ramp(step: int, min_length: int, max_length: int, warmup_steps: int, schedu
     """Un-rounded length at ``step``."""
     if schedule == "none" or warmup_steps == 0 or step >= warmup_steps:
         return max_length
-    progress = step / warmup_steps
     span = max_length - min_length
-    if schedule == "linear":
-        return min(max_length, min_length + math.floor(progress * span))
-    return min(max_length, min_length + math.floor(span * (1.0 - math.cos(math.pi / 2 * progress))))
+    return min(max_length, min_length + math.floor(span * ramp_fraction(step / warmup_steps, schedule)))
 
 
 def completion_length(
@@ -79,3 +90,19 @@ def completion_length(
     cap = max(block, (max_length // block) * block)
     rounded_up = max(block, round_up_to_block(length, block))
     return min(rounded_up, cap)
+
+
+def rollout_threshold(
+    step: int, start: float, end: float, hold_steps: int, ramp_steps: int, schedule: str = "cosine"
+) -> float:
+    """Dynamic-decoding threshold of the rollouts at optimizer step ``step`` (0-based: steps already taken).
+
+    ``start`` up to ``hold_steps``, then ``start + (end - start) * f`` with ``f`` the ramp's fraction of
+    ``(step - hold_steps) / ramp_steps``, clamped at ``end`` after the ramp.
+    """
+    if schedule not in RAMPS:
+        raise ValueError(f"Unknown threshold schedule {schedule!r}; choose one of {RAMPS}.")
+    if step < 0 or hold_steps < 0 or ramp_steps < 1:
+        raise ValueError(f"Need step >= 0, hold_steps >= 0, ramp_steps >= 1; got {step}, {hold_steps}, {ramp_steps}.")
+    progress = min(max(step - hold_steps, 0) / ramp_steps, 1.0)
+    return start + (end - start) * ramp_fraction(progress, schedule)

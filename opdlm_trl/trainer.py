@@ -37,7 +37,7 @@ from ._trl import (
 from .batch import TrainingBatch
 from .checkpoints import resolve_resume_checkpoint, resumable_sampler
 from .config import OPDConfig
-from .curriculum import completion_length
+from .curriculum import completion_length, rollout_threshold
 from .data import render_prompts
 from .eval.diagnostics import offset_confidence_metrics, offset_confidence_sums, teacher_top1_logprob, top1_probability
 from .grouping import merge_groups, plan_groups
@@ -282,12 +282,32 @@ class OPDTrainer(DistillationTrainer):
             self.settings.block_size,
         )
 
+    def current_rollout_threshold(self) -> float:
+        """Dynamic-decoding threshold of the rollouts at the current optimizer step (``threshold_final``'s ramp; the
+        ramp's default length runs to the end of training, as the reference code's ``ramp_steps=-1``)."""
+        args = self.args
+        if args.threshold_final is None:
+            return args.threshold
+        ramp_steps = args.threshold_ramp_steps
+        if ramp_steps is None:
+            ramp_steps = max(self.state.max_steps - args.threshold_hold_steps, 1)
+        return rollout_threshold(
+            self.state.global_step,
+            args.threshold,
+            args.threshold_final,
+            args.threshold_hold_steps,
+            ramp_steps,
+            args.threshold_schedule,
+        )
+
     def sampler_config(self, max_new_tokens: int) -> SamplerConfig:
-        """The rollout sampler: the config's settings with the student's own block size and the stop tokens."""
+        """The rollout sampler: the config's settings with the student's own block size, the stop tokens and the
+        threshold of the current step."""
         return self.args.rollout_sampler_config(
             block_size=self.settings.block_size,
             max_new_tokens=max_new_tokens,
             stop_token_ids=list(self.eos_token_ids),
+            threshold=self.current_rollout_threshold(),
         )
 
     def _prompt_token_lists(self, prompts: list) -> list[list[int]]:
@@ -440,6 +460,7 @@ class OPDTrainer(DistillationTrainer):
         metrics["rollout/stopped_ratio"].append(self.accelerator.gather(stopped).mean().item())  # all processes' rows
         metrics["supervised_per_row"].append(supervised.mean().item())
         metrics["curriculum/length"].append(float(self.current_completion_length()))
+        metrics["curriculum/threshold"].append(self.current_rollout_threshold())
         if mode == "train":
             tokens = self._count_training_tokens(lengths)
             metrics["flops"] = [float(2 * self._teacher_params * tokens + 6 * self._student_params * tokens)]

@@ -4,7 +4,7 @@ import pytest
 
 from opdlm_trl import OPDConfig
 from opdlm_trl.baselines import MDLMConfig
-from opdlm_trl.curriculum import SCHEDULES
+from opdlm_trl.curriculum import RAMPS, SCHEDULES
 from opdlm_trl.losses import DIVERGENCES, NORMALIZATIONS
 from opdlm_trl.sampling import CONFIDENCE, REMASKING, SamplerConfig
 from opdlm_trl.states import SELECTIONS
@@ -65,6 +65,7 @@ def test_rollout_sampler_config_maps_the_rollout_fields():
         ("state_selection", SELECTIONS),
         ("loss_type", DIVERGENCES),
         ("curriculum", SCHEDULES),
+        ("threshold_schedule", RAMPS),
         ("loss_normalization", NORMALIZATIONS),
         ("remasking", REMASKING),
     ],
@@ -88,3 +89,17 @@ def test_teacher_backends_are_auto_plus_the_teacher_kinds():
         assert _config(teacher_backend=backend, **extra).teacher_backend == backend
     with pytest.raises(ValueError, match="teacher_backend"):
         _config(teacher_backend="remote")
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"threshold_final": 0.7, "remasking": "static"}, "remasking='dynamic' or drop threshold_final"),
+        ({"threshold_final": 1.5}, r"threshold must be in \[0, 1\] for confidence='prob'"),
+        ({"threshold_final": 0.7, "threshold_hold_steps": -1}, "threshold_hold_steps must be >= 0"),
+        ({"threshold_final": 0.7, "threshold_ramp_steps": 0}, "threshold_ramp_steps >= 1"),
+    ],
+)
+def test_a_threshold_ramp_that_cannot_run_fails_when_the_config_is_made(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        _config(**overrides)

@@ -1,4 +1,5 @@
-"""Rollout-length curriculum: endpoints, monotonicity, block rounding, validation."""
+"""Schedules: the rollout-length curriculum (endpoints, monotonicity, block rounding, validation) and the
+rollout-threshold ramp (hold, ramp, clamp)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import math
 
 import pytest
 
-from opdlm_trl.curriculum import completion_length
+from opdlm_trl.curriculum import completion_length, rollout_threshold
 
 
 @pytest.mark.parametrize("schedule", ["linear", "cosine"])
@@ -73,3 +74,28 @@ def test_validation(kwargs, message):
     arguments.update(kwargs)
     with pytest.raises(ValueError, match=message):
         completion_length(**arguments)
+
+
+def test_threshold_ramp_holds_then_ramps_then_clamps_by_hand():
+    # 0.9 -> 0.7, hold 2 steps, linear over 4: 0.9, 0.9, 0.9, 0.85, 0.8, 0.75, 0.7, 0.7
+    expected = [0.9, 0.9, 0.9, 0.85, 0.8, 0.75, 0.7, 0.7]
+    got = [rollout_threshold(step, 0.9, 0.7, 2, 4, "linear") for step in range(8)]
+    assert got == pytest.approx(expected)
+
+
+def test_cosine_threshold_ramp_is_the_reference_shape_and_starts_slower():
+    # Reference code "cos": start + (end - start) * (1 - cos(pi/2 * progress)); at half-way 1 - cos(pi/4) = 0.2929.
+    assert rollout_threshold(5, 0.9, 0.7, 0, 10, "cosine") == pytest.approx(0.9 - 0.2 * (1 - math.sqrt(0.5)))
+    assert rollout_threshold(5, 0.9, 0.7, 0, 10, "cosine") > rollout_threshold(5, 0.9, 0.7, 0, 10, "linear")
+    assert rollout_threshold(10, 0.9, 0.7, 0, 10, "cosine") == pytest.approx(0.7)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [({"schedule": "none"}, "schedule"), ({"step": -1}, "step"), ({"ramp_steps": 0}, "ramp_steps"),
+     ({"hold_steps": -1}, "hold_steps")],
+)  # fmt: skip
+def test_threshold_ramp_validation(kwargs, message):
+    arguments = {"step": 0, "start": 0.9, "end": 0.7, "hold_steps": 0, "ramp_steps": 5, "schedule": "linear"}
+    with pytest.raises(ValueError, match=message):
+        rollout_threshold(**{**arguments, **kwargs})

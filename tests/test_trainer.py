@@ -580,3 +580,22 @@ def test_every_step_trains_a_copy_per_step_through_trls_accumulation_split(tmp_p
         torch.equal(batch["prompt_ids"][k * rows : (k + 1) * rows], batch["prompt_ids"][:rows]) for k in range(copies)
     )
     assert batch["loss_mask"].any() and 0 < result.training_loss < float("inf")
+
+
+def test_threshold_ramp_reaches_every_rollout_and_is_logged(tmp_path, monkeypatch):
+    """``threshold_final``: the sampler of the rollout at global step s decodes at the ramp's threshold of step s
+    (ramp to the end of training by default), and ``curriculum/threshold`` logs it."""
+    used: list[float] = []
+    sampler_class = trainer_module.DiffusionSampler
+
+    def recording_sampler(config, **kwargs):
+        used.append(config.threshold)
+        return sampler_class(config, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "DiffusionSampler", recording_sampler)
+    trainer = make_trainer(tmp_path, max_steps=3, threshold=0.9, threshold_final=0.6, threshold_schedule="linear")
+    trainer.train()
+    expected = [0.9, 0.8, 0.7]  # steps 0, 1, 2 of a 3-step ramp from 0.9 towards 0.6
+    assert used == pytest.approx(expected)
+    logged = [entry["curriculum/threshold"] for entry in trainer.state.log_history if "loss" in entry]
+    assert logged == pytest.approx(expected)
