@@ -11,7 +11,10 @@
 # cell resumes from its newest complete checkpoint (every 13 steps). One torch thread per process: run two lanes
 # (disjoint cells) side by side on a 2-core machine, not more (each training process holds ~8 GB). every_step trains
 # up to 4 state rows per rollout: the same 8 rollouts per optimizer step, their up to 32 state rows in 4 accumulation
-# chunks (the same step's gradient; 32 rows in one forward ran out of 24 GB).
+# chunks (the same step's gradient; 32 rows in one forward ran out of 24 GB). threshold_ramp_0.7 ramps the rollout
+# threshold 0.9 -> 0.7 over the run (reference code's cosine shape); completion_128 trains 128-token rollouts at half
+# the batch (the same tokens a step); short_prompts trains on one-sentence prompts (benchmarks/short_prompts.py) and is
+# evaluated on the usual full prompts. OUT_DIR must not contain spaces.
 set -euo pipefail
 out="${1:?usage: bash benchmarks/levers.sh OUT_DIR [STEPS] [CELL ...]}"
 steps="${2:-26}"
@@ -24,6 +27,9 @@ declare -A CELLS=(
   [token_normalisation]="--loss_normalization token"
   [train_block_8]="--block_size 8"
   [rollout_temperature_0.7]="--temperature 0.7"
+  [threshold_ramp_0.7]="--threshold_final 0.7"
+  [completion_128]="--min_completion_length 128 --max_completion_length 128 --per_device_train_batch_size 4"
+  [short_prompts]="--dataset_name $out/short_prompts.jsonl"
 )
 cells=("$@")
 [[ ${#cells[@]} -gt 0 ]] || cells=(plain every_step rollout_threshold_0.7 token_normalisation train_block_8)
@@ -40,6 +46,9 @@ for spec in "${cells[@]}"; do
   [[ $seed == 0 ]] || dir="$out/$cell@$seed"
   [[ -f $dir/report.json ]] && { echo "$spec: done"; continue; }
   mkdir -p "$dir"
+  if [[ $cell == short_prompts && ! -f $out/short_prompts.jsonl ]]; then
+    "$python" benchmarks/short_prompts.py "$out/short_prompts.jsonl"
+  fi
   if [[ ! -f $dir/model.safetensors ]]; then
     resume=()
     compgen -G "$dir/checkpoint-*" >/dev/null && resume=(--resume_from_checkpoint true)

@@ -177,3 +177,15 @@ def test_training_curve_smoke_reads_a_log_and_writes_the_curve(tmp_path):
     speed = document["series"]["rollout/tokens_per_step"]
     assert len(speed["raw"]) == len(document["training_tokens"]) == 12
     assert speed["smoothed"][2] == sum(speed["raw"][:3]) / 3  # trailing mean over the window
+
+
+def test_short_prompts_writes_the_training_problems_as_short_prompts(tmp_path):
+    """The short-prompt lever's file: the 64 training problems, each one sentence naming its entry function, and
+    the rendered prompts well under half the long ones' tokens."""
+    out = tmp_path / "short.jsonl"
+    summary = json.loads(_run("short_prompts.py", str(out)).stdout.strip().splitlines()[-1])
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert summary["rows"] == len(rows) == 64
+    first = rows[0]["prompt"][0]["content"]
+    assert first.startswith("Write a Python function `def has_close_elements(") and "closer to each other" in first
+    assert summary["short_mean_tokens"] < 0.5 * summary["long_mean_tokens"]
