@@ -149,12 +149,16 @@ class FirstStepProbe(TrainerCallback):
 
 
 # ------------------------------------------------------------------------------------------------- shared runs
-CURRICULUM = dict(min_completion_length=4, max_completion_length=16, curriculum_steps=4, curriculum="linear")
+CURRICULUM = dict(
+    min_completion_length=4, max_completion_length=16, curriculum_steps=4, curriculum="linear",
+    threshold_final=0.5, threshold_ramp_steps=4, threshold_schedule="linear",
+)  # fmt: skip
 
 
 @pytest.fixture(scope="module")
 def checkpointed_run(tmp_path_factory):
-    """A 2-step full fine-tune that saves checkpoint-2 (curriculum 4 -> 16 tokens over 4 steps)."""
+    """A 2-step full fine-tune that saves checkpoint-2 (curriculum 4 -> 16 tokens and threshold 0.9 -> 0.5 over 4
+    steps)."""
     output_dir = tmp_path_factory.mktemp("opd_full")
     trainer = make_trainer(output_dir, save_strategy="steps", save_steps=2, **CURRICULUM)
     initial = snapshot(trainer.model)
@@ -413,7 +417,7 @@ def test_gradient_accumulation_gives_the_single_batch_gradient(tmp_path, monkeyp
 
 # ------------------------------------------------------------------------------------------------- resume and saving
 @pytest.mark.parametrize("restore_callbacks", [False, True])
-def test_resume_restores_step_curriculum_optimizer_and_token_counter(checkpointed_run, restore_callbacks):
+def test_resume_restores_step_curriculum_threshold_optimizer_and_token_counter(checkpointed_run, restore_callbacks):
     """Also with transformers' own callback restoring, which replaces the callback instance."""
     first, output_dir, _, _ = checkpointed_run
     checkpoint = output_dir / "checkpoint-2"
@@ -439,6 +443,7 @@ def test_resume_restores_step_curriculum_optimizer_and_token_counter(checkpointe
     assert resumed._progress in resumed.callback_handler.callbacks
     step3 = [entry for entry in resumed.state.log_history if entry.get("step") == 3 and "loss" in entry]
     assert step3 and step3[0]["curriculum/length"] == 12.0
+    assert step3[0]["curriculum/threshold"] == pytest.approx(0.7)  # the ramp continues at step 2 of 4
     assert step3[0]["training_tokens"] == saved_tokens + step3[0]["rollout/length"] * 4
     saved = torch.load(checkpoint / "optimizer.pt", weights_only=True)["state"]
     loaded = seen["optimizer"]["state"]
