@@ -189,3 +189,45 @@ def test_short_prompts_writes_the_training_problems_as_short_prompts(tmp_path):
     first = rows[0]["prompt"][0]["content"]
     assert first.startswith("Write a Python function `def has_close_elements(") and "closer to each other" in first
     assert summary["short_mean_tokens"] < 0.5 * summary["long_mean_tokens"]
+
+
+def _lever_cell(directory: Path, static_nll: float, tpf_05: float) -> None:
+    """A cell directory as levers.sh leaves it: opdlm-eval's report.json and the run's opd_report.json."""
+    directory.mkdir(parents=True)
+    confidence = {"student_mean": [0.7, 0.3, 0.2, 0.1]}
+
+    def decoding(tpf, nll):
+        return {"tokens_per_forward": tpf, "teacher_nll_per_token": nll, "top1_agreement": 0.9,
+                "confidence_by_offset": confidence}  # fmt: skip
+
+    results = {
+        "student_static": {"teacher_nll_per_token": static_nll, "top1_agreement": 0.9},
+        "student_dynamic@0.9": decoding(1.0, static_nll),
+        "student_dynamic@0.5": decoding(tpf_05, 2 * static_nll),
+    }
+    (directory / "report.json").write_text(json.dumps({"results": results}))
+    history = [{"rollout/tokens_per_step": 1.0 + step / 100} for step in range(8)]
+    (directory / "opd_report.json").write_text(json.dumps({"training_tokens": 1000, "log_history": history}))
+
+
+def test_levers_table_rows_and_mean_over_seeds(tmp_path):
+    _lever_cell(tmp_path / "plain", 0.6, 1.1)
+    _lever_cell(tmp_path / "plain@2", 0.8, 1.3)
+    _lever_cell(tmp_path / "other", 0.5, 1.2)
+    summary = tmp_path / "summary.json"
+    result = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "levers_table.py"), str(tmp_path), "--json", str(summary)],
+        cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert [line.split(" | ")[0] for line in lines] == [
+        "| other",
+        "| plain",
+        "| plain@2",
+        "| plain: mean (sd) of 2 seeds",
+    ]
+    assert "1.02-1.07" in lines[1]  # the last 6 logged steps' training tokens/step
+    plain = json.loads(summary.read_text())["plain"]["summary"]
+    assert plain["seeds"] == 2 and plain["static_nll"]["mean"] == pytest.approx(0.7)
+    assert plain["tpf@0.5"]["sd"] == pytest.approx(0.1414, abs=1e-4)

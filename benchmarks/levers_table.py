@@ -1,0 +1,107 @@
+"""The lever table of docs/results.md from the cells `benchmarks/levers.sh` wrote: one row per cell and seed, and the
+mean and standard deviation over the seeds of a cell (CELL, CELL@1, CELL@2, ...).
+
+    python benchmarks/levers_table.py OUT_DIR [CELL ...]          # markdown rows on stdout (default: every cell)
+    python benchmarks/levers_table.py OUT_DIR --json summary.json  # also the numbers as JSON
+
+Each cell directory holds `report.json` (opdlm-eval: static and dynamic at 0.9 / 0.5) and `opd_report.json` (the
+training run: tokens and log history, for the training rollouts' tokens per step over the last logged steps).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+
+THRESHOLDS = (0.9, 0.5)
+AVERAGED = ("static_nll", "tpf@0.9", "nll@0.9", "tpf@0.5", "nll@0.5")
+
+
+def cell_row(directory: Path, tail_steps: int = 6) -> dict:
+    """The numbers of one trained and evaluated cell."""
+    results = json.loads((directory / "report.json").read_text())["results"]
+    training = json.loads((directory / "opd_report.json").read_text())
+    rollout_speed = [e["rollout/tokens_per_step"] for e in training["log_history"] if "rollout/tokens_per_step" in e]
+    static = results["student_static"]
+    row = {
+        "cell": directory.name,
+        "training_tokens": training["training_tokens"],
+        "static_nll": static["teacher_nll_per_token"],
+        "static_top1": static["top1_agreement"],
+        "training_tokens_per_step_tail": [min(rollout_speed[-tail_steps:]), max(rollout_speed[-tail_steps:])],
+    }
+    for threshold in THRESHOLDS:
+        dynamic = results[f"student_dynamic@{threshold}"]
+        row[f"tpf@{threshold}"] = dynamic["tokens_per_forward"]
+        row[f"nll@{threshold}"] = dynamic["teacher_nll_per_token"]
+        row[f"top1@{threshold}"] = dynamic["top1_agreement"]
+    row["confidence_offsets"] = results[f"student_dynamic@{THRESHOLDS[0]}"]["confidence_by_offset"]["student_mean"]
+    return row
+
+
+def seed_dirs(out: Path, cell: str) -> list[Path]:
+    """The evaluated directories of a cell: seed 0 (`CELL`) first, then `CELL@N` in seed order."""
+    seeded = sorted(out.glob(f"{cell}@*"), key=lambda path: int(path.name.rsplit("@", 1)[1]))
+    return [path for path in [out / cell, *seeded] if (path / "report.json").exists()]
+
+
+def summarise(rows: list[dict]) -> dict:
+    """Mean and (for two or more seeds) sample standard deviation of each averaged number."""
+    summary = {"seeds": len(rows)}
+    for key in AVERAGED:
+        values = [row[key] for row in rows]
+        summary[key] = {"mean": statistics.mean(values), "sd": statistics.stdev(values) if len(values) > 1 else None}
+    return summary
+
+
+def markdown_row(row: dict) -> str:
+    confidence = " / ".join(f"{value:.2f}" for value in row["confidence_offsets"])
+    low, high = row["training_tokens_per_step_tail"]
+    dynamic = [
+        f"{row[f'tpf@{t}']:.2f} / {row[f'nll@{t}']:.3f} / {row[f'top1@{t}']:.3f}" for t in THRESHOLDS
+    ]  # fmt: skip
+    return (
+        f"| {row['cell']} | {row['training_tokens']:,} | {row['static_nll']:.3f} / {row['static_top1']:.3f} | "
+        f"{dynamic[0]} | {dynamic[1]} | {confidence} | {low:.2f}-{high:.2f} |"
+    )
+
+
+def markdown_summary(cell: str, summary: dict) -> str:
+    def cell_text(key):
+        entry = summary[key]
+        return f"{entry['mean']:.3f}" + (f" ({entry['sd']:.3f})" if entry["sd"] is not None else "")
+
+    return (
+        f"| {cell}: mean (sd) of {summary['seeds']} seeds | | {cell_text('static_nll')} | "
+        f"{cell_text('tpf@0.9')} / {cell_text('nll@0.9')} | {cell_text('tpf@0.5')} / {cell_text('nll@0.5')} | | |"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("out", type=Path, help="The OUT_DIR of benchmarks/levers.sh.")
+    parser.add_argument("cells", nargs="*", help="Cell names without @seed (default: every evaluated cell).")
+    parser.add_argument("--json", type=Path, help="Also write the rows and per-cell summaries here.")
+    args = parser.parse_args()
+    cells = args.cells or sorted({path.parent.name.split("@")[0] for path in args.out.glob("*/report.json")})
+    if not cells:
+        raise SystemExit(f"No evaluated cell (a directory with report.json) under {args.out}.")
+    document = {}
+    for cell in cells:
+        directories = seed_dirs(args.out, cell)
+        if not directories:
+            raise SystemExit(f"Cell {cell!r} has no evaluated directory under {args.out}: run benchmarks/levers.sh.")
+        rows = [cell_row(directory) for directory in directories]
+        document[cell] = {"rows": rows, "summary": summarise(rows)}
+        for row in rows:
+            print(markdown_row(row))
+        if len(rows) > 1:
+            print(markdown_summary(cell, document[cell]["summary"]))
+    if args.json:
+        args.json.write_text(json.dumps(document, indent=2))
+
+
+if __name__ == "__main__":
+    main()
