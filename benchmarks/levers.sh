@@ -32,7 +32,8 @@ declare -A CELLS=(
   [short_prompts]="--dataset_name $out/short_prompts.jsonl"
 )
 cells=("$@")
-[[ ${#cells[@]} -gt 0 ]] || cells=(plain every_step rollout_threshold_0.7 token_normalisation train_block_8)
+[[ ${#cells[@]} -gt 0 ]] || cells=(plain every_step rollout_threshold_0.7 token_normalisation train_block_8
+  rollout_temperature_0.7 threshold_ramp_0.7 completion_128 short_prompts)
 python=${PYTHON:-python}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 
