@@ -14,7 +14,8 @@
 # chunks (the same step's gradient; 32 rows in one forward ran out of 24 GB). threshold_ramp_0.7 ramps the rollout
 # threshold 0.9 -> 0.7 over the run (reference code's cosine shape); completion_128 trains 128-token rollouts at half
 # the batch (the same tokens a step); short_prompts trains on one-sentence prompts (benchmarks/short_prompts.py) and is
-# evaluated on the usual full prompts. OUT_DIR must not contain spaces.
+# evaluated on the usual full prompts; stdlib_prompts trains on the 64 problems plus ~950 HumanEval-shaped stubs of
+# standard-library functions (benchmarks/stdlib_prompts.py), so no prompt repeats within the budget. OUT_DIR must not contain spaces.
 set -euo pipefail
 out="${1:?usage: bash benchmarks/levers.sh OUT_DIR [STEPS] [CELL ...]}"
 steps="${2:-26}"
@@ -30,10 +31,11 @@ declare -A CELLS=(
   [threshold_ramp_0.7]="--threshold_final 0.7"
   [completion_128]="--min_completion_length 128 --max_completion_length 128 --per_device_train_batch_size 4"
   [short_prompts]="--dataset_name $out/short_prompts.jsonl"
+  [stdlib_prompts]="--dataset_name $out/stdlib_prompts.jsonl"
 )
 cells=("$@")
 [[ ${#cells[@]} -gt 0 ]] || cells=(plain every_step rollout_threshold_0.7 token_normalisation train_block_8
-  rollout_temperature_0.7 threshold_ramp_0.7 completion_128 short_prompts)
+  rollout_temperature_0.7 threshold_ramp_0.7 completion_128 short_prompts stdlib_prompts)
 python=${PYTHON:-python}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 
@@ -49,6 +51,9 @@ for spec in "${cells[@]}"; do
   mkdir -p "$dir"
   if [[ $cell == short_prompts && ! -f $out/short_prompts.jsonl ]]; then
     "$python" benchmarks/short_prompts.py "$out/short_prompts.jsonl"
+  fi
+  if [[ $cell == stdlib_prompts && ! -f $out/stdlib_prompts.jsonl ]]; then
+    "$python" benchmarks/stdlib_prompts.py "$out/stdlib_prompts.jsonl"
   fi
   if [[ ! -f $dir/model.safetensors ]]; then
     resume=()

@@ -28,6 +28,7 @@ __all__ = [
     "DEFAULT_GGUF_FILE",
     "DEFAULT_HELDOUT_SIZE",
     "HUMANEVAL_INSTRUCTION",
+    "code_completion_prompt",
     "default_model_dir",
     "humaneval_problems",
     "humaneval_prompt_dataset",
@@ -62,7 +63,9 @@ def humaneval_problems() -> list[dict[str, Any]]:
     return sorted(problems.values(), key=lambda problem: int(problem["task_id"].split("/")[-1]))
 
 
-def _humaneval_message(code_prompt: str) -> list[dict[str, str]]:
+def code_completion_prompt(code_prompt: str) -> list[dict[str, str]]:
+    """The chat prompt asking to complete ``code_prompt`` (a signature + docstring): HumanEval's framing, shared by
+    every code prompt set so that training and evaluation prompts differ only in their problems."""
     return [{"role": "user", "content": f"{HUMANEVAL_INSTRUCTION}\n```python\n{code_prompt}```"}]
 
 
@@ -101,7 +104,7 @@ def humaneval_prompt_dataset(split: str = "train", heldout_size: int = DEFAULT_H
     rows = [problems[index] for index in splits[split]]
     return Dataset.from_dict(
         {
-            "prompt": [_humaneval_message(row["prompt"]) for row in rows],
+            "prompt": [code_completion_prompt(row["prompt"]) for row in rows],
             "task_id": [row["task_id"] for row in rows],
             "entry_point": [row["entry_point"] for row in rows],
             "test": [row["test"] for row in rows],

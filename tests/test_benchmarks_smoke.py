@@ -191,6 +191,28 @@ def test_short_prompts_writes_the_training_problems_as_short_prompts(tmp_path):
     assert summary["short_mean_tokens"] < 0.5 * summary["long_mean_tokens"]
 
 
+def test_stdlib_prompts_are_humaneval_shaped_compilable_stubs(tmp_path):
+    """The many-prompts lever's file: the 64 training problems first, then hundreds of distinct stdlib functions and
+    methods, each a signature + docstring that parses as Python, in the HumanEval instruction's framing."""
+    import ast
+
+    out = tmp_path / "stdlib.jsonl"
+    summary = json.loads(_run("stdlib_prompts.py", "--smoke", str(out)).stdout.strip().splitlines()[-1])
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert summary["rows"] == len(rows) > 500 + 64
+    assert [row["task_id"].startswith("HumanEval/") for row in rows[:65]] == [True] * 64 + [False]
+    tasks = [row["task_id"] for row in rows]
+    assert len(set(tasks)) == len(tasks)
+    instruction = rows[0]["prompt"][0]["content"].split("\n", 1)[0]
+    for row in rows[64:]:
+        head, code = row["prompt"][0]["content"].split("\n```python\n", 1)
+        assert head == instruction
+        tree = ast.parse(code.removesuffix("```"))  # a stub with an empty body: a docstring is a valid body
+        function = next(node for node in ast.walk(tree) if isinstance(node, ast.FunctionDef))
+        assert ast.get_docstring(function)
+    assert summary["max_tokens"] < 512 and summary["mean_tokens"] < summary["humaneval_mean_tokens"]
+
+
 def _lever_cell(directory: Path, static_nll: float, tpf_05: float) -> None:
     """A cell directory as levers.sh leaves it: opdlm-eval's report.json and the run's opd_report.json."""
     directory.mkdir(parents=True)
