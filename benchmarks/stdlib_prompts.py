@@ -18,6 +18,7 @@ import inspect
 import json
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 
 from transformers import AutoTokenizer
@@ -50,7 +51,8 @@ def _documented_functions(module_name: str) -> list[tuple[str, object, str | Non
     """``(name, function, class name or None)`` for the module's public functions and the public methods of its
     public classes, defined in the module itself and documented."""
     try:
-        with _quiet_warnings():
+        with warnings.catch_warnings():  # deprecated modules (cgi, imghdr, uu) warn on import; the prompts don't care
+            warnings.simplefilter("ignore")
             module = importlib.import_module(module_name)
     except ImportError:  # a module this Python lacks (e.g. removed in 3.13): skip it, the set stays large
         return []
@@ -67,20 +69,6 @@ def _documented_functions(module_name: str) -> list[tuple[str, object, str | Non
                 if not method_name.startswith("_") and inspect.isfunction(method) and _documented(method)
             ]
     return found
-
-
-class _quiet_warnings:
-    """Importing deprecated modules (cgi, imghdr, uu) warns once; the prompts do not depend on it."""
-
-    def __enter__(self):
-        import warnings
-
-        self._catcher = warnings.catch_warnings()
-        self._catcher.__enter__()
-        warnings.simplefilter("ignore")
-
-    def __exit__(self, *exc):
-        return self._catcher.__exit__(*exc)
 
 
 def function_stub(name: str, function, max_docstring_chars: int, class_name: str | None = None) -> str | None:
