@@ -2,9 +2,10 @@
 
 The long CPU recipe trains on the 64 HumanEval training problems, so after ~100k rollout tokens every prompt has been
 rolled out ~30 times and the student is evaluated on 100 problems it never saw. This writes HumanEval-shaped prompts
-(the same instruction, a signature and a docstring to complete) for the public pure-Python functions of the standard
-library modules below (~950 functions and methods), after the 64 HumanEval training problems, no download, deterministic for a given Python version. The student
-writes its own completions (on-policy), so only the prompts matter: they need no reference solution.
+(the same instruction, a signature and a docstring to complete) for the public pure-Python functions and methods of
+the standard-library modules below (~950), after the 64 HumanEval training problems: no download, deterministic for
+a given Python version. The student writes its own completions (on-policy), so only the prompts matter: they need no
+reference solution.
 
     python benchmarks/stdlib_prompts.py OUT.jsonl [--max-docstring-chars 600]   # a prompt file for --dataset_name
     python benchmarks/stdlib_prompts.py --smoke OUT.jsonl                       # also the mean prompt length (CI)
@@ -25,9 +26,9 @@ from transformers import AutoTokenizer
 
 from opdlm_trl.data import code_completion_prompt, default_model_dir, humaneval_prompt_dataset, render_prompts
 
-# Pure-Python modules with documented, self-contained functions (string, path, text, number, date, data-format
-# helpers). Modules that are C-only (no inspect.getsource-able signatures) or import-time heavy are left out.
 MAX_SIGNATURE_CHARS = 160
+# Pure-Python modules with documented, self-contained functions (string, path, text, number, date, data-format
+# helpers). C-only modules (builtins, not Python functions) and modules that are heavy to import are left out.
 # fmt: off
 MODULES = (
     "ast", "base64", "bisect", "calendar", "cgi", "colorsys", "configparser", "copy", "csv", "dataclasses",
