@@ -15,7 +15,8 @@
 # threshold 0.9 -> 0.7 over the run (reference code's cosine shape); completion_128 trains 128-token rollouts at half
 # the batch (the same tokens a step); short_prompts trains on one-sentence prompts (benchmarks/short_prompts.py) and is
 # evaluated on the usual full prompts; stdlib_prompts trains on the 64 problems plus ~950 HumanEval-shaped stubs of
-# standard-library functions (benchmarks/stdlib_prompts.py), so no prompt repeats within the budget. OUT_DIR must not contain spaces.
+# standard-library functions (benchmarks/stdlib_prompts.py), so no prompt repeats within the budget. OUT_DIR must not
+# contain spaces.
 set -euo pipefail
 out="${1:?usage: bash benchmarks/levers.sh OUT_DIR [STEPS] [CELL ...]}"
 steps="${2:-26}"
@@ -33,6 +34,8 @@ declare -A CELLS=(
   [short_prompts]="--dataset_name $out/short_prompts.jsonl"
   [stdlib_prompts]="--dataset_name $out/stdlib_prompts.jsonl"
 )
+# cells that train on a prompt file of their own: OUT_DIR/CELL.jsonl, written once by this script
+declare -A PROMPT_SETS=([short_prompts]=benchmarks/short_prompts.py [stdlib_prompts]=benchmarks/stdlib_prompts.py)
 cells=("$@")
 [[ ${#cells[@]} -gt 0 ]] || cells=(plain every_step rollout_threshold_0.7 token_normalisation train_block_8
   rollout_temperature_0.7 threshold_ramp_0.7 completion_128 short_prompts stdlib_prompts)
@@ -49,11 +52,8 @@ for spec in "${cells[@]}"; do
   [[ $seed == 0 ]] || dir="$out/$cell@$seed"
   [[ -f $dir/report.json ]] && { echo "$spec: done"; continue; }
   mkdir -p "$dir"
-  if [[ $cell == short_prompts && ! -f $out/short_prompts.jsonl ]]; then
-    "$python" benchmarks/short_prompts.py "$out/short_prompts.jsonl"
-  fi
-  if [[ $cell == stdlib_prompts && ! -f $out/stdlib_prompts.jsonl ]]; then
-    "$python" benchmarks/stdlib_prompts.py "$out/stdlib_prompts.jsonl"
+  if [[ -v PROMPT_SETS[$cell] && ! -f $out/$cell.jsonl ]]; then
+    "$python" "${PROMPT_SETS[$cell]}" "$out/$cell.jsonl"
   fi
   if [[ ! -f $dir/model.safetensors ]]; then
     resume=()
