@@ -27,7 +27,7 @@ import torch
 
 from . import losses as L
 from .autoregressive import autoregressive_greedy
-from .batch import TrainingBatch
+from .batch import SupervisedRows, TrainingBatch
 from .config import OPDConfig
 from .data import is_conversational, tokenize_prompts
 from .losses import mdlm_reduce  # noqa: F401  (re-exported: defined in losses.py with the other reductions)
@@ -248,22 +248,16 @@ class MDLMTrainer(_GivenTextMixin, OPDTrainer):
         """MDLM divides each row by its completion length (:func:`opdlm_trl.losses.mdlm_reduce`)."""
         return batch.row_tokens
 
-    def _per_position_loss(self, student_logits: torch.Tensor, batch: TrainingBatch) -> torch.Tensor:
+    def _per_position_loss(self, student_logits: torch.Tensor, rows: SupervisedRows) -> torch.Tensor:
         """``-log p_S(x0_i)`` weighted by ``1/t`` (or uniformly) at the masked positions."""
-        selected = batch.supervised
-        return L.mdlm_loss(
-            student_logits,
-            batch.completion_ids[selected],
-            batch.position_rate[selected],
-            weighting=self.args.mask_weighting,
-        )
+        return L.mdlm_loss(student_logits, rows.tokens, rows.position_rate, weighting=self.args.mask_weighting)
 
     def _reduce(self, per_position: torch.Tensor, batch: TrainingBatch, normaliser) -> torch.Tensor:
         return L.mdlm_reduce(per_position, batch.row_index, batch.row_tokens, self.args.loss_normalization, normaliser)
 
-    def _metric_sums(self, student_logits, per_position, batch: TrainingBatch) -> torch.Tensor:
-        """``[masked NLL, masked accuracy, positions]`` of this process."""
-        tokens = batch.completion_ids[batch.supervised]
+    def _metric_sums(self, student_logits, per_position, rows: SupervisedRows) -> torch.Tensor:
+        """``[masked NLL, masked accuracy, positions]`` of this chunk."""
+        tokens = rows.tokens
         nll = -L.student_token_log_probs(student_logits, tokens)
         accuracy = (student_logits.argmax(-1) == tokens).float()
         return torch.stack([nll.sum(), accuracy.sum(), torch.tensor(float(tokens.numel()), device=nll.device)])

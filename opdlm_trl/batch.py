@@ -15,11 +15,11 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["TEACHER_TARGET_KEYS", "TrainingBatch"]
+__all__ = ["TEACHER_TARGET_KEYS", "SupervisedRows", "TrainingBatch"]
 
 # The TeacherTargets fields a batch carries, each as ``teacher_<name>`` (the targets' own mask is the completion
 # mask and is not needed by the loss).
-TEACHER_TARGET_KEYS = ("token_logprobs", "top_ids", "top_logprobs", "full_logprobs")
+TEACHER_TARGET_KEYS = ("token_logprobs", "top_ids", "top_logprobs", "full_logprobs", "hidden")
 
 
 @dataclass
@@ -37,8 +37,11 @@ class TrainingBatch:
             block the sampler ran; for given text, the real tokens). Keys outside it are never attended.
         loss_mask: the supervised positions (masked in ``x_t``, real in ``x0``).
         completion_ids: the committed tokens (the target of ``token_pg`` and of the MDLM loss).
-        teacher_token_logprobs / teacher_top_ids / teacher_top_logprobs / teacher_full_logprobs: the teacher's
-            targets (:class:`opdlm_trl.teachers.TeacherTargets`), None when absent.
+        teacher_token_logprobs / teacher_top_ids / teacher_top_logprobs / teacher_full_logprobs / teacher_hidden: the
+            teacher's targets (:class:`opdlm_trl.teachers.TeacherTargets`), None when absent. Full-vocabulary targets
+            of a local or shared-weights teacher travel as ``teacher_hidden`` (``O(H)`` per position): a
+            ``(B, C, V)`` tensor held across the accumulation window would cost 19 GB at Qwen3's vocabulary and
+            4,000-token rollouts.
         position_rate: ``(B, C)`` masking rate ``t`` of each position's row or block (MDLM's ``1/t`` weight).
         row_tokens: ``(B,)`` completion tokens of each row (MDLM's per-row divisor).
         num_items_in_batch: 0-d count the loss divides by, over the whole generation batch (all accumulation
@@ -56,6 +59,7 @@ class TrainingBatch:
     teacher_top_ids: torch.Tensor | None = None
     teacher_top_logprobs: torch.Tensor | None = None
     teacher_full_logprobs: torch.Tensor | None = None
+    teacher_hidden: torch.Tensor | None = None
     position_rate: torch.Tensor | None = None
     row_tokens: torch.Tensor | None = None
     num_items_in_batch: torch.Tensor | None = None
@@ -105,3 +109,56 @@ class TrainingBatch:
             key: None if getattr(self, f"teacher_{key}") is None else getattr(self, f"teacher_{key}")[selected]
             for key in TEACHER_TARGET_KEYS
         }
+
+    def supervised_rows(self, frontier_offset: torch.Tensor | None = None) -> SupervisedRows:
+        """The per-position tensors the loss reads, at the supervised positions (sliceable into loss chunks)."""
+        selected = self.supervised
+        return SupervisedRows(
+            targets=self.supervised_targets,
+            tokens=self.completion_ids[selected],
+            row=self.row_index,
+            position_rate=None if self.position_rate is None else self.position_rate[selected],
+            frontier_offset=frontier_offset,
+        )
+
+
+@dataclass
+class SupervisedRows:
+    """``(N, ...)`` tensors of a batch at its supervised positions, in the loss's row-major order.
+
+    The loss is computed over chunks of these rows (:meth:`slice`), so nothing sized ``(N, V)`` exists at once.
+
+    Attributes:
+        targets: the teacher's targets keyed like :data:`TEACHER_TARGET_KEYS` (None where absent).
+        tokens: the committed token at each position (``token_pg``'s and MDLM's target).
+        row: the batch row of each position.
+        position_rate: MDLM's masking rate ``t`` of each position, or None.
+        frontier_offset: distance of each position from its block's frontier (the trainer's metrics), or None.
+    """
+
+    targets: dict[str, torch.Tensor | None]
+    tokens: torch.Tensor
+    row: torch.Tensor
+    position_rate: torch.Tensor | None = None
+    frontier_offset: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return self.tokens.shape[0]
+
+    def slice(self, start: int, end: int) -> SupervisedRows:
+        """Positions ``[start, end)`` of every tensor."""
+
+        def part(tensor):
+            return None if tensor is None else tensor[start:end]
+
+        return SupervisedRows(
+            targets={key: part(value) for key, value in self.targets.items()},
+            tokens=self.tokens[start:end],
+            row=self.row[start:end],
+            position_rate=part(self.position_rate),
+            frontier_offset=part(self.frontier_offset),
+        )
+
+    def with_target(self, key: str, value: torch.Tensor) -> SupervisedRows:
+        """A copy with one target replaced (e.g. full log-probs computed from the teacher's hidden states)."""
+        return dataclasses.replace(self, targets={**self.targets, key: value})

@@ -178,6 +178,15 @@ class OPDConfig(DistillationConfig):
         default=1024,
         metadata={"help": "Positions per lm_head chunk when scoring with a local/shared teacher (memory bound)."},
     )
+    loss_chunk_size: int = field(
+        default=1024,
+        metadata={
+            "help": "Supervised positions per chunk of the loss: the student's and the teacher's output heads are "
+            "applied to hidden states this many positions at a time under activation checkpointing, so at most one "
+            "chunk's (chunk, vocabulary) float32 tensors exist (~0.6 GB each at Qwen3's 151,936 tokens and 1,024). "
+            "Values and gradients do not depend on it."
+        },
+    )
     teacher_gpu_memory_utilization: float = field(
         default=0.3, metadata={"help": "GPU memory fraction of the in-process vLLM teacher (vllm_colocate)."}
     )
@@ -311,6 +320,8 @@ class OPDConfig(DistillationConfig):
             raise ValueError("curriculum_steps must be >= 0.")
         if self.threshold_hold_steps < 0 or (self.threshold_ramp_steps is not None and self.threshold_ramp_steps < 1):
             raise ValueError("threshold_hold_steps must be >= 0 and threshold_ramp_steps >= 1 (or None: to the end).")
+        if self.loss_chunk_size < 1 or self.teacher_chunk_size < 1:
+            raise ValueError("loss_chunk_size and teacher_chunk_size must be >= 1 (positions per output-head chunk).")
         if self.length_groups < 0:
             raise ValueError("length_groups must be >= 0 (0 = one padded batch).")
         if self.teacher_top_k is not None and self.teacher_top_k < 1:

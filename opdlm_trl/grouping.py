@@ -121,10 +121,12 @@ def restore_row_order(parts: list[torch.Tensor], groups: list[RowGroup]) -> torc
 def merge_groups(parts: list, groups: list[RowGroup]):
     """Per-group dataclasses of row tensors (e.g. teacher targets) as one, rows back in batch order.
 
-    Fields that are None in the groups stay None; every other field must have rows on dimension 0.
+    Fields that are None in the groups stay None, fields that are no tensor (a teacher's output head) are the first
+    group's; every tensor field must have rows on dimension 0.
     """
     values = {}
     for item in dataclasses.fields(parts[0]):
         tensors = [getattr(part, item.name) for part in parts]
-        values[item.name] = None if tensors[0] is None else restore_row_order(tensors, groups)
+        if isinstance(tensors[0], torch.Tensor):
+            values[item.name] = restore_row_order(tensors, groups)
     return dataclasses.replace(parts[0], **values)

@@ -31,6 +31,7 @@ __all__ = [
     "DiffusionSettings",
     "adapters_disabled",
     "cache_keyword",
+    "decoder_output",
     "diffusion_settings",
     "load_diffusion_model",
     "probe_4d_mask_support",
@@ -349,6 +350,30 @@ def student_forward(
         kwargs[cache_keyword(model)] = cache
         kwargs.setdefault("use_cache", True)
     return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **kwargs)
+
+
+class _Captured:
+    hidden: torch.Tensor | None = None
+
+
+@contextlib.contextmanager
+def decoder_output(model: torch.nn.Module):
+    """Capture the final hidden states (``last_hidden_state``) of ``model``'s decoder during a forward inside.
+
+    The trainer calls the *wrapped* model (DDP / DeepSpeed / peft) so that gradient synchronisation is armed as usual,
+    asks it for no logits, and reads the decoder's output here: the output heads are applied later in chunks
+    (:mod:`opdlm_trl.heads`). A forward hook on ``get_decoder()`` works for every ``*ForCausalLM`` of transformers.
+    """
+    captured = _Captured()
+
+    def hook(module, args, output):
+        captured.hidden = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
+
+    handle = unwrap_model(model).get_decoder().register_forward_hook(hook)
+    try:
+        yield captured
+    finally:
+        handle.remove()
 
 
 @contextlib.contextmanager

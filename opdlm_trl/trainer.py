@@ -24,6 +24,7 @@ import os
 import textwrap
 
 import torch
+from torch.utils.checkpoint import checkpoint
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
 from . import losses as L
@@ -34,19 +35,21 @@ from ._trl import (
     prepare_deepspeed,
     unwrap_model_for_generation,
 )
-from .batch import TrainingBatch
+from .batch import SupervisedRows, TrainingBatch
 from .checkpoints import resolve_resume_checkpoint, resumable_sampler
+from .collectives import chunk_bounds
 from .config import OPDConfig
 from .curriculum import completion_length, rollout_threshold
 from .data import render_prompts
 from .eval.diagnostics import offset_confidence_metrics, offset_confidence_sums, teacher_top1_logprob, top1_probability
 from .grouping import merge_groups, plan_groups
+from .heads import OutputHead
 from .masks import frontier_offsets, shown_at, training_layout
 from .modeling import (
     DiffusionSettings,
+    decoder_output,
     diffusion_settings,
     save_diffusion_settings,
-    suppress_mask_logit,
     to_diffusion,
     unwrap_model,
 )
@@ -492,24 +495,84 @@ class OPDTrainer(DistillationTrainer):
     )
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        """TRL's loss hook, shared by every trainer of the package: forward, per-position loss, reduce, metrics."""
+        """TRL's loss hook, shared by every trainer of the package: forward, per-position loss, reduce, metrics.
+
+        The student's forward stops at its final hidden states (at the supervised positions); the output heads turn
+        them into logits ``loss_chunk_size`` positions at a time (:meth:`_loss_and_metric_sums`), so no ``(N, V)``
+        tensor of the whole micro-batch exists.
+        """
         mode = "train" if self.model.training else "eval"
         batch = TrainingBatch.of(inputs)
-        student_logits = self._student_logits(model, batch)  # (N, V) at supervised positions
-        per_position = self._per_position_loss(student_logits, batch)
+        hidden = self._student_hidden(model, batch)  # (N, H) at supervised positions
+        per_position, sums = self._loss_and_metric_sums(hidden, batch)
         loss = self._reduce(per_position, batch, self._normaliser(batch))
         if not torch.isfinite(loss):
             raise FloatingPointError(
                 f"Non-finite {self._loss_name} loss ({loss.item()}) at step {self.state.global_step}. "
                 f"{self._nonfinite_hint}"
             )
-        with torch.no_grad():
-            sums = self._metric_sums(student_logits, per_position, batch)
-            # One row per process: plain gather. gather_for_metrics would cut the rows to the dataset's sample
-            # remainder on an epoch's last batch and drop whole processes (tests/test_distributed.py).
-            sums = self.accelerator.gather(sums.unsqueeze(0)).sum(0)
+        # One row per process: plain gather. gather_for_metrics would cut the rows to the dataset's sample
+        # remainder on an epoch's last batch and drop whole processes (tests/test_distributed.py).
+        sums = self.accelerator.gather(sums.unsqueeze(0)).sum(0)
         self._log_metric_sums(sums, batch, mode)
         return (loss, None) if return_outputs else loss
+
+    def _loss_and_metric_sums(self, hidden: torch.Tensor, batch: TrainingBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-position loss ``(N,)`` and this process's metric sums, one chunk of positions at a time.
+
+        Each chunk applies the student's head (and, for full-vocabulary targets held as hidden states, the teacher's)
+        under non-reentrant activation checkpointing: its ``(chunk, V)`` float32 tensors are freed after the forward
+        and recomputed in the backward. Values and gradients equal one unchunked pass (the same pure losses of
+        :mod:`opdlm_trl.losses` on the same logits). TRL's ``chunked_divergence`` kernel computes a KL from hidden
+        states too, but assumes equal student/teacher vocabularies with no suppressed column (the student's
+        ``[MASK]`` row), covers none of the top-k, tail-bucket, ``token_pg`` or MDLM losses, and gives no metrics;
+        this keeps one definition of every loss. Every rank runs the same number of chunks (ZeRO-3 gathers each
+        head per call, :func:`opdlm_trl.collectives.chunk_bounds`).
+        """
+        rows = batch.supervised_rows(self._frontier_offsets(batch))
+        needs_grad = torch.is_grad_enabled() and hidden.requires_grad
+        losses, sums = [], []
+        for start, end in chunk_bounds(len(rows), self.args.loss_chunk_size):
+            part = rows.slice(start, end)
+            if needs_grad:
+                loss, metric = checkpoint(self._chunk_loss, hidden[start:end], part, use_reentrant=False)
+            else:
+                loss, metric = self._chunk_loss(hidden[start:end], part)
+            losses.append(loss)
+            sums.append(metric)
+        return torch.cat(losses), torch.stack(sums).sum(0)
+
+    def _chunk_loss(self, hidden: torch.Tensor, rows: SupervisedRows) -> tuple[torch.Tensor, torch.Tensor]:
+        """One chunk: student logits from its head, teacher log-probs from theirs if held as hidden states."""
+        with self._mixed_precision():
+            logits = self._student_head.logits(hidden)
+            teacher_hidden = rows.targets.get("hidden")
+            if teacher_hidden is not None:
+                with torch.no_grad():
+                    rows = rows.with_target("full_logprobs", self._teacher_head.log_probs(teacher_hidden))
+        per_position = self._per_position_loss(logits, rows)
+        with torch.no_grad():
+            metric = self._metric_sums(logits.detach(), per_position.detach(), rows)
+        return per_position, metric
+
+    @property
+    def _student_head(self) -> OutputHead:
+        """The student's output head over all its rows, ``[MASK]`` suppressed (the sampler's rule)."""
+        return OutputHead.of(self.model, suppressed_ids=(self.settings.mask_token_id,))
+
+    @property
+    def _teacher_head(self) -> OutputHead:
+        head = getattr(self.teacher, "head", None)
+        if head is None:
+            raise ValueError(
+                f"The batch holds teacher hidden states but the teacher ({type(self.teacher).__name__}) has no `head` "
+                "to turn them into log-probs: return full_logprobs or top-k targets from its score()."
+            )
+        return head
+
+    def _frontier_offsets(self, batch: TrainingBatch) -> torch.Tensor:
+        """Distance of each supervised position from its block's frontier (the confidence-by-offset metrics)."""
+        return frontier_offsets(batch.supervised, self.settings.block_size)[batch.supervised]
 
     def _normaliser(self, batch: TrainingBatch) -> torch.Tensor | None:
         """The generation batch's count over all processes / num_processes (training only).
@@ -532,16 +595,16 @@ class OPDTrainer(DistillationTrainer):
             num_rows_in_batch=normaliser,
         )
 
-    def _student_logits(self, model, inputs: TrainingBatch | dict) -> torch.Tensor:
-        """Block-causal forwards over ``[prompt | x0 | x_t]``; logits only at the supervised positions.
+    def _student_hidden(self, model, inputs: TrainingBatch | dict) -> torch.Tensor:
+        """Block-causal forwards over ``[prompt | x0 | x_t]``; final hidden states at the supervised positions.
 
         Rows go through in ``length_groups`` groups of similar length, each cut to the columns its rows use
-        (:mod:`opdlm_trl.grouping`); the logits come back in the batch's row-major order of ``loss_mask``.
+        (:mod:`opdlm_trl.grouping`); the states come back in the batch's row-major order of ``loss_mask``.
         """
         batch = TrainingBatch.of(inputs)
         loss_mask = batch.supervised
         if not self.args.length_groups:
-            return self._group_logits(model, batch, slice(None), None, None, loss_mask)
+            return self._group_hidden(model, batch, slice(None), None, None, loss_mask)
         groups = plan_groups(
             batch.prompt_mask, batch.completion_key_mask, self.settings.block_size, self.args.length_groups
         )
@@ -551,7 +614,7 @@ class OPDTrainer(DistillationTrainer):
         for group in groups:
             rows, end = group.rows, group.completion_end
             selected = loss_mask[rows, :end]
-            parts.append(self._group_logits(model, batch, rows, group.prompt_start, end, selected))
+            parts.append(self._group_hidden(model, batch, rows, group.prompt_start, end, selected))
             positions.append(order[rows, :end][selected])
         positions = torch.cat(positions)
         if positions.numel() != int(loss_mask.sum()):
@@ -562,8 +625,20 @@ class OPDTrainer(DistillationTrainer):
         inverse[positions] = torch.arange(positions.numel(), device=positions.device)
         return torch.cat(parts)[inverse]
 
-    def _group_logits(self, model, batch: TrainingBatch, rows, prompt_start, completion_end, selected) -> torch.Tensor:
-        """One forward of ``rows`` over prompt columns ``[prompt_start:]`` and completion columns ``[:end]``."""
+    def _student_logits(self, model, inputs: TrainingBatch | dict) -> torch.Tensor:
+        """``(N, V)`` float32 student logits at the supervised positions (``[MASK]`` suppressed).
+
+        What the loss sees, materialised at once: for tests and tools on small batches; training never builds it.
+        """
+        return self._student_head.logits(self._student_hidden(model, inputs))
+
+    def _group_hidden(self, model, batch: TrainingBatch, rows, prompt_start, completion_end, selected) -> torch.Tensor:
+        """One forward of ``rows`` over prompt columns ``[prompt_start:]`` and completion columns ``[:end]``.
+
+        The forward goes through ``model`` (the DDP / DeepSpeed wrapper, so gradient synchronisation is armed) with an
+        empty ``logits_to_keep``: the model's own head produces no logits, and the decoder's output is read by a
+        forward hook.
+        """
         dtype = next(unwrap_model(self.model).parameters()).dtype
         prompt, completion = slice(prompt_start, None), slice(None, completion_end)
         layout = training_layout(
@@ -576,24 +651,23 @@ class OPDTrainer(DistillationTrainer):
             self.settings.shift,
             dtype,
         )
-        with self._mixed_precision():
-            outputs = model(
+        no_logits = layout.source_index[:0]
+        with decoder_output(model) as captured, self._mixed_precision():
+            model(
                 input_ids=layout.input_ids,
                 attention_mask=layout.attention_mask,
                 position_ids=layout.position_ids,
-                logits_to_keep=layout.source_index,
+                logits_to_keep=no_logits,
                 use_cache=False,
             )
-        logits = outputs.logits[selected]
-        return suppress_mask_logit(logits.float(), self.settings.mask_token_id)
+        return captured.hidden[:, layout.source_index][selected]
 
-    def _per_position_loss(self, student_logits: torch.Tensor, batch: TrainingBatch) -> torch.Tensor:
-        """OPD's divergence to the teacher at every supervised position, ``(N,)`` (``args.loss_type``)."""
+    def _per_position_loss(self, student_logits: torch.Tensor, rows: SupervisedRows) -> torch.Tensor:
+        """OPD's divergence to the teacher at every supervised position of a chunk, ``(n,)`` (``args.loss_type``)."""
         args = self.args
-        targets = batch.supervised_targets
+        targets = rows.targets
         if args.loss_type == "token_pg":
-            tokens = batch.completion_ids[batch.supervised]
-            return L.token_policy_gradient(student_logits, tokens, targets["token_logprobs"])
+            return L.token_policy_gradient(student_logits, rows.tokens, targets["token_logprobs"])
         kwargs = dict(
             teacher_full_logprobs=targets["full_logprobs"],
             teacher_top_ids=targets["top_ids"],
@@ -606,23 +680,20 @@ class OPDTrainer(DistillationTrainer):
             return L.reverse_kl(student_logits, **kwargs)
         return L.generalized_jsd(student_logits, beta=args.beta, **kwargs)
 
-    def _metric_sums(self, student_logits, per_position, batch: TrainingBatch) -> torch.Tensor:
-        """This process's metric sums (one flat tensor, summed over processes by ``compute_loss``).
+    def _metric_sums(self, student_logits, per_position, rows: SupervisedRows) -> torch.Tensor:
+        """This chunk's metric sums (one flat tensor; chunks and then processes are summed by ``compute_loss``).
 
-        ``[divergence, top-1 agreement, positions]`` then the confidence sums by distance from each block's
-        frontier (rows of ``student_logits`` follow ``loss_mask`` order).
+        ``[divergence, top-1 agreement, positions]`` then the confidence sums by distance from each block's frontier.
         """
-        targets = batch.supervised_targets
+        targets = rows.targets
         agreement = L.top1_matches(
             student_logits, teacher_top_ids=targets["top_ids"], teacher_full_logprobs=targets["full_logprobs"]
         ).float()
         count = torch.tensor(float(per_position.numel()), device=student_logits.device)
         sums = torch.stack([per_position.detach().sum(), agreement.sum(), count])
-        loss_mask = batch.supervised
-        offsets = frontier_offsets(loss_mask, self.settings.block_size)[loss_mask]
         teacher_logprob = teacher_top1_logprob(targets["top_logprobs"], targets["full_logprobs"])
         teacher_prob = None if teacher_logprob is None else teacher_logprob.exp()
-        by_offset = offset_confidence_sums(top1_probability(student_logits.detach()), teacher_prob, offsets)
+        by_offset = offset_confidence_sums(top1_probability(student_logits), teacher_prob, rows.frontier_offset)
         return torch.cat([sums, by_offset.flatten()])
 
     def _log_metric_sums(self, sums: torch.Tensor, batch: TrainingBatch, mode: str) -> None:

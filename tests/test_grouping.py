@@ -77,7 +77,7 @@ def test_grouped_step_equals_the_single_padded_batch(tmp_path, groups):
     assert any(g.prompt_start > 0 for g in plan), "the case must actually cut padding"
 
     targets = [trainer._score(rollout) for trainer in (reference, grouped)]
-    for name in ("token_logprobs", "full_logprobs"):
+    for name in ("token_logprobs", "hidden"):
         torch.testing.assert_close(getattr(targets[1], name), getattr(targets[0], name), atol=1e-5, rtol=1e-5)
     assert torch.equal(targets[1].mask, targets[0].mask)
 

@@ -2,37 +2,25 @@
 
 :class:`LocalTeacher` (a separate frozen HF model) and :class:`SharedWeightsTeacher` (the student's own weights
 with peft adapters off and causal attention) both call :func:`score_causal_lm`, which runs the backbone once and
-applies the output head in chunks, so a long batch never materialises a ``(B, T, V)`` float32 tensor beyond the
-requested outputs.
+applies the output head in chunks (:mod:`opdlm_trl.heads`): a long batch never materialises a ``(B, T, V)`` tensor,
+and full-vocabulary targets stay hidden states until the loss needs them.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
+from dataclasses import replace
 
 import torch
 
+from ..collectives import chunk_bounds, distributed_world
+from ..heads import OutputHead, output_rows
 from ..masks import gather_predictions
-from ..modeling import adapters_disabled, diffusion_settings, suppress_mask_logit, teacher_forward, unwrap_model
+from ..modeling import adapters_disabled, diffusion_settings, teacher_forward, unwrap_model
 from .targets import TeacherTargets, check_batch, empty_targets, excluded_token_ids
 
 __all__ = ["LocalTeacher", "SharedWeightsTeacher", "score_causal_lm"]
-
-
-def _head_postprocess(config) -> Callable[[torch.Tensor], torch.Tensor]:
-    """Logit transforms some architectures apply after ``lm_head`` (Gemma soft-capping, Cohere scale)."""
-    softcap = getattr(config, "final_logit_softcapping", None)
-    scale = getattr(config, "logit_scale", None)
-
-    def apply(logits: torch.Tensor) -> torch.Tensor:
-        if scale is not None:
-            logits = logits * scale
-        if softcap:
-            logits = torch.tanh(logits / softcap) * softcap
-        return logits
-
-    return apply
 
 
 @contextlib.contextmanager
@@ -70,68 +58,64 @@ def score_causal_lm(
     chunk_size: int = 1024,
     vocab_size: int | None = None,
     exclude_token_ids: Iterable[int] = (),
+    head: OutputHead | None = None,
 ) -> TeacherTargets:
     """Score completions with a causal HF model (shared by :class:`LocalTeacher` and :class:`SharedWeightsTeacher`).
 
-    The backbone runs once over ``[prompt | completion]``; the hidden state predicting each real
-    completion token (position ``i - 1``, via :func:`opdlm_trl.masks.gather_predictions`) goes through
-    the output head ``chunk_size`` targets at a time, in float32, with ``log_softmax`` per chunk.
+    The backbone runs once over ``[prompt | completion]``; the hidden state predicting each real completion token
+    (position ``i - 1``, via :func:`opdlm_trl.masks.gather_predictions`) goes through the output head ``chunk_size``
+    targets at a time, in float32, for the committed token's log-prob and the top-k. Full-vocabulary targets
+    (``top_k=None``) are returned as those hidden states plus the head (``TeacherTargets.hidden`` / ``.head``):
+    ``O(H)`` per position, never ``O(V)``; :meth:`TeacherTargets.dense_log_probs` materialises them on demand.
+    Every rank runs the same number of head chunks (:func:`opdlm_trl.collectives.chunk_bounds`): under ZeRO-3 each
+    head call is an all-gather.
 
     Args:
         vocab_size: teacher vocabulary ``V_T``; output rows beyond it (an added student mask token)
             are dropped before the softmax. Default: all rows of the output head.
         exclude_token_ids: ids whose logit is set to ``finfo.min`` before the softmax (the student's
             mask token when it occupies a free row inside ``V_T``).
+        head: the teacher's :class:`OutputHead` (built from the two arguments above when omitted).
     """
-    base = unwrap_model(model)
-    device = next(base.parameters()).device
-    head = base.get_output_embeddings()
-    vocab_size = vocab_size or _rows(head.weight)
+    head = head or OutputHead.of(model, vocab_size, exclude_token_ids, base_weights=hasattr(model, "peft_config"))
+    vocab_size = head.vocab_size
     if top_k is not None and not 0 < top_k <= vocab_size:
         raise ValueError(f"top_k must be in [1, {vocab_size}] or None (full vocabulary), got {top_k}.")
     check_batch(prompt_mask, completion_ids, completion_mask)
+    device = next(unwrap_model(model).parameters()).device
     prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
     completion_ids, completion_mask = completion_ids.to(device), completion_mask.to(device)
-    targets = empty_targets(completion_mask, top_k, vocab_size)
-    if not completion_mask.any():
-        return targets
+    where = completion_mask.bool()
+    if not where.any() and not distributed_world():  # other ranks would still run their forward and head chunks
+        hidden_size = unwrap_model(model).config.hidden_size
+        return replace(empty_targets(completion_mask, top_k, vocab_size, hidden_size), head=head)
 
     input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
     attention_mask = torch.cat([prompt_mask, completion_mask], dim=1).long()
     hidden = _hidden_states(model, input_ids, attention_mask)
     positions = torch.arange(prompt_ids.shape[1], input_ids.shape[1], device=device)
-    predictors = gather_predictions(hidden, positions, shift=True)[completion_mask.bool()]  # (N, H)
-    tokens = completion_ids[completion_mask.bool()]
-    postprocess = _head_postprocess(base.config)
-    excluded = [int(i) for i in exclude_token_ids if 0 <= int(i) < vocab_size]
+    predictors = gather_predictions(hidden, positions, shift=True)[where]  # (N, H)
+    tokens = completion_ids[where]
 
-    token_lp, top_ids, top_lp, full = [], [], [], []
-    for start in range(0, predictors.shape[0], chunk_size):
-        logits = postprocess(head(predictors[start : start + chunk_size]))[..., :vocab_size].float()
-        for token_id in excluded:
-            logits = suppress_mask_logit(logits, token_id)
-        logprobs = torch.log_softmax(logits, dim=-1)
-        token_lp.append(logprobs.gather(-1, tokens[start : start + chunk_size, None]).squeeze(-1))
-        if top_k is None:
-            full.append(logprobs)
-        else:
+    token_lp, top_ids, top_lp = [], [], []
+    for start, end in chunk_bounds(predictors.shape[0], chunk_size):
+        logprobs = head.log_probs(predictors[start:end])
+        token_lp.append(logprobs.gather(-1, tokens[start:end, None]).squeeze(-1))
+        if top_k is not None:
             values, indices = logprobs.topk(top_k, dim=-1)
             top_lp.append(values)
             top_ids.append(indices)
 
-    where = completion_mask.bool()
-    targets.token_logprobs[where] = torch.cat(token_lp)
     if top_k is None:
-        targets.full_logprobs[where] = torch.cat(full)
+        targets = empty_targets(completion_mask, None, None, hidden_size=predictors.shape[-1])
+        targets.hidden = targets.hidden.to(predictors.dtype)
+        targets.hidden[where] = predictors
     else:
+        targets = empty_targets(completion_mask, top_k, vocab_size)
         targets.top_ids[where] = torch.cat(top_ids)
         targets.top_logprobs[where] = torch.cat(top_lp)
-    return targets
-
-
-def _rows(weight: torch.Tensor) -> int:
-    """Rows of an output head; under DeepSpeed ZeRO-3 the local tensor is an empty shard and ``ds_shape`` is the full one."""
-    return getattr(weight, "ds_shape", weight.shape)[0]
+    targets.token_logprobs[where] = torch.cat(token_lp)
+    return replace(targets, head=head)
 
 
 def freeze(model: torch.nn.Module) -> torch.nn.Module:
@@ -148,6 +132,13 @@ class _CausalLMScorer:
     vocab_size: int
     exclude_token_ids: tuple[int, ...]
 
+    @property
+    def head(self) -> OutputHead:
+        """The teacher's output head over ``V_T`` (what full-vocabulary targets' hidden states go through)."""
+        return OutputHead.of(
+            self.model, self.vocab_size, self.exclude_token_ids, base_weights=hasattr(self.model, "peft_config")
+        )
+
     def score(self, prompt_ids, prompt_mask, completion_ids, completion_mask, top_k: int | None) -> TeacherTargets:
         return score_causal_lm(
             self.model,
@@ -156,9 +147,8 @@ class _CausalLMScorer:
             completion_ids,
             completion_mask,
             top_k,
-            chunk_size=self.chunk_size,
-            vocab_size=self.vocab_size,
-            exclude_token_ids=self.exclude_token_ids,
+            self.chunk_size,
+            head=self.head,
         )
 
 
@@ -181,7 +171,7 @@ class LocalTeacher(_CausalLMScorer):
         self.model = freeze(model)
         self.chunk_size = chunk_size
         self.exclude_token_ids = tuple(int(i) for i in exclude_token_ids)
-        self.vocab_size = vocab_size or _rows(unwrap_model(model).get_output_embeddings().weight)
+        self.vocab_size = vocab_size or output_rows(model)
 
 
 class SharedWeightsTeacher(_CausalLMScorer):
