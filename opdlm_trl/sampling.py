@@ -25,6 +25,7 @@ from dataclasses import dataclass, fields
 
 import torch
 
+from .collectives import any_rank, distributed_world
 from .masks import (
     align_block_logits,
     block_index,
@@ -81,6 +82,9 @@ class SamplerConfig:
             ``None`` = never stop early (:func:`generate` fills in the tokenizer's EOS / end-of-turn ids).
         use_cache: exact KV cache (default). ``False`` runs the whole canvas each step (slow; used by
             tests as the reference and as a fallback for models whose cache cannot be cropped).
+        synced_ranks: every rank runs the same number of forwards, as HF ``generate``'s ``synced_gpus``: a rank
+            whose rows are done keeps running idle forwards until every rank is done. Needed when a forward is a
+            collective (DeepSpeed ZeRO-3 with parameters not gathered for generation); a no-op in one process.
     """
 
     block_size: int | None = None
@@ -94,6 +98,7 @@ class SamplerConfig:
     top_k: int = 0
     stop_token_ids: Sequence[int] | None = None
     use_cache: bool = True
+    synced_ranks: bool = False
 
     @classmethod
     def from_options(cls, options, **overrides) -> SamplerConfig:
@@ -557,14 +562,19 @@ class DiffusionSampler:
         runner_cls = _CachedRunner if config.use_cache else _UncachedRunner
         runner = runner_cls(model, prompt_ids, prompt_mask, block_size, mask_block_size, settings.shift)
         rows = torch.arange(batch, device=device)
+        synced = config.synced_ranks and distributed_world()
         for block in range(n_blocks):
-            if rows.numel() == 0:
+            if rows.numel() == 0 and not synced:
                 break
             span = slice(block * block_size, (block + 1) * block_size)
             decoded[rows, span] = 1
             x = torch.full((rows.numel(), block_size), mask_id, dtype=torch.long, device=device)
             step = 0
-            while rows.numel() and (masked := x == mask_id).any():
+            while _keep_stepping(x, mask_id, synced):
+                masked = x == mask_id
+                if not masked.any():  # this rank is done; another is not: take part in its collectives
+                    _idle_forward(model, prompt_ids)
+                    continue
                 logits = runner.step(block, x)
                 if self.record_logits:
                     self.records.append(StepRecord(block, step, rows.clone(), logits.float().clone()))
@@ -622,6 +632,20 @@ class DiffusionSampler:
             shift=settings.shift,
             mask_token_id=settings.mask_token_id,
         )
+
+
+def _keep_stepping(x: torch.Tensor, mask_id: int, synced: bool) -> bool:
+    """Whether this block needs another step: on this rank, or (``synced``) on any rank."""
+    local = bool((x == mask_id).any())
+    return any_rank(local) if synced else local
+
+
+def _idle_forward(model: torch.nn.Module, prompt_ids: torch.Tensor) -> None:
+    """One forward that changes no state, so a finished rank issues the collectives of a busy rank's step.
+
+    Under ZeRO-3 a forward all-gathers every layer's parameters whatever the input, so one token suffices.
+    """
+    model(input_ids=prompt_ids[:1, -1:], use_cache=False, logits_to_keep=1)
 
 
 def _stopped_rows(x: torch.Tensor, stop_ids: torch.Tensor, mask_id: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -311,6 +311,16 @@ class OPDTrainer(DistillationTrainer):
             max_new_tokens=max_new_tokens,
             stop_token_ids=list(self.eos_token_ids),
             threshold=self.current_rollout_threshold(),
+            synced_ranks=self._rollout_forwards_are_collective(),
+        )
+
+    def _rollout_forwards_are_collective(self) -> bool:
+        """Several processes decode with ZeRO-3 parameters left sharded (``ds3_gather_for_generation=False``): every
+        sampler forward all-gathers, so ranks must run the same number of them (the sampler's ``synced_ranks``)."""
+        return (
+            self.accelerator.num_processes > 1
+            and self.is_deepspeed_enabled
+            and not self.args.ds3_gather_for_generation
         )
 
     def _prompt_token_lists(self, prompts: list) -> list[list[int]]:
@@ -385,11 +395,16 @@ class OPDTrainer(DistillationTrainer):
         return merge_groups(parts, groups)
 
     def _teacher_targets(self, prompt_ids, prompt_mask, completion_ids, completion_mask) -> TeacherTargets:
-        """One call of the teacher, in the run's precision, with the configured top-k."""
+        """One call of the teacher, in the run's precision, with the configured top-k, moved to the student's device.
+
+        A vLLM teacher answers with CPU tensors and a local teacher may live on another GPU; the loss indexes the
+        targets with masks on the student's device.
+        """
         with self._mixed_precision():
-            return self.teacher.score(
+            targets = self.teacher.score(
                 prompt_ids, prompt_mask, completion_ids, completion_mask, top_k=self.args.teacher_top_k
             )
+        return targets.to(self.accelerator.device)
 
     # ----------------------------------------------------------------------------------------------- the batch
     def _generate_and_score_completions(self, inputs: list[dict]) -> dict:

@@ -41,6 +41,8 @@ COMPLETION_LENGTH = 12
 LEARNING_RATE = 1e-2
 ADAM_EPSILON = 1.0
 STOP_AT = {0: 4, 2: 8}  # prompt index -> completion position whose greedy token becomes an extra stop id
+# --sharp: rank 0's rows (prompts 0 and 1 at 2 per device) stop at their first token, rank 1's run to the limit.
+SHARP_STOP_AT = {0: 0, 1: 0}
 
 
 def parse_args() -> argparse.Namespace:
@@ -50,17 +52,22 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--normalizations", nargs="+", default=["sequence", "token"])
     parser.add_argument("--arch", default="llama")
     parser.add_argument("--seed", type=int, default=2, help="Seed of the tiny model's random weights.")
+    parser.add_argument("--sharp", action="store_true", help="Rollouts of very different lengths (SHARP_STOP_AT).")
+    parser.add_argument("--teacher-chunk-size", type=int, default=1024, help="Positions per teacher head chunk.")
+    parser.add_argument(
+        "--sharded-generation", action="store_true", help="ds3_gather_for_generation=False (ZeRO-3 forwards gather)."
+    )
     return parser.parse_args()
 
 
-def build_config(per_device_batch: int, normalization: str, output_dir: str) -> OPDConfig:
+def build_config(args: argparse.Namespace, normalization: str, output_dir: str) -> OPDConfig:
     return OPDConfig(
         output_dir=output_dir,
         use_cpu=True,  # with WORLD_SIZE > 1 (accelerate launch --multi_gpu / torchrun): MULTI_CPU over gloo
         bf16=False,
         gradient_checkpointing=False,
         report_to="none",
-        per_device_train_batch_size=per_device_batch,
+        per_device_train_batch_size=args.per_device_batch,
         gradient_accumulation_steps=1,
         max_steps=1,
         logging_steps=1,
@@ -79,6 +86,8 @@ def build_config(per_device_batch: int, normalization: str, output_dir: str) -> 
         max_completion_length=COMPLETION_LENGTH,
         loss_normalization=normalization,
         teacher_backend="local",
+        teacher_chunk_size=args.teacher_chunk_size,
+        ds3_gather_for_generation=not args.sharded_generation,
     )
 
 
@@ -96,11 +105,11 @@ def skip_deepspeed_shm_kernel() -> None:
 
 
 @torch.no_grad()
-def add_uneven_stops(trainer: OPDTrainer) -> None:
-    """Make the tokens the untrained student writes at ``STOP_AT`` extra stop ids (same choice on every rank)."""
+def add_uneven_stops(trainer: OPDTrainer, stop_at: dict[int, int]) -> None:
+    """Make the tokens the untrained student writes at ``stop_at`` extra stop ids (same choice on every rank)."""
     sampler = DiffusionSampler(trainer.sampler_config(COMPLETION_LENGTH), pad_token_id=trainer._tokenizer.pad_token_id)
     rollout = sampler.sample(trainer.model, trainer._prompt_token_lists(list(PROMPTS)))
-    extra = {int(rollout.completion_ids[row, position]) for row, position in STOP_AT.items()}
+    extra = {int(rollout.completion_ids[row, position]) for row, position in stop_at.items()}
     trainer.eos_token_ids = [*trainer.eos_token_ids, *sorted(extra - set(trainer.eos_token_ids))]
 
 
@@ -142,9 +151,9 @@ def full_parameters(trainer: OPDTrainer) -> dict[str, torch.Tensor]:
 
 def train_one_step(args: argparse.Namespace, model, normalization: str, output_dir: str) -> tuple[OPDTrainer, dict]:
     dataset = Dataset.from_list([{"prompt": prompt} for prompt in PROMPTS])
-    config = build_config(args.per_device_batch, normalization, output_dir)
+    config = build_config(args, normalization, output_dir)
     trainer = OPDTrainer(model=model, args=config, train_dataset=dataset, processing_class=tiny_tokenizer())
-    add_uneven_stops(trainer)
+    add_uneven_stops(trainer, SHARP_STOP_AT if args.sharp else STOP_AT)
     recorder = Recorder(trainer)
     before = {name: p.detach().clone() for name, p in trainer.model.named_parameters()}
     trainer.train()

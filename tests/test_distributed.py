@@ -56,7 +56,7 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _launch(prefix: list[str], per_device_batch: int, out: Path) -> Run:
+def _launch(prefix: list[str], per_device_batch: int, out: Path, *extra: str) -> Run:
     """Run the worker (under ``prefix``) and load what rank 0 wrote; fail with the log tail if it did not finish."""
     env = {
         **os.environ,
@@ -65,14 +65,15 @@ def _launch(prefix: list[str], per_device_batch: int, out: Path) -> Run:
         "HF_HUB_OFFLINE": "1",
         "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
     }
-    command = [*prefix, str(WORKER), "--out", str(out), "--per-device-batch", str(per_device_batch)]
+    command = [*prefix, str(WORKER), "--out", str(out), "--per-device-batch", str(per_device_batch), *extra]
     proc = subprocess.run(
         command, cwd=out.parent, env=env, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S, check=False
     )
     if proc.returncode != 0 or not out.exists():
         log = (proc.stdout + proc.stderr)[-6000:]
         raise AssertionError(f"{' '.join(command)} exited with {proc.returncode}:\n{log}")
-    params = {norm: torch.load(f"{out}.{norm}.pt") for norm in NORMALIZATIONS}
+    norms = [norm for norm in NORMALIZATIONS if Path(f"{out}.{norm}.pt").exists()]
+    params = {norm: torch.load(f"{out}.{norm}.pt") for norm in norms}
     return Run(json.loads(out.read_text()), params)
 
 
@@ -150,6 +151,54 @@ def test_step_matches_single_process(reference, distributed, normalization):
     assert multi["supervised_per_row"] == single["supervised_per_row"]
     assert multi["flops"] == pytest.approx(single["flops"], rel=1e-6)
     assert _max_difference(run.params[normalization], reference.params[normalization]) <= PARAM_ATOL
+
+
+# ----------------------------------------------------------------------------------------------- same collectives
+# Issue 19: rollouts of very different lengths on the two ranks (rank 0's rows stop at their first token, rank 1's run
+# to the limit), a teacher head applied in chunks smaller than a rollout, and ZeRO-3 parameters left sharded during
+# generation. Before the fix the ranks issued different numbers of collectives: gloo aborted with "Received data size
+# doesn't match expected size" (SIGABRT; on NCCL a hang).
+SHARP = ("--sharp", "--teacher-chunk-size", "4", "--sharded-generation", "--normalizations", "sequence")
+
+
+@pytest.mark.slow
+def test_zero3_with_uneven_rollouts_and_chunked_teacher_matches_single_process(tmp_path):
+    single = _launch([sys.executable], GLOBAL_BATCH, tmp_path / "single.json", *SHARP)
+    multi = _launch(_accelerate_prefix("zero3"), GLOBAL_BATCH // 2, tmp_path / "zero3.json", *SHARP)
+    one, two = single.results["sequence"], multi.results["sequence"]
+    lengths = [len(ids) for ids in one["supervised_tokens"].values()]
+    assert lengths[:2] == [1, 1] and min(lengths[2:]) > 4 * max(lengths[:2]), lengths  # the case is sharp
+    assert (two["world_size"], two["zero_stage"]) == (2, 3)
+    assert two["supervised_tokens"] == one["supervised_tokens"]
+    assert two["logged_loss"] == pytest.approx(one["logged_loss"], rel=LOSS_RTOL)
+    assert two["grad_norm"] == pytest.approx(one["grad_norm"], rel=LOSS_RTOL)
+    assert _max_difference(multi.params["sequence"], single.params["sequence"]) <= PARAM_ATOL
+
+
+SYNC_WORKER = ROOT / "tests" / "synced_sampler_worker.py"
+
+
+def _sampler_run(out: Path, *extra: str, processes: int = 2) -> subprocess.CompletedProcess:
+    prefix = [sys.executable] if processes == 1 else [sys.executable, "-m", "torch.distributed.run"]
+    if processes > 1:
+        prefix += ["--nproc_per_node", str(processes), "--master_port", str(_free_port())]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    command = [*prefix, str(SYNC_WORKER), "--out", str(out), *extra]
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S, check=False)
+
+
+@pytest.mark.slow
+def test_sampler_ranks_stay_in_step_when_forwards_are_collectives(tmp_path):
+    """synced_ranks: a rank whose rows stopped keeps answering the other rank's per-forward collective."""
+    single = _sampler_run(tmp_path / "single.json", "--single", processes=1)
+    synced = _sampler_run(tmp_path / "synced.json")
+    assert single.returncode == 0 and synced.returncode == 0, (single.stderr + synced.stderr)[-3000:]
+    expected = json.loads((tmp_path / "single.json").read_text())
+    assert json.loads((tmp_path / "synced.json").read_text()) == expected and expected["lengths"] == [16, 16]
+    # without it (the previous behaviour) the busy rank waits for a collective nobody answers
+    unsynced = _sampler_run(tmp_path / "unsynced.json", "--unsynced")
+    assert unsynced.returncode != 0 and not (tmp_path / "unsynced.json").exists()
+    assert "Timed out" in unsynced.stderr or "closed by peer" in unsynced.stderr, unsynced.stderr[-3000:]
 
 
 # ----------------------------------------------------------------------------------------------- example configs

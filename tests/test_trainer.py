@@ -25,8 +25,11 @@ from transformers import TrainerCallback
 
 import opdlm_trl.trainer as trainer_module
 from opdlm_trl import load_diffusion_model
+from opdlm_trl import losses as L
+from opdlm_trl.batch import TrainingBatch
 from opdlm_trl.config import OPDConfig
 from opdlm_trl.curriculum import completion_length
+from opdlm_trl.masks import training_layout
 from opdlm_trl.modeling import student_forward, suppress_mask_logit, unwrap_model
 from opdlm_trl.sampling import DiffusionSampler, Rollout
 from opdlm_trl.states import SELECTIONS, select_states
@@ -604,3 +607,101 @@ def test_threshold_ramp_reaches_every_rollout_and_is_logged(tmp_path, monkeypatc
     assert used == pytest.approx(expected)
     logged = [entry["curriculum/threshold"] for entry in trainer.state.log_history if "loss" in entry]
     assert logged == pytest.approx(expected)
+
+
+def dense_reference_loss(trainer: OPDTrainer, batch: dict) -> torch.Tensor:
+    """The loss the way the trainer computed it before chunking: the model's own logits at the supervised positions
+    (one forward, ``logits_to_keep``), the teacher's dense full-vocabulary log-probs, one unchunked divergence."""
+    view = TrainingBatch.of(batch)
+    layout = training_layout(
+        view.prompt_ids,
+        view.prompt_mask,
+        view.clean_ids,
+        view.noisy_ids,
+        view.completion_key_mask,
+        trainer.settings.block_size,
+        trainer.settings.shift,
+        torch.float32,
+    )
+    out = trainer.model(
+        input_ids=layout.input_ids,
+        attention_mask=layout.attention_mask,
+        position_ids=layout.position_ids,
+        logits_to_keep=layout.source_index,
+        use_cache=False,
+    )
+    logits = suppress_mask_logit(out.logits[view.supervised].float(), trainer.settings.mask_token_id)
+    teacher = trainer.teacher.head.log_probs(view.teacher_hidden[view.supervised])
+    per_position = L.forward_kl(logits, teacher_full_logprobs=teacher)
+    return L.reduce_loss(per_position, view.row_index, view.loss_mask.shape[0], "sequence")
+
+
+@pytest.mark.parametrize("chunk", [1, 5, 4096])
+def test_chunked_loss_from_hidden_states_equals_the_dense_loss_and_gradients(scored_rollout, chunk):
+    """Issue 19: hidden-state targets + a chunked head change neither the loss nor any gradient (float32)."""
+    trainer, rollout, _ = scored_rollout
+    use_full_forward_kl(trainer)
+    args = copy.copy(trainer.args)
+    args.length_groups, args.loss_chunk_size = 0, chunk
+    trainer.args = args
+    batch, _ = fixed_batch(trainer, rollout, seed=6)
+    assert (
+        batch["teacher_hidden"].shape[-1] == trainer.model.config.hidden_size and "teacher_full_logprobs" not in batch
+    )
+    model = trainer.model.train()
+    results = []
+    for compute in (lambda: trainer.compute_loss(model, batch), lambda: dense_reference_loss(trainer, batch)):
+        model.zero_grad()
+        loss = compute()
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (loss, grads), (expected, expected_grads) = results
+    torch.testing.assert_close(loss, expected, atol=1e-6, rtol=1e-5)
+    assert grads.keys() == expected_grads.keys() and len(grads) > 0
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, expected_grads[name], atol=1e-6, rtol=1e-4, msg=name)
+    model.zero_grad()
+
+
+class ElsewhereTensor(torch.Tensor):
+    """A tensor "on another device" without a second device: any op mixing it with an ordinary tensor raises, as
+    mixing CPU and CUDA tensors does; ``.to(...)`` brings it back as an ordinary tensor."""
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in (torch.Tensor.to, torch.Tensor.cpu):
+            with torch._C.DisableTorchFunctionSubclass():
+                return func(*args, **kwargs).as_subclass(torch.Tensor)
+        flat = [*args, *kwargs.values()]
+        flat += [item for value in flat if isinstance(value, list | tuple) for item in value]
+        ordinary = [t for t in flat if isinstance(t, torch.Tensor) and not isinstance(t, cls) and t.dim() > 0]
+        if ordinary:
+            raise RuntimeError(f"Expected all tensors to be on the same device ({func.__name__}: one is elsewhere)")
+        return super().__torch_function__(func, types, args, kwargs)
+
+
+class ElsewhereTeacher:
+    """A teacher answering on another device (a vLLM server's CPU tensors for a CUDA student)."""
+
+    def __init__(self, teacher):
+        self.inner, self.head = teacher, getattr(teacher, "head", None)
+
+    def score(self, *args, **kwargs):
+        return self.inner.score(*args, **kwargs)._map(lambda tensor: tensor.as_subclass(ElsewhereTensor))
+
+
+@pytest.mark.parametrize("top_k", [None, 4])
+def test_teacher_targets_from_another_device_reach_the_loss_on_the_students(tmp_path, top_k):
+    """Issue 19: whatever device a teacher answers on, the trainer moves its targets to the student's device."""
+    trainer = make_trainer(tmp_path, max_steps=1, teacher_top_k=top_k)
+    trainer.teacher = ElsewhereTeacher(trainer.teacher)
+    targets = trainer._teacher_targets(*score_inputs(trainer))
+    assert all(type(t) is torch.Tensor for t in (targets.token_logprobs, targets.mask))
+    trainer.train()
+    assert math.isfinite(trainer.state.log_history[-1]["train_loss"])
+
+
+def score_inputs(trainer: OPDTrainer) -> tuple[torch.Tensor, ...]:
+    rollout, _ = roll_out(trainer)
+    return rollout.prompt_ids, rollout.prompt_mask, rollout.completion_ids, rollout.completion_mask
