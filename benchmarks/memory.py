@@ -61,6 +61,7 @@ class Phase:
     def __exit__(self, *exc):
         self.record[self.name] = {
             "peak_above_start_mib": (_status_kib("VmHWM") - self.start_kib) / 1024,
+            "end_above_start_mib": (_status_kib("VmRSS") - self.start_kib) / 1024,  # what the phase leaves alive
             "seconds": time.perf_counter() - self.t0,
         }
 
