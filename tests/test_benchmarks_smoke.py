@@ -253,3 +253,24 @@ def test_levers_table_rows_and_mean_over_seeds(tmp_path):
     plain = json.loads(summary.read_text())["plain"]["summary"]
     assert plain["seeds"] == 2 and plain["static_nll"]["mean"] == pytest.approx(0.7)
     assert plain["tpf@0.5"]["sd"] == pytest.approx(0.1414, abs=1e-4)
+
+
+def test_memory_benchmark_and_model(tmp_path):
+    """benchmarks/memory.py (tiny widths): every phase measured, hidden-state targets held (O(H) per token), and
+    benchmarks/memory_model.py turns the cells into the per-config table."""
+    _run("memory.py", "--out", str(tmp_path))
+    cells = json.loads((tmp_path / "summary.json").read_text())
+    assert len(cells) == 4 and all("error" not in cell for cell in cells), cells
+    _assert_finite(cells)
+    for cell in cells:
+        hidden = cell["shape"]["hidden_size"]
+        # token log-probs + mask + the (B, C, H) float32 hidden states: nothing sized by the vocabulary
+        assert cell["held_targets_bytes"] == cell["generation_batch"] * cell["length"] * (4 + 1 + 4 * hidden)
+        assert set(cell["phases"]) >= {"teacher", "loss", "backward"}
+    table = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "memory_model.py"), "--measurements", str(tmp_path / "summary.json")],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert table.count("| `") == 4 and "GiB" in table
