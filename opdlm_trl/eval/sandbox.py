@@ -8,11 +8,14 @@ the limits and the in-process guard and then runs the program. Two isolation lev
   work dir, no capabilities, no view of (or signal to) processes outside, and every process it
   started dies with it. Needs unprivileged user namespaces (most Linux hosts; often not inside
   Docker's default seccomp profile or under Ubuntu's AppArmor userns restriction).
-* ``"guard"``: limits and the in-process guard only.
+* ``"guard"``: limits and the in-process guard only, which native code gets past (``ctypes`` and the
+  like are refused, but no in-process check holds against code that reaches C), so it runs only when
+  asked for by name.
 
-``"auto"`` (the default) probes once per process whether ``"namespaces"`` works here and falls back
-to ``"guard"`` with one warning naming what is missing. Neither is a security boundary against a
-determined attacker (see ``docs/evaluation.md``).
+``"auto"`` (the default) probes once per process whether ``"namespaces"`` works here. Where it does
+not, it refuses to run model-written code with an error saying how to get namespaces, unless the
+caller opted in to guard-only with ``OPDLM_SANDBOX_ALLOW_GUARD_ONLY=1`` (then one warning). Neither
+level is a security boundary against a determined attacker (see ``docs/evaluation.md``).
 """
 
 from __future__ import annotations
@@ -31,9 +34,10 @@ from typing import Any
 
 from . import sandbox_guard
 
-__all__ = ["ISOLATIONS", "OUTPUT_LIMIT", "namespace_support", "run_program"]
+__all__ = ["GUARD_ONLY_ENV", "ISOLATIONS", "OUTPUT_LIMIT", "namespace_support", "run_program"]
 
 ISOLATIONS = ("auto", "namespaces", "guard")
+GUARD_ONLY_ENV = "OPDLM_SANDBOX_ALLOW_GUARD_ONLY"  # "1": "auto" may fall back to the guard alone
 OUTPUT_LIMIT = 64 * 1024  # bytes of the program's stderr kept (its tail): the failure message is its last line
 _UNSHARE_FLAGS = ("--user", "--map-root-user", "--mount", "--net", "--pid", "--fork", "--kill-child", "--mount-proc")
 _UNSHARE_FLAGS += ("--ipc", "--uts")
@@ -68,8 +72,20 @@ def _probe() -> str | None:
     return None
 
 
+def _without_namespaces(isolation: str, reason: str) -> str:
+    """The error for a run that needs namespaces where they are missing: how to get them, or how to opt out."""
+    return (
+        f"isolation={isolation!r}: Linux namespaces are not available here ({reason}), and the in-process guard "
+        "alone does not contain native code (ctypes, C extensions), so model-written programs are not run. Get "
+        "namespaces: install util-linux `unshare` and allow unprivileged user namespaces (`sysctl "
+        "kernel.unprivileged_userns_clone=1`; Ubuntu 23.10+: `sysctl kernel.apparmor_restrict_unprivileged_userns=0`; "
+        "Docker's default seccomp/AppArmor profiles forbid them), or evaluate inside a throwaway container or VM "
+        f"with no secrets and opt in to guard-only with isolation='guard' or {GUARD_ONLY_ENV}=1."
+    )
+
+
 def _resolve_isolation(isolation: str) -> bool:
-    """True to run in namespaces; warns once when ``"auto"`` falls back, raises when they were demanded."""
+    """True to run in namespaces; without them, guard-only only when opted in by name (else a clear error)."""
     if isolation not in ISOLATIONS:
         raise ValueError(f"isolation must be one of {ISOLATIONS}, got {isolation!r}.")
     if isolation == "guard":
@@ -77,15 +93,15 @@ def _resolve_isolation(isolation: str) -> bool:
     reason = namespace_support()
     if reason is None:
         return True
-    if isolation == "namespaces":
-        raise RuntimeError(f"isolation='namespaces' is not available here: {reason}. Use isolation='guard'.")
+    if isolation == "namespaces" or os.environ.get(GUARD_ONLY_ENV) != "1":
+        raise RuntimeError(_without_namespaces(isolation, reason))
     with _support_lock:
         if not _support.get("warned"):
             _support["warned"] = "yes"
             warnings.warn(
-                f"opdlm_trl sandbox: {reason}; model-written programs run with resource limits and the in-process "
-                "guard only (no read-only file system, network or pid namespace). Run untrusted evaluations in a "
-                "container.",
+                f"opdlm_trl sandbox: {reason}; {GUARD_ONLY_ENV}=1, so model-written programs run with resource "
+                "limits and the in-process guard only (no read-only file system, network or pid namespace; native "
+                "code is refused but not contained). Run untrusted evaluations in a container.",
                 RuntimeWarning,
                 stacklevel=3,
             )
@@ -110,7 +126,8 @@ def run_program(
     environment holds only ``PATH``, ``HOME`` and ``TMPDIR`` (both the work dir); stdin and stdout are
     ``/dev/null`` and only the last :data:`OUTPUT_LIMIT` bytes of stderr are kept, so endless output
     cannot fill memory. The process gets its own session, killed as a whole when the run ends.
-    ``isolation`` is one of :data:`ISOLATIONS` (module docstring).
+    ``isolation`` is one of :data:`ISOLATIONS` (module docstring); without namespaces, ``"auto"`` raises
+    :class:`RuntimeError` unless :data:`GUARD_ONLY_ENV` is ``"1"``.
     """
     return _run(program, timeout, memory_mb, _resolve_isolation(isolation), tmp_dir, success_status)
 

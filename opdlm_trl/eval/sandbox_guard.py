@@ -13,19 +13,22 @@ In order, before the first line of ``PROGRAM`` runs:
    cannot undo the mounts. Any failure exits with :data:`SETUP_FAILED` and a ``SETUP_MARKER`` line
    (the parent then refuses to score, rather than scoring without the containment it asked for).
 2. CPU-time, address-space, file-size and core-dump limits.
-3. The in-process guard: the Python functions that spawn or signal processes, reach the network,
-   change limits, or change the file system outside the work dir raise :class:`PermissionError`.
-   This layer stops accidents, not attackers (``ctypes`` reaches libc directly); the namespaces of
-   step 1 are what hold against a program that bypasses it.
+3. The in-process guard: spawning or signalling processes, the network, changing limits or the
+   environment, and changing the file system outside the work dir raise :class:`PermissionError`.
+   Its core is an audit hook (PEP 578), which sees the C functions themselves whatever Python name,
+   module copy or reload reaches them; the few functions CPython does not audit are replaced in their
+   C module (``posix``, ``_signal``, ...) and the modules that copied them, and pinned against reloads.
+   With ``CONTAIN=0`` it also refuses native bridges (``ctypes``, ``cffi``). It stops accidents and
+   one-line escapes, not attackers (native code and tampering with the interpreter get past any
+   in-process check): the namespaces of step 1 are what hold against a program that bypasses it, which
+   is why the parent runs guard-only only when the caller asked for it by name.
 """
 
 from __future__ import annotations
 
 import builtins
-import ctypes
 import errno
 import functools
-import io
 import os
 import resource
 import runpy
@@ -57,6 +60,8 @@ class SetupError(RuntimeError):
 
 def _libc_call(name: str, *args) -> int:
     """Call a libc function; raise :class:`SetupError` with errno's text when it returns -1."""
+    import ctypes  # here, not at the top: a guard-only run must not have loaded it for the program
+
     libc = ctypes.CDLL(None, use_errno=True)
     result = getattr(libc, name)(*args)
     if result == -1:
@@ -112,6 +117,8 @@ def drop_privileges() -> None:
     Without this the program, root of its user namespace, could simply remount the file system
     read-write again.
     """
+    import ctypes
+
     libc_prctl = functools.partial(_libc_call, "prctl")
     libc_prctl(PR_SET_SECUREBITS, _SECUREBITS_ALL_LOCKED, 0, 0, 0)
     for capability in range(64):
@@ -164,7 +171,10 @@ def set_limits(cpu_seconds: int, memory_bytes: int) -> None:
 
 
 def _refuse(name: str, what: str = ""):
-    """A stand-in for ``name`` that raises instead of acting (``what``: the capability it stands for)."""
+    """A stand-in for ``name`` that raises instead of acting (``what``: the capability it stands for).
+
+    It keeps no reference to the function it replaces, so the original cannot be dug out of it.
+    """
     message = f"{what or name} is disabled in the opdlm_trl evaluation sandbox" + (f" ({name})" if what else "")
 
     def disabled(*args, **kwargs):
@@ -174,94 +184,174 @@ def _refuse(name: str, what: str = ""):
     return disabled
 
 
-def _inside(path, workdir: str) -> bool:
-    """True when ``path`` (symlinks resolved, relative to the current directory) lies in ``workdir``."""
-    if isinstance(path, int):  # an already open descriptor: the open itself was checked
-        return True
-    resolved = os.path.realpath(os.fsdecode(os.fspath(path)))
+def _inside(path, workdir: str, resolve=os.path.realpath, fspath=os.fspath, fsdecode=os.fsdecode) -> bool:
+    """True when ``path`` (symlinks resolved, relative to the current directory) lies in ``workdir``.
+
+    The functions it uses are bound when this module loads: the program rebinding ``os.path.realpath``
+    does not change the check.
+    """
+    resolved = resolve(fsdecode(fspath(path)))
     return resolved == workdir or resolved.startswith(workdir + os.sep)
 
 
-def _confine(function, name: str, workdir: str, path_args: tuple[int, ...]):
-    """``function`` restricted to paths inside ``workdir`` (``dir_fd`` forms refused: they escape the check)."""
+def _refuse_dir_fd(function, name: str):
+    """``function`` without its ``dir_fd`` forms: a path relative to a descriptor escapes every path check."""
 
-    @functools.wraps(function)
     def confined(*args, **kwargs):
         if any(kwargs.get(key) is not None for key in ("dir_fd", "src_dir_fd", "dst_dir_fd")):
             raise PermissionError(f"{name} with dir_fd is disabled in the opdlm_trl evaluation sandbox")
-        for index in path_args:
-            if index < len(args) and not _inside(args[index], workdir):
-                raise PermissionError(f"{name}({args[index]!r}): outside the opdlm_trl evaluation sandbox's work dir")
         return function(*args, **kwargs)
 
+    confined.__name__, confined.__doc__ = function.__name__, function.__doc__
     return confined
 
 
-def _confine_open(function, workdir: str, writes):
-    """``open``-like ``function`` whose writing modes are restricted to paths inside ``workdir``."""
-
-    @functools.wraps(function)
-    def confined(file, *args, **kwargs):
-        if writes(args, kwargs) and not _inside(file, workdir):
-            raise PermissionError(f"writing {file!r} is disabled outside the opdlm_trl evaluation sandbox's work dir")
-        return function(file, *args, **kwargs)
-
-    return confined
-
-
-def _mode_writes(args, kwargs) -> bool:
-    mode = args[0] if args else kwargs.get("mode", "r")
-    return isinstance(mode, str) and any(char in mode for char in "wax+")
-
-
-def _flags_write(args, kwargs) -> bool:
-    flags = args[0] if args else kwargs.get("flags", 0)
-    return bool(flags & _WRITE_FLAGS)
-
-
-_PATH_FUNCTIONS = {  # os function -> positions of its path arguments
-    **dict.fromkeys(("remove", "unlink", "rmdir", "removedirs", "mkdir", "makedirs", "truncate", "mkfifo"), (0,)),
-    **dict.fromkeys(("chmod", "lchmod", "chown", "lchown", "utime", "mknod", "chdir"), (0,)),
-    **dict.fromkeys(("rename", "renames", "replace", "link", "symlink"), (0, 1)),
+# Audit events (PEP 578) the C implementation raises whichever Python name, module copy or reload reaches it.
+_REFUSED_EVENTS = {  # event -> the capability it stands for
+    **dict.fromkeys(
+        ("os.system", "os.exec", "os.posix_spawn", "os.spawn", "os.fork", "os.forkpty"), "starting a process"
+    ),
+    "subprocess.Popen": "starting a process",
+    **dict.fromkeys(("os.kill", "os.killpg", "signal.pthread_kill"), "signalling a process"),
+    **dict.fromkeys(("resource.setrlimit", "resource.prlimit"), "changing resource limits"),
+    **dict.fromkeys(("os.putenv", "os.unsetenv"), "changing the environment"),
+    "socket.__new__": "network access",
 }
-_PROCESS_FUNCTIONS = (
-    "system popen kill killpg fork forkpty execl execle execlp execlpe execv execve execvp execvpe spawnl spawnle "
-    "spawnlp spawnlpe spawnv spawnve spawnvp spawnvpe posix_spawn posix_spawnp setsid setpgid setuid setgid "
-    "seteuid setegid setreuid setregid chroot fchdir putenv unsetenv pidfd_open"
-).split()
+_PATH_EVENTS = {  # event -> (positions of its paths, positions of its dir_fd arguments, -1 when not given)
+    **dict.fromkeys(("os.remove", "os.rmdir"), ((0,), (1,))),
+    "os.mkdir": ((0,), (2,)),
+    "os.chmod": ((0,), (2,)),
+    **dict.fromkeys(("os.chown", "os.utime"), ((0,), (3,))),
+    "os.truncate": ((0,), ()),
+    "os.chdir": ((0,), ()),
+    **dict.fromkeys(("os.rename", "os.link"), ((0, 1), (2, 3))),
+    "os.symlink": ((0, 1), (2,)),
+}
+# Loading these lets a program call C directly, past every check here (guard-only runs refuse them).
+_NATIVE_BRIDGES = ("_ctypes", "_cffi_backend")
+
+# Functions CPython raises no audit event for: replaced in the Python module and in the C module behind it.
+_UNAUDITED = {
+    os.name: "setsid setpgid setuid setgid seteuid setegid setreuid setregid setresuid setresgid chroot pidfd_open",
+    "_posixsubprocess": "fork_exec",
+    "_signal": "pidfd_send_signal",
+    "_socket": "socketpair",
+}
+_WRAPPERS = {"os": os.name, "subprocess": "_posixsubprocess", "signal": "_signal", "socket": "_socket"}
+_DIR_FD_FUNCTIONS = ("open", "mkfifo", "mknod")  # write without an audited path check: no dir_fd forms
+_CONFINED_PATHS = ("mkfifo", "mknod")
 
 
-def install_guard(workdir: str) -> None:
-    """Replace the Python entry points to processes, signals, sockets, limits and outside writes."""
-    import _posixsubprocess
-    import _socket
-    import shutil
-    import signal
-    import socket
-    import subprocess
+def _audit_hook(workdir: str, native: bool, inside=_inside, write_flags=_WRITE_FLAGS):
+    """The audit hook that checks each event; it cannot be removed once added (``sys.addaudithook``).
 
-    for name in _PROCESS_FUNCTIONS:
-        if hasattr(os, name):
-            setattr(os, name, _refuse(f"os.{name}"))
-    for name, positions in _PATH_FUNCTIONS.items():
-        if hasattr(os, name):
-            setattr(os, name, _confine(getattr(os, name), f"os.{name}", workdir, positions))
-    os.open = _confine_open(os.open, workdir, _flags_write)
-    builtins.open = io.open = _confine_open(io.open, workdir, _mode_writes)
-    for module, names in (
-        (subprocess, ("Popen", "call", "run", "check_call", "check_output", "getoutput", "getstatusoutput")),
-        (_posixsubprocess, ("fork_exec",)),
-        (shutil, ("rmtree", "move", "chown")),
-        (signal, ("pthread_kill", "pidfd_send_signal")),
-        (resource, ("setrlimit", "prlimit")),
-        (socket, ("socket", "socketpair", "create_connection", "create_server", "fromfd")),
-        (_socket, ("socket", "socketpair")),
-        (builtins, ("exit", "quit")),
-    ):
-        what = "network access" if module in (socket, _socket) else ""
-        for name in names:
-            if hasattr(module, name):
-                setattr(module, name, _refuse(f"{module.__name__}.{name}", what))
+    Its helpers are bound as defaults, so rebinding this module's names from the program changes nothing.
+    ``native``: False refuses loading :data:`_NATIVE_BRIDGES` and every ``ctypes`` event.
+    """
+    refused, path_events, bridges = dict(_REFUSED_EVENTS), dict(_PATH_EVENTS), frozenset(_NATIVE_BRIDGES)
+
+    def outside(path) -> bool:
+        return not isinstance(path, int) and not inside(path, workdir)
+
+    def hook(event: str, args: tuple) -> None:
+        if event in refused:
+            raise PermissionError(f"{refused[event]} is disabled in the opdlm_trl evaluation sandbox ({event})")
+        if event == "open":
+            path, _, flags = args
+            if flags & write_flags and outside(path):
+                raise PermissionError(
+                    f"writing {path!r} is disabled outside the opdlm_trl evaluation sandbox's work dir"
+                )
+        elif event in path_events:
+            paths, dir_fds = path_events[event]
+            if any(args[index] not in (-1, None) for index in dir_fds):
+                raise PermissionError(f"{event} with dir_fd is disabled in the opdlm_trl evaluation sandbox")
+            for index in paths:
+                if isinstance(args[index], int) or outside(args[index]):  # a descriptor may point anywhere
+                    raise PermissionError(
+                        f"{event}({args[index]!r}): outside the opdlm_trl evaluation sandbox's work dir"
+                    )
+        elif not native and (event.startswith("ctypes.") or (event == "import" and args[0] in bridges)):
+            raise PermissionError(f"native code ({event}{args[:1]!r}) is disabled in guard-only runs of the sandbox")
+
+    return hook
+
+
+def _replace_unaudited(workdir: str) -> None:
+    """Replace the unaudited functions in every module that holds them (``os`` copied them from ``posix``)."""
+    import _posixsubprocess  # noqa: F401  (imported so that it is pinned below)
+    import _socket  # noqa: F401
+    import signal  # noqa: F401
+    import socket  # noqa: F401
+    import subprocess  # noqa: F401
+
+    for backend, names in _UNAUDITED.items():
+        holders = [sys.modules[backend]] + [sys.modules[py] for py, c in _WRAPPERS.items() if c == backend]
+        for name in names.split():
+            for module in holders:
+                if hasattr(module, name):
+                    setattr(module, name, _refuse(f"{module.__name__}.{name}"))
+    for name in _DIR_FD_FUNCTIONS:
+        function = getattr(os, name)
+        if name in _CONFINED_PATHS:
+            function = _confine_path(function, f"os.{name}", workdir)
+        replacement = _refuse_dir_fd(function, f"os.{name}")
+        setattr(os, name, replacement)
+        setattr(sys.modules[os.name], name, replacement)
+    for name in ("exit", "quit"):
+        setattr(builtins, name, _refuse(f"builtins.{name}"))
+
+
+def _confine_path(function, name: str, workdir: str):
+    """``function`` restricted to a first (path) argument inside ``workdir``."""
+
+    def confined(path, *args, **kwargs):
+        if not _inside(path, workdir):
+            raise PermissionError(f"{name}({path!r}): outside the opdlm_trl evaluation sandbox's work dir")
+        return function(path, *args, **kwargs)
+
+    return confined
+
+
+def _pin_modules() -> None:
+    """Make reloading or re-importing a guarded module hand back the guarded one, never a fresh copy.
+
+    A C module created afresh (``del sys.modules["posix"]; import posix``, ``importlib.import_module``)
+    would carry the original functions again; ``importlib.reload`` re-runs a Python module's source.
+    """
+    import _imp
+    import importlib
+
+    guarded = {name: sys.modules[name] for name in (*_UNAUDITED, *_WRAPPERS)}
+    create_builtin, create_dynamic = _imp.create_builtin, _imp.create_dynamic
+
+    def pinned_builtin(spec):
+        return guarded.get(spec.name) or create_builtin(spec)
+
+    def pinned_dynamic(spec, file=None):
+        return guarded.get(spec.name) or create_dynamic(spec, file)
+
+    _imp.create_builtin, _imp.create_dynamic = pinned_builtin, pinned_dynamic
+    reload = importlib.reload
+
+    def guarded_reload(module):
+        if getattr(module, "__name__", None) in guarded:
+            raise PermissionError(f"reloading {module.__name__} is disabled in the opdlm_trl evaluation sandbox")
+        return reload(module)
+
+    importlib.reload = guarded_reload
+
+
+def install_guard(workdir: str, native: bool = True) -> None:
+    """Guard processes, signals, sockets, limits and writes outside ``workdir`` (``native``: see :func:`_audit_hook`).
+
+    The audit hook holds at the C level, whichever name, copy or reload of a module the program reaches a
+    function through; the few functions CPython does not audit are replaced in the C module itself and
+    the modules that copied them, and pinned against reloads.
+    """
+    _replace_unaudited(workdir)
+    _pin_modules()
+    sys.addaudithook(_audit_hook(workdir, native))
 
 
 # -------------------------------------------------------------------------------------- main
@@ -281,7 +371,7 @@ def main(argv: list[str]) -> None:
             print(f"{SETUP_MARKER}: {error}", file=sys.stderr, flush=True)
             os._exit(SETUP_FAILED)
     set_limits(int(cpu_seconds), int(memory_bytes))
-    install_guard(workdir)
+    install_guard(workdir, native=contain == "1")
     sys.argv = [program]
     runpy.run_path(program, run_name="__main__")
 
