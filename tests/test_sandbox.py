@@ -215,6 +215,44 @@ def test_native_code_through_ctypes(run, tmp_path):
     )
 
 
+TAMPER_WITH_THE_HOOK = """\
+import os
+try:
+    os.system('true')
+except PermissionError as error:
+    frame = error.__traceback__
+    while frame.tb_next:
+        frame = frame.tb_next
+    hook = frame.tb_frame.f_locals  # the guard's own frame
+    {attack}
+open('{{m}}', 'w').write('x')
+"""
+
+
+def test_rebinding_what_the_guard_uses_changes_nothing(run, tmp_path):
+    """The checks use nothing the program can rebind: builtins, ``os.path``, a ``str`` subclass's methods,
+    the guard's own tables and helpers (reached through a traceback) stay as they were."""
+    victims = tmp_path / "victims"
+    victims.mkdir()
+    _escapes_fail(
+        run,
+        victims,
+        [
+            "import builtins\nbuiltins.isinstance = lambda *args: True\nopen('{m}', 'w').write('x')",
+            "import os, posixpath\nposixpath._joinrealpath = lambda *args: (os.getcwd() + '/x', True)\n"
+            "open('{m}', 'w').write('x')",
+            "class Inside(str):\n    def startswith(self, *args):\n        return True\n"
+            "open(Inside('{m}'), 'w').write('x')",
+            TAMPER_WITH_THE_HOOK.format(attack="hook['refused'].clear()"),
+            TAMPER_WITH_THE_HOOK.format(
+                attack="hook['inside'].__defaults__ = ('/',) + hook['inside'].__defaults__[1:]"
+            ),
+            f"import os\nfolder = os.open({str(victims)!r}, os.O_RDONLY)\n"  # a directory descriptor for dir_fd
+            "os.close(os.open('{m}'.rsplit('/', 1)[1], os.O_WRONLY | os.O_CREAT, dir_fd=folder))",
+        ],
+    )
+
+
 # ------------------------------------------------------------------------------ processes
 
 

@@ -32,7 +32,9 @@ import functools
 import os
 import resource
 import runpy
+import stat
 import sys
+import types
 
 SETUP_FAILED = 90
 SETUP_MARKER = "opdlm-sandbox-setup-failed"
@@ -170,6 +172,11 @@ def set_limits(cpu_seconds: int, memory_bytes: int) -> None:
 # ------------------------------------------------------------------------------------- 3. guard
 
 
+# Every function the guard runs while the program runs takes what it uses as default arguments, bound
+# here: the program rebinding a builtin (``builtins.isinstance``), ``os.path`` or this module's names
+# changes nothing, and changing a function's defaults or code is refused (``object.__setattr__``).
+
+
 def _refuse(name: str, what: str = ""):
     """A stand-in for ``name`` that raises instead of acting (``what``: the capability it stands for).
 
@@ -177,36 +184,14 @@ def _refuse(name: str, what: str = ""):
     """
     message = f"{what or name} is disabled in the opdlm_trl evaluation sandbox" + (f" ({name})" if what else "")
 
-    def disabled(*args, **kwargs):
+    def disabled(*args, message=message, PermissionError=PermissionError, **kwargs):  # noqa: N803
         raise PermissionError(message)
 
     disabled.__name__ = name.rsplit(".", 1)[-1]
     return disabled
 
 
-def _inside(path, workdir: str, resolve=os.path.realpath, fspath=os.fspath, fsdecode=os.fsdecode) -> bool:
-    """True when ``path`` (symlinks resolved, relative to the current directory) lies in ``workdir``.
-
-    The functions it uses are bound when this module loads: the program rebinding ``os.path.realpath``
-    does not change the check.
-    """
-    resolved = resolve(fsdecode(fspath(path)))
-    return resolved == workdir or resolved.startswith(workdir + os.sep)
-
-
-def _refuse_dir_fd(function, name: str):
-    """``function`` without its ``dir_fd`` forms: a path relative to a descriptor escapes every path check."""
-
-    def confined(*args, **kwargs):
-        if any(kwargs.get(key) is not None for key in ("dir_fd", "src_dir_fd", "dst_dir_fd")):
-            raise PermissionError(f"{name} with dir_fd is disabled in the opdlm_trl evaluation sandbox")
-        return function(*args, **kwargs)
-
-    confined.__name__, confined.__doc__ = function.__name__, function.__doc__
-    return confined
-
-
-# Audit events (PEP 578) the C implementation raises whichever Python name, module copy or reload reaches it.
+# Audit events (PEP 578): the C functions raise them whichever Python name, module copy or reload reached them.
 _REFUSED_EVENTS = {  # event -> the capability it stands for
     **dict.fromkeys(
         ("os.system", "os.exec", "os.posix_spawn", "os.spawn", "os.fork", "os.forkpty"), "starting a process"
@@ -216,8 +201,9 @@ _REFUSED_EVENTS = {  # event -> the capability it stands for
     **dict.fromkeys(("resource.setrlimit", "resource.prlimit"), "changing resource limits"),
     **dict.fromkeys(("os.putenv", "os.unsetenv"), "changing the environment"),
     "socket.__new__": "network access",
+    **dict.fromkeys(("gc.get_objects", "gc.get_referrers", "gc.get_referents"), "reaching the guard's objects"),
 }
-_PATH_EVENTS = {  # event -> (positions of its paths, positions of its dir_fd arguments, -1 when not given)
+_PATH_EVENTS = {  # event -> (positions of its paths, positions of its dir_fd arguments: -1 when not given)
     **dict.fromkeys(("os.remove", "os.rmdir"), ((0,), (1,))),
     "os.mkdir": ((0,), (2,)),
     "os.chmod": ((0,), (2,)),
@@ -226,132 +212,215 @@ _PATH_EVENTS = {  # event -> (positions of its paths, positions of its dir_fd ar
     "os.chdir": ((0,), ()),
     **dict.fromkeys(("os.rename", "os.link"), ((0, 1), (2, 3))),
     "os.symlink": ((0, 1), (2,)),
+    **dict.fromkeys(("os.setxattr", "os.removexattr"), ((0,), ())),
 }
-# Loading these lets a program call C directly, past every check here (guard-only runs refuse them).
+_FUNCTION_INTERNALS = ("__code__", "__defaults__", "__kwdefaults__")  # setting them rewrites the guard's checks
+# Loading these lets a program call C directly, past every check here (refused in guard-only runs).
 _NATIVE_BRIDGES = ("_ctypes", "_cffi_backend")
 
-# Functions CPython raises no audit event for: replaced in the Python module and in the C module behind it.
+# Functions CPython raises no audit event for: replaced in the C module and in the module that copied them.
 _UNAUDITED = {
-    os.name: "setsid setpgid setuid setgid seteuid setegid setreuid setregid setresuid setresgid chroot pidfd_open",
+    os.name: "setsid setpgid setuid setgid seteuid setegid setreuid setregid setresuid setresgid chroot pidfd_open "
+    "setpriority sched_setaffinity sched_setscheduler sched_setparam mkfifo mknod memfd_create",
     "_posixsubprocess": "fork_exec",
+    "_posixshmem": "shm_open shm_unlink",  # files in /dev/shm: memory outside the address-space limit
     "_signal": "pidfd_send_signal",
     "_socket": "socketpair",
 }
-_WRAPPERS = {"os": os.name, "subprocess": "_posixsubprocess", "signal": "_signal", "socket": "_socket"}
-_DIR_FD_FUNCTIONS = ("open", "mkfifo", "mknod")  # write without an audited path check: no dir_fd forms
-_CONFINED_PATHS = ("mkfifo", "mknod")
+_COPIED_INTO = {os.name: "os", "_signal": "signal", "_socket": "socket"}
 
 
-def _audit_hook(workdir: str, native: bool, inside=_inside, write_flags=_WRITE_FLAGS):
-    """The audit hook that checks each event; it cannot be removed once added (``sys.addaudithook``).
+def _exact_text(
+    value,
+    encoding=sys.getfilesystemencoding(),
+    join=str.join,
+    decode=bytes.decode,
+    isinstance=isinstance,  # noqa: A002
+    str=str,  # noqa: A002
+    bytes=bytes,  # noqa: A002
+):
+    """``value`` as a plain ``str`` (``None`` when it is no text): a subclass cannot override what the checks call."""
+    if isinstance(value, bytes):
+        return decode(value, encoding, "surrogateescape")
+    return join("", (value,)) if isinstance(value, str) else None
 
-    Its helpers are bound as defaults, so rebinding this module's names from the program changes nothing.
-    ``native``: False refuses loading :data:`_NATIVE_BRIDGES` and every ``ctypes`` event.
+
+def _path_check(workdir: str):
+    """``inside(path)``: True when ``path`` (symlinks resolved, relative to the working directory) lies in ``workdir``.
+
+    A resolver of its own from C functions (``os.path.realpath`` is Python the program could rebind).
+    A symlink loop or a path that is not text counts as outside.
     """
-    refused, path_events, bridges = dict(_REFUSED_EVENTS), dict(_PATH_EVENTS), frozenset(_NATIVE_BRIDGES)
 
-    def outside(path) -> bool:
-        return not isinstance(path, int) and not inside(path, workdir)
+    def inside(
+        path,
+        workdir=workdir,
+        text=_exact_text,
+        lstat=os.lstat,
+        readlink=os.readlink,
+        getcwd=os.getcwd,
+        is_link=stat.S_ISLNK,
+        OSError=OSError,  # noqa: N803
+    ) -> bool:
+        path = text(path)
+        if path is None:
+            return False
+        pending = (path if path.startswith("/") else getcwd() + "/" + path).split("/")[::-1]
+        parts, hops = [], 0
+        while pending:
+            name = pending.pop()
+            if name in ("", "."):
+                continue
+            if name == "..":
+                if parts:
+                    parts.pop()
+                continue
+            parts.append(name)
+            current = "/" + "/".join(parts)
+            try:
+                link = is_link(lstat(current).st_mode)
+                target = readlink(current) if link else ""
+            except OSError:
+                link = False
+            if link:
+                hops += 1
+                if hops > 40:
+                    return False
+                parts.pop()
+                if target.startswith("/"):
+                    parts.clear()
+                pending.extend(target.split("/")[::-1])
+        resolved = "/" + "/".join(parts)
+        return resolved == workdir or resolved.startswith(workdir + "/")
 
-    def hook(event: str, args: tuple) -> None:
+    return inside
+
+
+def _is_directory(path, status=os.stat, is_dir=stat.S_ISDIR, OSError=OSError) -> bool:  # noqa: N803
+    try:
+        return is_dir(status(path).st_mode)
+    except OSError:
+        return False
+
+
+def _audit_hook(workdir: str, native: bool, pinned: frozenset[str]):
+    """The audit hook that checks each event; once added (``sys.addaudithook``) it cannot be removed.
+
+    ``native``: False refuses loading :data:`_NATIVE_BRIDGES` and every ``ctypes`` event. ``pinned``: modules
+    that must not be loaded afresh. Opening a directory is refused: a directory descriptor passed as
+    ``dir_fd`` would make a later relative path escape every path check here.
+    """
+
+    def hook(
+        event,
+        args,
+        inside=_path_check(workdir),
+        is_directory=_is_directory,
+        native=native,
+        pinned=pinned,
+        refused=types.MappingProxyType(dict(_REFUSED_EVENTS)),  # copies: this module's globals stay reachable
+        path_events=types.MappingProxyType(dict(_PATH_EVENTS)),
+        text=_exact_text,
+        internals=frozenset(_FUNCTION_INTERNALS),
+        bridges=frozenset(_NATIVE_BRIDGES),
+        write_flags=_WRITE_FLAGS,
+        directory_flag=getattr(os, "O_DIRECTORY", 0),
+        isinstance=isinstance,  # noqa: A002
+        int=int,  # noqa: A002
+        PermissionError=PermissionError,  # noqa: N803
+    ):
         if event in refused:
             raise PermissionError(f"{refused[event]} is disabled in the opdlm_trl evaluation sandbox ({event})")
         if event == "open":
             path, _, flags = args
-            if flags & write_flags and outside(path):
+            if isinstance(path, int):  # an open descriptor: its own open was checked
+                return
+            if flags & write_flags and not inside(path):
                 raise PermissionError(
                     f"writing {path!r} is disabled outside the opdlm_trl evaluation sandbox's work dir"
                 )
+            if flags & directory_flag or is_directory(path):
+                raise PermissionError(
+                    f"opening the directory {path!r} is disabled in the opdlm_trl evaluation sandbox"
+                )
         elif event in path_events:
             paths, dir_fds = path_events[event]
-            if any(args[index] not in (-1, None) for index in dir_fds):
-                raise PermissionError(f"{event} with dir_fd is disabled in the opdlm_trl evaluation sandbox")
+            for index in dir_fds:
+                if args[index] not in (-1, None):
+                    raise PermissionError(f"{event} with dir_fd is disabled in the opdlm_trl evaluation sandbox")
             for index in paths:
-                if isinstance(args[index], int) or outside(args[index]):  # a descriptor may point anywhere
+                if isinstance(args[index], int) or not inside(args[index]):  # a descriptor may point anywhere
                     raise PermissionError(
                         f"{event}({args[index]!r}): outside the opdlm_trl evaluation sandbox's work dir"
                     )
-        elif not native and (event.startswith("ctypes.") or (event == "import" and args[0] in bridges)):
+        elif event == "object.__setattr__" and text(args[1]) in internals:
+            raise PermissionError(f"setting {args[1]} is disabled in the opdlm_trl evaluation sandbox")
+        elif event == "import" and text(args[0]) in pinned:
+            raise PermissionError(f"importing {args[0]} afresh is disabled in the opdlm_trl evaluation sandbox")
+        elif not native and (event.startswith("ctypes.") or (event == "import" and text(args[0]) in bridges)):
             raise PermissionError(f"native code ({event}{args[:1]!r}) is disabled in guard-only runs of the sandbox")
 
     return hook
 
 
-def _replace_unaudited(workdir: str) -> None:
-    """Replace the unaudited functions in every module that holds them (``os`` copied them from ``posix``)."""
-    import _posixsubprocess  # noqa: F401  (imported so that it is pinned below)
+def _replace_unaudited() -> frozenset[str]:
+    """Replace the unaudited functions in every module that holds them; the names of those modules."""
+    import _posixshmem  # noqa: F401  (loaded now: later loads are refused)
+    import _posixsubprocess  # noqa: F401
     import _socket  # noqa: F401
     import signal  # noqa: F401
     import socket  # noqa: F401
-    import subprocess  # noqa: F401
 
     for backend, names in _UNAUDITED.items():
-        holders = [sys.modules[backend]] + [sys.modules[py] for py, c in _WRAPPERS.items() if c == backend]
+        holders = [sys.modules[backend], sys.modules.get(_COPIED_INTO.get(backend, ""))]
         for name in names.split():
-            for module in holders:
+            for module in filter(None, holders):
                 if hasattr(module, name):
                     setattr(module, name, _refuse(f"{module.__name__}.{name}"))
-    for name in _DIR_FD_FUNCTIONS:
-        function = getattr(os, name)
-        if name in _CONFINED_PATHS:
-            function = _confine_path(function, f"os.{name}", workdir)
-        replacement = _refuse_dir_fd(function, f"os.{name}")
-        setattr(os, name, replacement)
-        setattr(sys.modules[os.name], name, replacement)
     for name in ("exit", "quit"):
         setattr(builtins, name, _refuse(f"builtins.{name}"))
+    return frozenset(_UNAUDITED) | frozenset(_COPIED_INTO.values())
 
 
-def _confine_path(function, name: str, workdir: str):
-    """``function`` restricted to a first (path) argument inside ``workdir``."""
-
-    def confined(path, *args, **kwargs):
-        if not _inside(path, workdir):
-            raise PermissionError(f"{name}({path!r}): outside the opdlm_trl evaluation sandbox's work dir")
-        return function(path, *args, **kwargs)
-
-    return confined
-
-
-def _pin_modules() -> None:
-    """Make reloading or re-importing a guarded module hand back the guarded one, never a fresh copy.
+def _pin_modules(pinned: frozenset[str]) -> None:
+    """Make a fresh copy of a module the guard changed unreachable, so no reload or re-import restores its functions.
 
     A C module created afresh (``del sys.modules["posix"]; import posix``, ``importlib.import_module``)
-    would carry the original functions again; ``importlib.reload`` re-runs a Python module's source.
+    would carry the original functions again. Built-in modules are all created now and
+    ``_imp.create_builtin`` hands back those (so it keeps no original to dig out); a fresh extension
+    module raises an ``import`` event, refused by the hook for ``pinned`` names; ``importlib.reload`` of
+    a pinned module is refused (a Python module re-run would copy the replaced functions anyway).
     """
     import _imp
     import importlib
 
-    guarded = {name: sys.modules[name] for name in (*_UNAUDITED, *_WRAPPERS)}
-    create_builtin, create_dynamic = _imp.create_builtin, _imp.create_dynamic
+    builtin_modules = types.MappingProxyType(
+        {name: importlib.import_module(name) for name in sys.builtin_module_names}
+    )
 
-    def pinned_builtin(spec):
-        return guarded.get(spec.name) or create_builtin(spec)
+    def create_builtin(spec, modules=builtin_modules, ImportError=ImportError):  # noqa: N803
+        if spec.name not in modules:
+            raise ImportError(f"no built-in module named {spec.name}", name=spec.name)
+        return modules[spec.name]
 
-    def pinned_dynamic(spec, file=None):
-        return guarded.get(spec.name) or create_dynamic(spec, file)
-
-    _imp.create_builtin, _imp.create_dynamic = pinned_builtin, pinned_dynamic
-    reload = importlib.reload
-
-    def guarded_reload(module):
-        if getattr(module, "__name__", None) in guarded:
+    def reload(module, pinned=pinned, reload=importlib.reload, PermissionError=PermissionError):  # noqa: N803
+        if getattr(module, "__name__", None) in pinned:
             raise PermissionError(f"reloading {module.__name__} is disabled in the opdlm_trl evaluation sandbox")
         return reload(module)
 
-    importlib.reload = guarded_reload
+    _imp.create_builtin, importlib.reload = create_builtin, reload
 
 
 def install_guard(workdir: str, native: bool = True) -> None:
     """Guard processes, signals, sockets, limits and writes outside ``workdir`` (``native``: see :func:`_audit_hook`).
 
     The audit hook holds at the C level, whichever name, copy or reload of a module the program reaches a
-    function through; the few functions CPython does not audit are replaced in the C module itself and
-    the modules that copied them, and pinned against reloads.
+    function through; the few functions CPython does not audit are replaced in their C module and the
+    module that copied them, and those modules are pinned against reloads and re-imports.
     """
-    _replace_unaudited(workdir)
-    _pin_modules()
-    sys.addaudithook(_audit_hook(workdir, native))
+    pinned = _replace_unaudited()
+    _pin_modules(pinned)
+    sys.addaudithook(_audit_hook(workdir, native, pinned))
 
 
 # -------------------------------------------------------------------------------------- main
