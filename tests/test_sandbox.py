@@ -253,6 +253,39 @@ def test_rebinding_what_the_guard_uses_changes_nothing(run, tmp_path):
     )
 
 
+ORDINARY_CODE = """\
+import collections, dataclasses, enum, functools, logging, os, pathlib, shutil, tempfile, warnings
+from typing import NamedTuple
+pathlib.Path('x').write_text('a')
+pathlib.Path('x').rename('y')
+pathlib.Path('d').mkdir()
+shutil.copy('y', 'd/z')
+os.chmod('d/z', 0o600)
+os.remove('d/z')
+os.rmdir('d')
+os.unlink('y')
+os.makedirs('a/b')
+os.removedirs('a/b')
+with tempfile.NamedTemporaryFile(dir='.') as named, tempfile.TemporaryFile() as unnamed:
+    named.write(b'x')
+    unnamed.write(b'x')
+class Pair(NamedTuple):
+    a: int = 1
+collections.namedtuple('Triple', 'a b c', defaults=(3,))(1, 2)
+dataclasses.make_dataclass('Point', [('x', int)])(1)
+enum.Enum('Colour', 'RED GREEN')
+functools.lru_cache(abs)(-1)
+logging.getLogger('program').warning('ordinary output')
+warnings.warn('ordinary warning')
+assert sorted(os.listdir('.')) == ['program.py'], os.listdir('.')
+"""
+
+
+def test_ordinary_library_code_still_runs(run):
+    """What the guard refuses (directory descriptors, setting a helper's defaults, ...) is not what programs use."""
+    assert run(ORDINARY_CODE) == {"passed": True, "result": "passed"}
+
+
 # ------------------------------------------------------------------------------ processes
 
 

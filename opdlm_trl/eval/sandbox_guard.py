@@ -174,7 +174,7 @@ def set_limits(cpu_seconds: int, memory_bytes: int) -> None:
 
 # Every function the guard runs while the program runs takes what it uses as default arguments, bound
 # here: the program rebinding a builtin (``builtins.isinstance``), ``os.path`` or this module's names
-# changes nothing, and changing a function's defaults or code is refused (``object.__setattr__``).
+# changes nothing, and changing the defaults or code of the hook's helpers is refused (``object.__setattr__``).
 
 
 def _refuse(name: str, what: str = ""):
@@ -214,7 +214,6 @@ _PATH_EVENTS = {  # event -> (positions of its paths, positions of its dir_fd ar
     "os.symlink": ((0, 1), (2,)),
     **dict.fromkeys(("os.setxattr", "os.removexattr"), ((0,), ())),
 }
-_FUNCTION_INTERNALS = ("__code__", "__defaults__", "__kwdefaults__")  # setting them rewrites the guard's checks
 # Loading these lets a program call C directly, past every check here (refused in guard-only runs).
 _NATIVE_BRIDGES = ("_ctypes", "_cffi_backend")
 
@@ -307,24 +306,30 @@ def _audit_hook(workdir: str, native: bool, pinned: frozenset[str]):
     """The audit hook that checks each event; once added (``sys.addaudithook``) it cannot be removed.
 
     ``native``: False refuses loading :data:`_NATIVE_BRIDGES` and every ``ctypes`` event. ``pinned``: modules
-    that must not be loaded afresh. Opening a directory is refused: a directory descriptor passed as
-    ``dir_fd`` would make a later relative path escape every path check here.
+    that must not be loaded afresh. Opening a directory for reading (or anything with ``O_PATH``) is
+    refused: a directory descriptor passed as ``dir_fd`` would make a later relative path escape every
+    path check here.
     """
+
+    inside = _path_check(workdir)
 
     def hook(
         event,
         args,
-        inside=_path_check(workdir),
+        inside=inside,
         is_directory=_is_directory,
+        helpers=frozenset(map(id, (inside, _is_directory, _exact_text))),  # reachable from a traceback's frame
+        id=id,  # noqa: A002
         native=native,
         pinned=pinned,
         refused=types.MappingProxyType(dict(_REFUSED_EVENTS)),  # copies: this module's globals stay reachable
         path_events=types.MappingProxyType(dict(_PATH_EVENTS)),
         text=_exact_text,
-        internals=frozenset(_FUNCTION_INTERNALS),
         bridges=frozenset(_NATIVE_BRIDGES),
         write_flags=_WRITE_FLAGS,
         directory_flag=getattr(os, "O_DIRECTORY", 0),
+        path_flag=getattr(os, "O_PATH", 0),  # a descriptor that only names a file or directory
+        access_flags=os.O_WRONLY | os.O_RDWR,  # no directory opens with these (O_TMPFILE: an unnamed file)
         isinstance=isinstance,  # noqa: A002
         int=int,  # noqa: A002
         PermissionError=PermissionError,  # noqa: N803
@@ -339,7 +344,7 @@ def _audit_hook(workdir: str, native: bool, pinned: frozenset[str]):
                 raise PermissionError(
                     f"writing {path!r} is disabled outside the opdlm_trl evaluation sandbox's work dir"
                 )
-            if flags & directory_flag or is_directory(path):
+            if flags & path_flag or (not flags & access_flags and (flags & directory_flag or is_directory(path))):
                 raise PermissionError(
                     f"opening the directory {path!r} is disabled in the opdlm_trl evaluation sandbox"
                 )
@@ -353,8 +358,8 @@ def _audit_hook(workdir: str, native: bool, pinned: frozenset[str]):
                     raise PermissionError(
                         f"{event}({args[index]!r}): outside the opdlm_trl evaluation sandbox's work dir"
                     )
-        elif event == "object.__setattr__" and text(args[1]) in internals:
-            raise PermissionError(f"setting {args[1]} is disabled in the opdlm_trl evaluation sandbox")
+        elif event == "object.__setattr__" and id(args[0]) in helpers:
+            raise PermissionError(f"changing the guard's {args[1]} is disabled in the opdlm_trl evaluation sandbox")
         elif event == "import" and text(args[0]) in pinned:
             raise PermissionError(f"importing {args[0]} afresh is disabled in the opdlm_trl evaluation sandbox")
         elif not native and (event.startswith("ctypes.") or (event == "import" and text(args[0]) in bridges)):
