@@ -16,6 +16,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 import tracemalloc
 import uuid
@@ -24,26 +25,36 @@ import warnings
 import pytest
 
 from opdlm_trl.data import humaneval_prompt_dataset
-from opdlm_trl.eval import sandbox
+from opdlm_trl.eval import sandbox, sandbox_guard
 from opdlm_trl.eval.metrics import HUMANEVAL_DONE_STATUS, check_humaneval, humaneval_completion, humaneval_program
-from opdlm_trl.eval.sandbox import namespace_support, run_program
+from opdlm_trl.eval.sandbox import landlock_support, namespace_support, run_program
 
 NAMESPACES = namespace_support() is None
+LANDLOCK = landlock_support() is None
 HERE = ["guard", "namespaces"] if NAMESPACES else ["guard"]
-needs_namespaces = pytest.mark.skipif(not NAMESPACES, reason=f"no user namespaces here: {namespace_support()}")
+EVERY_LEVEL = HERE + (["landlock"] if LANDLOCK else [])  # for the escapes of the guard and pass@1 itself
 
 
-@pytest.fixture(params=HERE)
-def run(request, tmp_path):
-    """``run(program, timeout=5, **kw)`` under one isolation level, its work dirs under ``tmp_path/runs``."""
+def _runner(isolation: str, tmp_path):
+    """``run(program, timeout=5, **kw)`` under ``isolation``, its work dirs under ``tmp_path/runs``."""
     runs = tmp_path / "runs"
     runs.mkdir()
 
     def _run(program: str, timeout: float = 5.0, **kwargs):
-        return run_program(program, timeout=timeout, isolation=request.param, tmp_dir=str(runs), **kwargs)
+        return run_program(program, timeout=timeout, isolation=isolation, tmp_dir=str(runs), **kwargs)
 
     _run.marker = str(runs)
     return _run
+
+
+@pytest.fixture(params=HERE)
+def run(request, tmp_path):
+    return _runner(request.param, tmp_path)
+
+
+@pytest.fixture(params=EVERY_LEVEL)
+def every_level(request, tmp_path):
+    return _runner(request.param, tmp_path)
 
 
 @pytest.fixture
@@ -149,12 +160,12 @@ def _escapes_fail(run, victims, programs: list[str]) -> None:
         assert os.listdir(victims) == [], program
 
 
-def test_the_os_backend_module_is_guarded_too(run, tmp_path):
+def test_the_os_backend_module_is_guarded_too(every_level, tmp_path):
     """``posix`` (``nt``) holds the C functions ``os`` copied at import: replacing ``os``'s names is not enough."""
     victims = tmp_path / "victims"
     victims.mkdir()
     _escapes_fail(
-        run,
+        every_level,
         victims,
         [
             "import posix\nassert posix.system('touch {m}') == 0",
@@ -167,11 +178,11 @@ def test_the_os_backend_module_is_guarded_too(run, tmp_path):
     )
 
 
-def test_reloading_or_reimporting_does_not_restore_the_originals(run, tmp_path):
+def test_reloading_or_reimporting_does_not_restore_the_originals(every_level, tmp_path):
     victims = tmp_path / "victims"
     victims.mkdir()
     _escapes_fail(
-        run,
+        every_level,
         victims,
         [
             "import importlib, os\nassert importlib.reload(os).system('touch {m}') == 0",
@@ -183,12 +194,12 @@ def test_reloading_or_reimporting_does_not_restore_the_originals(run, tmp_path):
     )
 
 
-def test_writing_through_the_io_module_itself(run, tmp_path):
+def test_writing_through_the_io_module_itself(every_level, tmp_path):
     """``builtins.open`` is ``_io.open``; ``FileIO`` opens files without it."""
     victims = tmp_path / "victims"
     victims.mkdir()
     _escapes_fail(
-        run,
+        every_level,
         victims,
         [
             "import _io\n_io.open('{m}', 'w').write('x')",
@@ -200,12 +211,12 @@ def test_writing_through_the_io_module_itself(run, tmp_path):
     )
 
 
-def test_native_code_through_ctypes(run, tmp_path):
+def test_native_code_through_ctypes(every_level, tmp_path):
     """Refused in guard-only runs (loading ``_ctypes`` fails); under namespaces it runs but changes nothing outside."""
     victims = tmp_path / "victims"
     victims.mkdir()
     _escapes_fail(
-        run,
+        every_level,
         victims,
         [
             "import ctypes\nassert ctypes.CDLL(None).system(b'touch {m}') == 0",
@@ -229,13 +240,13 @@ open('{{m}}', 'w').write('x')
 """
 
 
-def test_rebinding_what_the_guard_uses_changes_nothing(run, tmp_path):
+def test_rebinding_what_the_guard_uses_changes_nothing(every_level, tmp_path):
     """The checks use nothing the program can rebind: builtins, ``os.path``, a ``str`` subclass's methods,
     the guard's own tables and helpers (reached through a traceback) stay as they were."""
     victims = tmp_path / "victims"
     victims.mkdir()
     _escapes_fail(
-        run,
+        every_level,
         victims,
         [
             "import builtins\nbuiltins.isinstance = lambda *args: True\nopen('{m}', 'w').write('x')",
@@ -281,9 +292,9 @@ assert sorted(os.listdir('.')) == ['program.py'], os.listdir('.')
 """
 
 
-def test_ordinary_library_code_still_runs(run):
+def test_ordinary_library_code_still_runs(every_level):
     """What the guard refuses (directory descriptors, setting a helper's defaults, ...) is not what programs use."""
-    assert run(ORDINARY_CODE) == {"passed": True, "result": "passed"}
+    assert every_level(ORDINARY_CODE) == {"passed": True, "result": "passed"}
 
 
 # ------------------------------------------------------------------------------ processes
@@ -388,6 +399,55 @@ def test_kill_through_libc_cannot_reach_outside(contained):
         assert contained(program) == {"passed": True, "result": "passed"}  # both kills failed (own pid namespace)
 
 
+LIBC_ESCAPES = """\
+import ctypes, os
+libc = ctypes.CDLL(None, use_errno=True)
+assert libc.unlink({victim!r}) != 0
+assert libc.open({new!r}, os.O_WRONLY | os.O_CREAT, 0o600) < 0 and ctypes.get_errno() == 13  # EACCES
+assert libc.open(b'inside.txt', os.O_WRONLY | os.O_CREAT, 0o600) >= 0  # the work dir stays writable
+if {abi} >= 4:  # TCP
+    fd = libc.socket(2, 1, 0)
+    address = bytes([2, 0]) + ({port}).to_bytes(2, 'big') + bytes([127, 0, 0, 1]) + bytes(8)
+    assert libc.connect(fd, address, 16) != 0
+if {abi} >= 6:  # signals
+    assert libc.kill({parent}, {signal}) != 0 and libc.kill({sleeper}, 9) != 0
+"""
+
+
+@pytest.mark.skipif(not LANDLOCK, reason=f"no Landlock here: {landlock_support()}")
+def test_landlock_alone_holds_against_libc(tmp_path):
+    """What ``isolation="landlock"`` adds under the guard, measured with native code and no guard at all."""
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    abi = sandbox_guard.landlock_abi()
+    with _kill_targets() as (_, sleeper), socket.create_server(("127.0.0.1", 0)) as server:
+        server.settimeout(0.2)
+        program = LIBC_ESCAPES.format(
+            victim=str(victim).encode(),
+            new=str(tmp_path / "new.txt").encode(),
+            abi=abi,
+            port=server.getsockname()[1],
+            parent=os.getpid(),
+            signal=int(signal.SIGUSR1),
+            sleeper=sleeper.pid,
+        )
+        code = (
+            f"import sys\nsys.path.insert(0, {os.path.dirname(sandbox_guard.__file__)!r})\nimport sandbox_guard\n"
+            f"sandbox_guard.restrict_with_landlock({str(workdir)!r})\nexec({program!r})"
+        )
+        child = subprocess.run(
+            [sys.executable, "-I", "-B", "-c", code], cwd=workdir, capture_output=True, text=True, timeout=30
+        )
+        assert child.returncode == 0, child.stderr
+        if abi >= 4:
+            with pytest.raises(TimeoutError):
+                server.accept()
+    assert victim.read_text() == "keep me" and not (tmp_path / "new.txt").exists()
+    assert (workdir / "inside.txt").exists()
+
+
 # ------------------------------------------------------------------------------ network, memory, output
 
 
@@ -463,7 +523,7 @@ def test_exit_builtins_cannot_skip_the_tests(run):
 # ------------------------------------------------------------------------------ pass@1 unchanged
 
 
-def test_honest_solutions_pass_and_wrong_ones_fail(run):
+def test_honest_solutions_pass_and_wrong_ones_fail(every_level):
     dataset = humaneval_prompt_dataset("heldout")
     for problem in (dataset[i] for i in range(6)):
         prompt, entry = problem["code_prompt"], problem["entry_point"]
@@ -473,7 +533,7 @@ def test_honest_solutions_pass_and_wrong_ones_fail(run):
             (f"```python\ndef {entry}(*args):\n    return None\n```", False),
         ):
             program = humaneval_program(prompt, humaneval_completion(prompt, response, entry), problem["test"], entry)
-            outcome = run(program, success_status=HUMANEVAL_DONE_STATUS)
+            outcome = every_level(program, success_status=HUMANEVAL_DONE_STATUS)
             assert outcome["passed"] is expected, (problem["task_id"], expected)
 
 
@@ -512,6 +572,7 @@ def test_without_namespaces_auto_refuses_unless_guard_only_was_chosen(monkeypatc
         assert run_program("pass", timeout=5)["passed"]
     messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
     assert len(messages) == 1 and "`unshare` is not on PATH" in messages[0]
+    assert ("under Landlock" in messages[0]) == LANDLOCK  # the opted-in fallback takes Landlock where there is one
     with pytest.raises(RuntimeError, match="unshare"):
         run_program("pass", isolation="namespaces")  # the opt-in is for "auto" only
     with pytest.raises(ValueError, match="isolation"):

@@ -7,10 +7,12 @@ Run as a script by :func:`opdlm_trl.eval.sandbox.run_program` (standard library 
 
 In order, before the first line of ``PROGRAM`` runs:
 
-1. ``CONTAIN=1`` (the process was started by ``unshare`` in fresh user, mount, network, pid, IPC and
-   UTS namespaces): every mount becomes read-only, ``nodev`` and ``nosuid`` except a bind mount of the
-   work dir (the folder holding ``PROGRAM``), then every capability is dropped for good, so the program
-   cannot undo the mounts. Any failure exits with :data:`SETUP_FAILED` and a ``SETUP_MARKER`` line
+1. ``CONTAIN=namespaces`` (the process was started by ``unshare`` in fresh user, mount, network, pid,
+   IPC and UTS namespaces): every mount becomes read-only, ``nodev`` and ``nosuid`` except a bind mount
+   of the work dir (the folder holding ``PROGRAM``), then every capability is dropped for good, so the
+   program cannot undo the mounts. ``CONTAIN=landlock`` (no namespaces needed): a Landlock domain
+   forbids writing outside the work dir, TCP and signals out (as far as the kernel's ABI goes).
+   ``CONTAIN=none``: nothing. Any failure exits with :data:`SETUP_FAILED` and a ``SETUP_MARKER`` line
    (the parent then refuses to score, rather than scoring without the containment it asked for).
 2. CPU-time, address-space, file-size and core-dump limits.
 3. The in-process guard: spawning or signalling processes, the network, changing limits or the
@@ -18,7 +20,7 @@ In order, before the first line of ``PROGRAM`` runs:
    Its core is an audit hook (PEP 578), which sees the C functions themselves whatever Python name,
    module copy or reload reaches them; the few functions CPython does not audit are replaced in their
    C module (``posix``, ``_signal``, ...) and the modules that copied them, and pinned against reloads.
-   With ``CONTAIN=0`` it also refuses native bridges (``ctypes``, ``cffi``). It stops accidents and
+   Without namespaces it also refuses native bridges (``ctypes``, ``cffi``). It stops accidents and
    one-line escapes, not attackers (native code and tampering with the interpreter get past any
    in-process check): the namespaces of step 1 are what hold against a program that bypasses it, which
    is why the parent runs guard-only only when the caller asked for it by name.
@@ -141,18 +143,77 @@ def verify(workdir: str) -> None:
     """Check the containment really holds: nothing outside the work dir is writable, no network device."""
     import socket
 
+    _outside_is_read_only(workdir, errno.EROFS)
+    devices = [name for _, name in socket.if_nameindex() if name != "lo"]
+    if devices:
+        raise SetupError(f"network devices visible: {devices}")
+
+
+def _outside_is_read_only(workdir: str, expected: int) -> None:
+    """Creating a file next to the work dir must fail with ``expected`` (the errno of the layer that stops it)."""
     outside = os.path.join(os.path.dirname(workdir), f".opdlm-sandbox-probe-{os.getpid()}")
     try:
         os.close(os.open(outside, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
     except OSError as error:
-        if error.errno != errno.EROFS:
-            raise SetupError(f"writing outside the work dir failed with {error!r}, not EROFS") from None
+        if error.errno != expected:
+            expected_name = errno.errorcode[expected]
+            raise SetupError(f"writing outside the work dir failed with {error!r}, not {expected_name}") from None
     else:
         os.unlink(outside)
         raise SetupError("the file system outside the work dir is still writable")
-    devices = [name for _, name in socket.if_nameindex() if name != "lo"]
-    if devices:
-        raise SetupError(f"network devices visible: {devices}")
+
+
+# ----------------------------------------------------------------------------------- 1b. Landlock
+# <linux/landlock.h>: the same syscall numbers on every architecture.
+_LANDLOCK_CREATE_RULESET, _LANDLOCK_ADD_RULE, _LANDLOCK_RESTRICT_SELF = 444, 445, 446
+_LANDLOCK_CREATE_RULESET_VERSION, _LANDLOCK_RULE_PATH_BENEATH = 1, 1
+# Write rights per ABI version: WRITE_FILE, REMOVE_DIR/FILE, MAKE_CHAR/DIR/REG/SOCK/FIFO/BLOCK/SYM (1), REFER (2),
+# TRUNCATE (3). Reading and executing stay allowed everywhere, as under the namespaces' read-only view.
+_LANDLOCK_WRITES = {1: 0x1FF2, 2: 1 << 13, 3: 1 << 14}
+_LANDLOCK_NET_TCP = 0b11  # ABI 4: BIND_TCP, CONNECT_TCP (no rule: both denied)
+_LANDLOCK_SCOPES = 0b11  # ABI 6: ABSTRACT_UNIX_SOCKET, SIGNAL (nothing outside this process's domain)
+
+
+def landlock_abi() -> int:
+    """The kernel's Landlock ABI version (0: none, e.g. disabled at boot or refused by a seccomp profile)."""
+    try:
+        return _libc_call("syscall", _LANDLOCK_CREATE_RULESET, None, 0, _LANDLOCK_CREATE_RULESET_VERSION)
+    except SetupError:
+        return 0
+
+
+def restrict_with_landlock(workdir: str) -> int:
+    """Forbid writing outside ``workdir`` (and, where the ABI has them, TCP and signals out) for good; the ABI.
+
+    A Landlock domain needs no root and no namespaces, binds native code as well as Python, and survives
+    ``execve``. It does not cover ``chmod`` / ``chown`` / ``utime`` / xattrs, UDP, or processes the program
+    starts outliving the run.
+    """
+    import ctypes
+
+    abi = landlock_abi()
+    if abi < 1:
+        raise SetupError("Landlock is not available (kernel without it, or the syscall is filtered)")
+    writes = sum(rights for version, rights in _LANDLOCK_WRITES.items() if version <= abi)
+    handled = [writes] + ([_LANDLOCK_NET_TCP] if abi >= 4 else []) + ([_LANDLOCK_SCOPES] if abi >= 6 else [])
+    attributes = (ctypes.c_uint64 * len(handled))(*handled)
+
+    class PathBeneath(ctypes.Structure):
+        _pack_ = 1
+        _fields_ = [("allowed_access", ctypes.c_uint64), ("parent_fd", ctypes.c_int32)]
+
+    ruleset = _libc_call("syscall", _LANDLOCK_CREATE_RULESET, attributes, ctypes.sizeof(attributes), 0)
+    folder = os.open(workdir, os.O_PATH | os.O_CLOEXEC)
+    try:
+        rule = PathBeneath(writes, folder)
+        _libc_call("syscall", _LANDLOCK_ADD_RULE, ruleset, _LANDLOCK_RULE_PATH_BENEATH, ctypes.byref(rule), 0)
+        _libc_call("prctl", PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
+        _libc_call("syscall", _LANDLOCK_RESTRICT_SELF, ruleset, 0)
+    finally:
+        os.close(folder)
+        os.close(ruleset)
+    _outside_is_read_only(workdir, errno.EACCES)
+    return abi
 
 
 # ------------------------------------------------------------------------------------ 2. limits
@@ -431,21 +492,40 @@ def install_guard(workdir: str, native: bool = True) -> None:
 # -------------------------------------------------------------------------------------- main
 
 
-def main(argv: list[str]) -> None:
-    """Contain (optionally), limit, guard, then run ``PROGRAM`` as ``__main__``."""
-    contain, cpu_seconds, memory_bytes, program = argv
-    program = os.path.realpath(program)
-    workdir = os.path.dirname(program)
-    if contain == "1":
-        try:
+LAYERS = ("namespaces", "landlock", "none")  # the kernel layer under the guard (CONTAIN on the command line)
+_LANDLOCK_APPLIED = "landlock-applied"  # the same script again, started afresh inside the Landlock domain
+
+
+def _contain(layer: str, workdir: str) -> None:
+    """Set up ``layer`` (step 1); any failure ends the process with :data:`SETUP_FAILED` and the marker."""
+    try:
+        if layer == "namespaces":
             read_only_view(workdir)
             drop_privileges()
             verify(workdir)
-        except (SetupError, OSError) as error:
-            print(f"{SETUP_MARKER}: {error}", file=sys.stderr, flush=True)
-            os._exit(SETUP_FAILED)
+        elif layer == "landlock":
+            restrict_with_landlock(workdir)
+    except (SetupError, OSError) as error:
+        print(f"{SETUP_MARKER}: {error}", file=sys.stderr, flush=True)
+        os._exit(SETUP_FAILED)
+
+
+def main(argv: list[str]) -> None:
+    """Contain (optionally), limit, guard, then run ``PROGRAM`` as ``__main__``.
+
+    After Landlock the script starts itself afresh (the domain survives ``execve``), so the program does
+    not find the ``ctypes`` the set-up needed already loaded: guard-only runs refuse loading it.
+    """
+    layer, cpu_seconds, memory_bytes, program = argv
+    if layer not in (*LAYERS, _LANDLOCK_APPLIED):
+        raise SystemExit(f"CONTAIN must be one of {LAYERS}, got {layer!r}")
+    program = os.path.realpath(program)
+    workdir = os.path.dirname(program)
+    _contain(layer, workdir)
+    if layer == "landlock":
+        os.execv(sys.executable, [sys.executable, "-I", "-B", __file__, _LANDLOCK_APPLIED, *argv[1:3], program])
     set_limits(int(cpu_seconds), int(memory_bytes))
-    install_guard(workdir, native=contain == "1")
+    install_guard(workdir, native=layer == "namespaces")
     sys.argv = [program]
     runpy.run_path(program, run_name="__main__")
 
