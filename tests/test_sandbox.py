@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import importlib.util
 import os
 import signal
 import socket
@@ -224,6 +225,26 @@ def test_native_code_through_ctypes(every_level, tmp_path):
             "assert libc.system(b'touch {m}') == 0",
         ],
     )
+
+
+def _available(*modules: str) -> bool:
+    return all(importlib.util.find_spec(module) is not None for module in modules)
+
+
+def test_modules_that_get_past_the_checks(every_level, tmp_path):
+    """A subinterpreter (no audit hook), Tcl's ``exec``, and C code that writes files by path without an audit
+    event: refused without namespaces, contained by them."""
+    victims = tmp_path / "victims"
+    victims.mkdir()
+    programs = {
+        "_xxsubinterpreters": "import _xxsubinterpreters as interpreters\n"
+        "interpreters.run_string(interpreters.create(), \"import os; assert os.system('touch {m}') == 0\")",
+        "_tkinter": "import tkinter\ntkinter.Tcl().eval('exec touch {m}')",
+        "readline": "import readline\nreadline.write_history_file('{m}')",
+        "sqlite3": "import sqlite3\nsqlite3.connect('{m}').execute('create table t (x)')",
+        "_testcapi": "import _testcapi\n_testcapi.pymarshal_write_long_to_file(1, '{m}', 4)",  # fopen(), mode "wb"
+    }
+    _escapes_fail(every_level, victims, [program for module, program in programs.items() if _available(module)])
 
 
 TAMPER_WITH_THE_HOOK = """\

@@ -20,7 +20,8 @@ In order, before the first line of ``PROGRAM`` runs:
    Its core is an audit hook (PEP 578), which sees the C functions themselves whatever Python name,
    module copy or reload reaches them; the few functions CPython does not audit are replaced in their
    C module (``posix``, ``_signal``, ...) and the modules that copied them, and pinned against reloads.
-   Without namespaces it also refuses native bridges (``ctypes``, ``cffi``). It stops accidents and
+   Without namespaces it also refuses what gets past its checks (``ctypes``, ``cffi``, subinterpreters,
+   Tcl, ``sqlite3``, ``readline``, ``_testcapi``, ...). It stops accidents and
    one-line escapes, not attackers (native code and tampering with the interpreter get past any
    in-process check): the namespaces of step 1 are what hold against a program that bypasses it, which
    is why the parent runs guard-only only when the caller asked for it by name.
@@ -262,6 +263,7 @@ _REFUSED_EVENTS = {  # event -> the capability it stands for
     **dict.fromkeys(("resource.setrlimit", "resource.prlimit"), "changing resource limits"),
     **dict.fromkeys(("os.putenv", "os.unsetenv"), "changing the environment"),
     "socket.__new__": "network access",
+    **dict.fromkeys(("syslog.openlog", "syslog.syslog"), "writing to the system log"),
     **dict.fromkeys(("gc.get_objects", "gc.get_referrers", "gc.get_referents"), "reaching the guard's objects"),
 }
 _PATH_EVENTS = {  # event -> (positions of its paths, positions of its dir_fd arguments: -1 when not given)
@@ -275,8 +277,13 @@ _PATH_EVENTS = {  # event -> (positions of its paths, positions of its dir_fd ar
     "os.symlink": ((0, 1), (2,)),
     **dict.fromkeys(("os.setxattr", "os.removexattr"), ((0,), ())),
 }
-# Loading these lets a program call C directly, past every check here (refused in guard-only runs).
-_NATIVE_BRIDGES = ("_ctypes", "_cffi_backend")
+# What gets past every check here: refused in runs without namespaces (under them, the namespaces hold).
+_UNCHECKED_MODULES = (
+    *("_ctypes", "_cffi_backend", "_testcapi", "_testinternalcapi"),  # C called directly
+    *("_xxsubinterpreters", "_tkinter"),  # an interpreter without this hook; Tcl's exec and open
+    *("_sqlite3", "readline", "_multiprocessing"),  # write files (ATTACH, history, /dev/shm semaphores) unaudited
+)
+_UNCHECKED_EVENTS = ("cpython.PyInterpreterState_New",)  # a subinterpreter, however created, lacks this hook
 
 # Functions CPython raises no audit event for: replaced in the C module and in the module that copied them.
 _UNAUDITED = {
@@ -366,7 +373,8 @@ def _is_directory(path, status=os.stat, is_dir=stat.S_ISDIR, OSError=OSError) ->
 def _audit_hook(workdir: str, native: bool, pinned: frozenset[str]):
     """The audit hook that checks each event; once added (``sys.addaudithook``) it cannot be removed.
 
-    ``native``: False refuses loading :data:`_NATIVE_BRIDGES` and every ``ctypes`` event. ``pinned``: modules
+    ``native``: False refuses loading :data:`_UNCHECKED_MODULES`, :data:`_UNCHECKED_EVENTS` and every
+    ``ctypes`` event. ``pinned``: modules
     that must not be loaded afresh. Opening a directory for reading (or anything with ``O_PATH``) is
     refused: a directory descriptor passed as ``dir_fd`` would make a later relative path escape every
     path check here.
@@ -386,8 +394,10 @@ def _audit_hook(workdir: str, native: bool, pinned: frozenset[str]):
         refused=types.MappingProxyType(dict(_REFUSED_EVENTS)),  # copies: this module's globals stay reachable
         path_events=types.MappingProxyType(dict(_PATH_EVENTS)),
         text=_exact_text,
-        bridges=frozenset(_NATIVE_BRIDGES),
+        unchecked=frozenset(_UNCHECKED_MODULES),
+        unchecked_events=frozenset(_UNCHECKED_EVENTS),
         write_flags=_WRITE_FLAGS,
+        write_modes=frozenset("wax+"),
         directory_flag=getattr(os, "O_DIRECTORY", 0),
         path_flag=getattr(os, "O_PATH", 0),  # a descriptor that only names a file or directory
         access_flags=os.O_WRONLY | os.O_RDWR,  # no directory opens with these (O_TMPFILE: an unnamed file)
@@ -398,10 +408,11 @@ def _audit_hook(workdir: str, native: bool, pinned: frozenset[str]):
         if event in refused:
             raise PermissionError(f"{refused[event]} is disabled in the opdlm_trl evaluation sandbox ({event})")
         if event == "open":
-            path, _, flags = args
+            path, mode, flags = args
             if isinstance(path, int):  # an open descriptor: its own open was checked
                 return
-            if flags & write_flags and not inside(path):
+            writes = flags & write_flags or not write_modes.isdisjoint(text(mode) or "")  # fopen() passes a mode
+            if writes and not inside(path):
                 raise PermissionError(
                     f"writing {path!r} is disabled outside the opdlm_trl evaluation sandbox's work dir"
                 )
@@ -423,8 +434,12 @@ def _audit_hook(workdir: str, native: bool, pinned: frozenset[str]):
             raise PermissionError(f"changing the guard's {args[1]} is disabled in the opdlm_trl evaluation sandbox")
         elif event == "import" and text(args[0]) in pinned:
             raise PermissionError(f"importing {args[0]} afresh is disabled in the opdlm_trl evaluation sandbox")
-        elif not native and (event.startswith("ctypes.") or (event == "import" and text(args[0]) in bridges)):
-            raise PermissionError(f"native code ({event}{args[:1]!r}) is disabled in guard-only runs of the sandbox")
+        elif not native and (
+            event.startswith("ctypes.")
+            or event in unchecked_events
+            or (event == "import" and text(args[0]) in unchecked)
+        ):
+            raise PermissionError(f"{event}{args[:1]!r} gets past the sandbox's checks: disabled without namespaces")
 
     return hook
 
