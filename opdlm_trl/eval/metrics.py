@@ -12,9 +12,11 @@ HumanEval pass@1 runs the benchmark's own ``check`` function against the complet
   enabled (1.0.3 from PyPI does; the GitHub source ships it commented out).
 * ``"subprocess"``: our own runner, :func:`opdlm_trl.eval.sandbox.run_program` (re-exported here): a
   fresh ``python -I`` in a temporary work dir with CPU-time / memory / file-size limits, an in-process
-  guard against spawning, signalling, networking and writing outside the work dir, and, where the
-  kernel allows it, fresh Linux namespaces (read-only file system, no network, own pid space). A guard
-  against accidents, not a security boundary: run untrusted model output inside a container.
+  guard against spawning, signalling, networking and writing outside the work dir, and fresh Linux
+  namespaces (read-only file system, no network, own pid space); where the kernel has no user
+  namespaces it refuses to run unless ``OPDLM_SANDBOX_ALLOW_GUARD_ONLY=1`` (then Landlock where
+  available). A guard against accidents, not a security boundary: run untrusted model output inside a
+  container.
 """
 
 from __future__ import annotations

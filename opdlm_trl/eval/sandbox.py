@@ -1,18 +1,26 @@
 """Run one model-written Python program with limits and containment: the pass@1 runner.
 
 :func:`run_program` starts a fresh ``python -I`` on :mod:`opdlm_trl.eval.sandbox_guard`, which sets
-the limits and the in-process guard and then runs the program. Two isolation levels:
+the limits and the in-process guard and then runs the program. Three isolation levels:
 
 * ``"namespaces"``: the child also runs under util-linux ``unshare`` in fresh user, mount, network,
   pid, IPC and UTS namespaces: no network device, a read-only view of everything but its temporary
   work dir, no capabilities, no view of (or signal to) processes outside, and every process it
   started dies with it. Needs unprivileged user namespaces (most Linux hosts; often not inside
   Docker's default seccomp profile or under Ubuntu's AppArmor userns restriction).
-* ``"guard"``: limits and the in-process guard only.
+* ``"landlock"``: no namespaces needed (no root either): a Landlock domain forbids writing outside the
+  work dir, TCP and signals to processes outside, for native code too; it does not cover metadata
+  changes (``chmod``, ``utime``, ...), UDP, or processes outliving the run, so the guard still refuses
+  native bridges (``ctypes``). Needs a kernel with Landlock (5.13+; TCP 6.7+, signals 6.12+).
+* ``"guard"``: limits and the in-process guard only, which native code gets past (``ctypes`` and the
+  like are refused, but no in-process check holds against code that reaches C).
 
-``"auto"`` (the default) probes once per process whether ``"namespaces"`` works here and falls back
-to ``"guard"`` with one warning naming what is missing. Neither is a security boundary against a
-determined attacker (see ``docs/evaluation.md``).
+``"landlock"`` and ``"guard"`` run only when asked for by name. ``"auto"`` (the default) probes once per
+process whether ``"namespaces"`` works here. Where it does not, it refuses to run model-written code
+with an error saying how to get namespaces, unless the caller opted in with
+``OPDLM_SANDBOX_ALLOW_GUARD_ONLY=1`` (then one warning, and ``"landlock"`` where the kernel has it,
+else ``"guard"``). No level is a security boundary against a determined attacker (see
+``docs/evaluation.md``).
 """
 
 from __future__ import annotations
@@ -31,9 +39,10 @@ from typing import Any
 
 from . import sandbox_guard
 
-__all__ = ["ISOLATIONS", "OUTPUT_LIMIT", "namespace_support", "run_program"]
+__all__ = ["GUARD_ONLY_ENV", "ISOLATIONS", "OUTPUT_LIMIT", "landlock_support", "namespace_support", "run_program"]
 
-ISOLATIONS = ("auto", "namespaces", "guard")
+ISOLATIONS = ("auto", "namespaces", "landlock", "guard")
+GUARD_ONLY_ENV = "OPDLM_SANDBOX_ALLOW_GUARD_ONLY"  # "1": "auto" may fall back to Landlock / the guard alone
 OUTPUT_LIMIT = 64 * 1024  # bytes of the program's stderr kept (its tail): the failure message is its last line
 _UNSHARE_FLAGS = ("--user", "--map-root-user", "--mount", "--net", "--pid", "--fork", "--kill-child", "--mount-proc")
 _UNSHARE_FLAGS += ("--ipc", "--uts")
@@ -48,19 +57,28 @@ def namespace_support() -> str | None:
     set-up and self-check (read-only file system outside the work dir, no network device). Any
     failure means "unsupported", so a half-working kernel never gets the namespace path.
     """
+    return _support_of("namespaces")
+
+
+def landlock_support() -> str | None:
+    """``None`` when ``isolation="landlock"`` works on this host, else why not (a real run, probed once, cached)."""
+    return _support_of("landlock")
+
+
+def _support_of(layer: str) -> str | None:
     with _support_lock:
-        if "reason" not in _support:
-            _support["reason"] = _probe()
-        return _support["reason"]
+        if layer not in _support:
+            _support[layer] = _probe(layer)
+        return _support[layer]
 
 
-def _probe() -> str | None:
+def _probe(layer: str) -> str | None:
     if not sys.platform.startswith("linux"):
-        return f"Linux namespaces are not available on {sys.platform}"
-    if shutil.which("unshare") is None:
+        return f"{layer} is not available on {sys.platform}"
+    if layer == "namespaces" and shutil.which("unshare") is None:
         return "util-linux `unshare` is not on PATH"
     try:
-        outcome = _run("", timeout=20.0, memory_mb=256, contain=True, tmp_dir=None)
+        outcome = _run("", timeout=20.0, memory_mb=256, layer=layer, tmp_dir=None)
     except (RuntimeError, OSError) as error:  # set-up refused, or `unshare` not runnable
         return str(error)
     if not outcome["passed"]:
@@ -68,28 +86,48 @@ def _probe() -> str | None:
     return None
 
 
-def _resolve_isolation(isolation: str) -> bool:
-    """True to run in namespaces; warns once when ``"auto"`` falls back, raises when they were demanded."""
+def _without_namespaces(isolation: str, reason: str) -> str:
+    """The error for a run that needs namespaces where they are missing: how to get them, or how to opt out."""
+    return (
+        f"isolation={isolation!r}: Linux namespaces are not available here ({reason}), and the in-process guard "
+        "alone does not contain native code (ctypes, C extensions), so model-written programs are not run. Get "
+        "namespaces: install util-linux `unshare` and allow unprivileged user namespaces (`sysctl "
+        "kernel.unprivileged_userns_clone=1`; Ubuntu 23.10+: `sysctl kernel.apparmor_restrict_unprivileged_userns=0`; "
+        "Docker's default seccomp/AppArmor profiles forbid them), or evaluate inside a throwaway container or VM "
+        f"with no secrets and opt in with isolation='landlock' / 'guard' or {GUARD_ONLY_ENV}=1."
+    )
+
+
+def _resolve_isolation(isolation: str) -> str:
+    """The layer to run under (:data:`sandbox_guard.LAYERS`); without namespaces only what was asked for by name."""
     if isolation not in ISOLATIONS:
         raise ValueError(f"isolation must be one of {ISOLATIONS}, got {isolation!r}.")
     if isolation == "guard":
-        return False
+        return "none"
+    if isolation == "landlock":
+        reason = landlock_support()
+        if reason is not None:
+            raise RuntimeError(f"isolation='landlock' is not available here: {reason}.")
+        return "landlock"
     reason = namespace_support()
     if reason is None:
-        return True
-    if isolation == "namespaces":
-        raise RuntimeError(f"isolation='namespaces' is not available here: {reason}. Use isolation='guard'.")
+        return "namespaces"
+    if isolation == "namespaces" or os.environ.get(GUARD_ONLY_ENV) != "1":
+        raise RuntimeError(_without_namespaces(isolation, reason))
+    layer = "landlock" if landlock_support() is None else "none"
     with _support_lock:
         if not _support.get("warned"):
             _support["warned"] = "yes"
             warnings.warn(
-                f"opdlm_trl sandbox: {reason}; model-written programs run with resource limits and the in-process "
-                "guard only (no read-only file system, network or pid namespace). Run untrusted evaluations in a "
+                f"opdlm_trl sandbox: {reason}; {GUARD_ONLY_ENV}=1, so model-written programs run with resource "
+                "limits and the in-process guard"
+                + (" under Landlock (no writes, TCP or signals out)" if layer == "landlock" else " only")
+                + " without namespaces (native code is refused but not contained). Run untrusted evaluations in a "
                 "container.",
                 RuntimeWarning,
                 stacklevel=3,
             )
-    return False
+    return layer
 
 
 def run_program(
@@ -110,27 +148,29 @@ def run_program(
     environment holds only ``PATH``, ``HOME`` and ``TMPDIR`` (both the work dir); stdin and stdout are
     ``/dev/null`` and only the last :data:`OUTPUT_LIMIT` bytes of stderr are kept, so endless output
     cannot fill memory. The process gets its own session, killed as a whole when the run ends.
-    ``isolation`` is one of :data:`ISOLATIONS` (module docstring).
+    ``isolation`` is one of :data:`ISOLATIONS` (module docstring); without namespaces, ``"auto"`` raises
+    :class:`RuntimeError` unless :data:`GUARD_ONLY_ENV` is ``"1"``.
     """
     return _run(program, timeout, memory_mb, _resolve_isolation(isolation), tmp_dir, success_status)
 
 
-def _command(program_path: str, timeout: float, memory_mb: int, contain: bool) -> list[str]:
-    guard = [sys.executable, "-I", "-B", sandbox_guard.__file__, "1" if contain else "0"]
+def _command(program_path: str, timeout: float, memory_mb: int, layer: str) -> list[str]:
+    guard = [sys.executable, "-I", "-B", sandbox_guard.__file__, layer]
     guard += [str(int(timeout) + 1), str(memory_mb << 20), program_path]
-    return [shutil.which("unshare") or "unshare", *_UNSHARE_FLAGS, "--", *guard] if contain else guard
+    return [shutil.which("unshare") or "unshare", *_UNSHARE_FLAGS, "--", *guard] if layer == "namespaces" else guard
 
 
 def _run(
-    program: str, timeout: float, memory_mb: int, contain: bool, tmp_dir: str | None, success_status: int = 0
+    program: str, timeout: float, memory_mb: int, layer: str, tmp_dir: str | None, success_status: int = 0
 ) -> dict[str, Any]:
+    contain = layer == "namespaces"
     with tempfile.TemporaryDirectory(prefix="opdlm_exec_", dir=tmp_dir, ignore_cleanup_errors=True) as workdir:
         workdir = os.path.realpath(workdir)
         path = os.path.join(workdir, "program.py")
         with open(path, "w") as handle:
             handle.write(program)
         process = subprocess.Popen(
-            _command(path, timeout, memory_mb, contain),
+            _command(path, timeout, memory_mb, layer),
             cwd=workdir,
             env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": workdir, "TMPDIR": workdir},
             stdin=subprocess.DEVNULL,
