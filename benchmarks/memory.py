@@ -210,14 +210,15 @@ def main() -> None:
         return
     if args.smoke:
         args.layers, args.lengths, args.rollout_tokens = [1, 2], [16, 32], 8
+    args.lengths = [-(-length // BLOCK) * BLOCK for length in args.lengths]  # whole blocks, as the sampler decodes
     args.out.mkdir(parents=True, exist_ok=True)
     codes = {"current": ROOT, **({"previous": args.previous_code.resolve()} if args.previous_code else {})}
     for layers in args.layers:
         for length in args.lengths:
             for code, package in codes.items():
                 path = _cell_path(args.out, code, layers, length)
-                if path.exists():
-                    continue  # resume: a finished cell is never rerun
+                if path.exists() and "error" not in json.loads(path.read_text()):
+                    continue  # resume: a finished cell is never rerun (a failed one is)
                 if args.smoke and code == "current":  # tiny widths: one process is accurate enough, and fast
                     rollout = args.rollout_tokens if length == min(args.lengths) else 0
                     result = run_cell(shape, layers, length, rollout, args.threads)
