@@ -338,9 +338,11 @@ def precision_fidelity(trainer, rollouts: dict, targets: dict, states) -> dict:
     same_tokens = (reference.completion_ids == mixed.completion_ids)[mask].float().mean().item()
     t32, t16 = targets[False], targets[True]
     valid = t32.mask.bool()
-    p32 = t32.full_logprobs[valid]
-    kl = (p32.exp() * (p32 - t16.full_logprobs[valid])).sum(-1)
-    argmax_agreement = (p32.argmax(-1) == t16.full_logprobs[valid].argmax(-1)).float().mean().item()
+    p32 = t32.dense_log_probs()[valid]
+    with _precision_context(True)():  # hidden-state targets: the bf16 run applies the teacher's head under autocast
+        p16 = t16.dense_log_probs()[valid]
+    kl = (p32.exp() * (p32 - p16)).sum(-1)
+    argmax_agreement = (p32.argmax(-1) == p16.argmax(-1)).float().mean().item()
     batch = _loss_batch(trainer, reference, t32, states)
     losses, grads = {}, {}
     for bf16 in (False, True):
