@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Levers for parallel decoding (docs/results.md, "Levers"): every cell is the long CPU OPD recipe
-# (examples/configs/cpu_long_opd.yaml, trained with bf16 autocast) plus ONE change, trained for the same number of
+# (examples/configs/cpu_long_opd.yaml, trained with bf16 autocast on a bf16 CPU) plus ONE change, trained for the same number of
 # optimizer steps (= the same rollout-token budget, +-2%) from the same start and seed, then evaluated in float32 on
 # the first 24 held-out HumanEval prompts (64 new tokens, decoding block 4, static + dynamic at each threshold).
 #
@@ -16,7 +16,9 @@
 # the batch (the same tokens a step); short_prompts trains on one-sentence prompts (benchmarks/short_prompts.py) and is
 # evaluated on the usual full prompts; stdlib_prompts trains on the 64 problems plus ~950 HumanEval-shaped stubs of
 # standard-library functions (benchmarks/stdlib_prompts.py), so no prompt repeats within the budget. OUT_DIR must not
-# contain spaces.
+# contain spaces. Training precision: bf16 autocast where the CPU has bf16 instructions (avx512_bf16 / amx_bf16 /
+# aarch64 bf16; the published cells ran so), float32 where it has none (bf16 is emulated there: 10x slower steps);
+# BF16=true|false overrides (opdlm_trl/precision.py decides the default).
 set -euo pipefail
 out="${1:?usage: bash benchmarks/levers.sh OUT_DIR [STEPS] [CELL ...]}"
 steps="${2:-26}"
@@ -41,6 +43,8 @@ cells=("$@")
   rollout_temperature_0.7 threshold_ramp_0.7 completion_128 short_prompts stdlib_prompts)
 python=${PYTHON:-python}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+bf16=${BF16:-$("$python" -m opdlm_trl.precision --use-cpu)}
+echo "training precision: bf16=$bf16"
 
 for spec in "${cells[@]}"; do
   cell=${spec%@*}
@@ -60,7 +64,7 @@ for spec in "${cells[@]}"; do
     compgen -G "$dir/checkpoint-*" >/dev/null && resume=(--resume_from_checkpoint true)
     # shellcheck disable=SC2086  # the cell's override is a list of arguments
     "$python" examples/convert.py --config examples/configs/cpu_long_opd.yaml --output_dir "$dir" \
-      --max_steps "$steps" --save_steps 13 --save_total_limit 1 --bf16 true --report_prompts 0 --seed "$seed" ${CELLS[$cell]} "${resume[@]}" \
+      --max_steps "$steps" --save_steps 13 --save_total_limit 1 --bf16 "$bf16" --report_prompts 0 --seed "$seed" ${CELLS[$cell]} "${resume[@]}" \
       >>"$dir/train.log" 2>&1
   fi
   "$python" -m opdlm_trl.eval.cli --student "$dir" --teacher embedded --limit 24 --max-new-tokens 64 \

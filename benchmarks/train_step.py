@@ -523,6 +523,14 @@ def print_table(opd: dict, sft: dict, summary: dict) -> None:
     )
 
 
+def _cpu_bf16() -> str:
+    """The CPU's bf16 instructions, recorded with every result: bf16 timings mean nothing without them (2x faster
+    with avx512_bf16, 10x slower without)."""
+    from opdlm_trl.precision import cpu_bf16_support
+
+    return cpu_bf16_support().describe()
+
+
 def _smoke_model_dir(directory: str) -> str:
     from opdlm_trl.tiny import save_tiny_pair
 
@@ -544,7 +552,7 @@ def _paths_main(args: argparse.Namespace) -> dict:
         result = run_precisions(args) if args.compare_precision else run_paths(args)
     summary = summarise_precisions(result) if args.compare_precision else summarise_paths(result)
     payload = {"shape": {k: getattr(args, k) for k in ("model_dir", "batch", "new_tokens", "full_finetune")}}
-    payload.update(result=result, summary=summary, machine={"cpus": os.cpu_count()})
+    payload.update(result=result, summary=summary, machine={"cpus": os.cpu_count(), "cpu_bf16": _cpu_bf16()})
     payload["shape"]["threads"] = torch.get_num_threads()
     if args.output:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
@@ -564,7 +572,11 @@ def main(argv: list[str] | None = None) -> dict | None:
     parser.add_argument("--max-prompt-length", type=int, default=512, help="longer prompts keep their last tokens")
     parser.add_argument("--full-finetune", action="store_true", help="full fine-tune + frozen local teacher copy")
     parser.add_argument(
-        "--bf16", action="store_true", help="bf16 mixed precision (OPDConfig.bf16: autocast, float32 master weights)"
+        "--bf16",
+        action="store_true",
+        help="bf16 mixed precision (OPDConfig.bf16: autocast, float32 master weights); on a CPU without bf16 "
+        "instructions the trainer warns (emulated bf16: ~10x slower). `python -m opdlm_trl.precision --use-cpu` "
+        "says which precision this machine should use.",
     )
     parser.add_argument("--length-groups", type=int, default=4, help="OPDConfig.length_groups of the OPD run")
     parser.add_argument(
@@ -618,7 +630,12 @@ def main(argv: list[str] | None = None) -> dict | None:
             k: getattr(args, k)
             for k in ("model_dir", "batch", "new_tokens", "block_size", "max_prompt_length", "steps", "smoke")
         },
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads()},
+        "machine": {
+            "platform": platform.platform(),
+            "cpus": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "cpu_bf16": _cpu_bf16(),
+        },
         "opd": opd,
         "sft": sft,
         "summary": summary,

@@ -221,6 +221,14 @@ class OPDConfig(DistillationConfig):
         default="error",
         metadata={"help": "'error' (refuse over-long prompts, naming the row) or 'left' (keep the last tokens)."},
     )
+    allow_bf16_master_weights: bool = field(
+        default=False,
+        metadata={
+            "help": "Let the optimizer update bf16/fp16 trainable parameters in place (a full fine-tune of a model "
+            "loaded in bf16 without DeepSpeed). Off: such a trainer is refused, because AdamW rounds most updates "
+            "away; load float32 with `bf16: true` (autocast) or use DeepSpeed bf16 instead (opdlm_trl.precision)."
+        },
+    )
     merge_lora_on_save: bool = field(
         default=False,
         metadata={

@@ -53,6 +53,7 @@ from .modeling import (
     to_diffusion,
     unwrap_model,
 )
+from .precision import check_master_weights, warn_if_cpu_bf16_is_slow
 from .sampling import DiffusionSampler, Rollout, SamplerConfig, default_stop_token_ids
 from .states import TrainingStates, select_states
 from .teachers import LocalTeacher, SharedWeightsTeacher, TeacherTargets, build_teacher
@@ -190,6 +191,7 @@ class OPDTrainer(DistillationTrainer):
             optimizers=optimizers,
             peft_config=peft_config,
         )
+        self._check_precision()
         self.teacher = teacher or (self._build_teacher(teacher_model) if self._needs_teacher else None)
         self._teacher_params = self._count_teacher_parameters(teacher_model)
         self._student_params = sum(p.numel() for p in unwrap_model(self.model).parameters())
@@ -232,6 +234,13 @@ class OPDTrainer(DistillationTrainer):
         if teacher_model is not None:
             self._check_teacher_vocab(model, teacher_model)
         return model, processing_class, teacher_model
+
+    def _check_precision(self) -> None:
+        """float32 master weights (or DeepSpeed's, or the user's explicit opt-in), and a warning where bf16 autocast
+        is emulated on this CPU: the package's rules in :mod:`opdlm_trl.precision`."""
+        plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
+        check_master_weights(self.model.named_parameters(), self.args, deepspeed_plugin=plugin)
+        warn_if_cpu_bf16_is_slow(self.args)
 
     @staticmethod
     def _check_teacher_vocab(student, teacher_model) -> None:

@@ -13,8 +13,9 @@ What a test changes in a config, and why (everything else runs as written, so a 
   vLLM runs) instead of the recipes' 100 -> 4,000, a compute budget rather than a setting (100-token rollouts made
   the two Qwen3 runs take minutes on CPU); the curriculum fields themselves still run as written.
 * GPU-only settings, on a machine without CUDA: ``use_cpu`` true, and where a config asks for them ``bf16``
-  false (transformers refuses bf16 mixed precision without a GPU) and ``dtype`` float32 (bfloat16 matmuls are
-  slow or missing on CPUs).
+  false (bf16 autocast on a CPU is fast only with bf16 instructions, see opdlm_trl/precision.py) and ``dtype``
+  float32 (bfloat16 matmuls are slow or missing on CPUs). ``test_config_trains_float32_master_weights`` keeps both
+  as written: it only builds the trainer.
 
 Every config also runs the way its header says it runs:
 
@@ -131,6 +132,8 @@ def test_config_trains_two_steps(convert, qwen3_dir, prompt_file, tmp_path, name
     path, config = _config(name)
     output_dir = tmp_path / "out"
     argv = ["--config", path, *_substitutions(config, qwen3_dir, prompt_file, output_dir), *_cpu_overrides(config)]
+    if name in DEEPSPEED_RECIPES:  # run plainly: without DeepSpeed's float32 master copies, load float32
+        argv += ["--dtype", "float32"]
     trainer = convert.run(*convert.parse_args(argv))
 
     assert trainer.state.global_step == 2
@@ -155,6 +158,46 @@ def test_config_trains_two_steps(convert, qwen3_dir, prompt_file, tmp_path, name
     assert settings.block_size == config["block_size"] and settings.shift == config["shift"]
     if config.get("merge_lora_on_save"):
         assert (output_dir / "merged" / "config.json").is_file()
+
+
+# ----------------------------------------------------------------------------------- master weights
+# Recipes whose header launches them under DeepSpeed, with the accelerate file that does it.
+DEEPSPEED_RECIPES = {"qwen3_8b_zero3_8gpu": "deepspeed_zero3.yaml"}
+
+
+@pytest.fixture(scope="module")
+def qwen3_bf16_dir(qwen3_dir, tmp_path_factory) -> str:
+    """The tiny Qwen3 saved in bfloat16, as hub checkpoints are: a config that loads it without naming a dtype
+    must still end up with float32 weights to train."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    directory = tmp_path_factory.mktemp("tiny-qwen3-bf16")
+    AutoModelForCausalLM.from_pretrained(qwen3_dir, dtype=torch.bfloat16).save_pretrained(directory)
+    AutoTokenizer.from_pretrained(qwen3_dir).save_pretrained(directory)
+    return str(directory)
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_config_trains_float32_master_weights(convert, qwen3_bf16_dir, prompt_file, tmp_path, name):
+    """Each recipe's loading path, with its own ``dtype`` and ``bf16`` (only ``use_cpu`` added on CPU), gives the
+    optimizer float32 trainable parameters; a DeepSpeed recipe gets them from DeepSpeed's bf16 optimizer, so run
+    plainly it is refused, and its launcher file must turn bf16 on."""
+    path, config = _config(name)
+    argv = ["--config", path, *_substitutions(config, qwen3_bf16_dir, prompt_file, tmp_path / "out")]
+    argv += [] if torch.cuda.is_available() else ["--use_cpu", "true"]
+    if config.get("teacher_backend") == "vllm_server":
+        argv += ["--teacher_backend", "local", "--teacher_top_k", "16"]  # the loading path only: no server needed
+    if name in DEEPSPEED_RECIPES:
+        assert config["bf16"] is True and config["dtype"] == "bfloat16"
+        launcher = yaml.safe_load((ROOT / "examples/configs/accelerate" / DEEPSPEED_RECIPES[name]).read_text())
+        assert launcher["distributed_type"] == "DEEPSPEED" and launcher["mixed_precision"] == "bf16"
+        with pytest.raises(ValueError, match="allow_bf16_master_weights"):
+            convert.build_trainer(*convert.parse_args(argv))
+        return
+    trainer, _ = convert.build_trainer(*convert.parse_args(argv))
+    trainable = {name: p.dtype for name, p in trainer.model.named_parameters() if p.requires_grad}
+    assert trainable and set(trainable.values()) == {torch.float32}
+    assert trainer.args.bf16 == bool(config.get("bf16")) and not trainer.args.allow_bf16_master_weights
 
 
 # ----------------------------------------------------------------------------------- multi-process and vLLM recipes

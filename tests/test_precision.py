@@ -12,14 +12,17 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from datasets import Dataset
 from peft import LoraConfig
 from transformers import TrainerCallback
 
-from opdlm_trl import OPDConfig, OPDTrainer
+from opdlm_trl import OPDConfig, OPDTrainer, precision
 from opdlm_trl.modeling import unwrap_model
+from opdlm_trl.precision import check_master_weights
 from opdlm_trl.sampling import DiffusionSampler
 from opdlm_trl.tiny import tiny_model, tiny_tokenizer
 
@@ -83,8 +86,14 @@ def greedy_first_tokens(trainer: OPDTrainer) -> list[int]:
 
 def test_bf16_training_step_is_finite_with_an_at_once_stopped_and_a_padding_row(tmp_path):
     # seed 2: greedy rollouts of the random tiny model start with two different tokens (checked below)
+    # bf16 weights trained in place on purpose (the opt-in by name): the test is about NaNs in bf16 forwards
     trainer = make_trainer(
-        tmp_path, tiny_model("llama", dtype=torch.bfloat16, seed=2), bf16=True, temperature=0.0, logging_steps=1
+        tmp_path,
+        tiny_model("llama", dtype=torch.bfloat16, seed=2),
+        bf16=True,
+        temperature=0.0,
+        logging_steps=1,
+        allow_bf16_master_weights=True,
     )
     assert next(trainer.model.parameters()).dtype == torch.bfloat16
     assert next(trainer.teacher.model.parameters()).dtype == torch.bfloat16
@@ -186,3 +195,88 @@ def test_gradient_checkpointing_gives_the_gradients_of_the_plain_forward(tmp_pat
     assert sum(bool(grad.any()) for grad in plain.values()) >= len(plain) // 2
     for name, grad in plain.items():
         torch.testing.assert_close(checkpointed[name], grad, rtol=1e-6, atol=1e-12, msg=name)
+
+
+# ----------------------------------------------------------------------------------- master weights and CPU bf16
+def test_a_bf16_full_fine_tune_is_refused_naming_the_fixes(tmp_path):
+    with pytest.raises(
+        ValueError, match=r"bfloat16.*dtype: float32.*bf16: true.*DeepSpeed.*allow_bf16_master_weights"
+    ):
+        make_trainer(tmp_path, tiny_model("llama", dtype=torch.bfloat16), bf16=True)
+
+
+@pytest.mark.parametrize("loaded", [torch.float32, torch.bfloat16], ids=["fp32-base", "bf16-base"])
+def test_lora_trains_float32_adapters_on_any_base(tmp_path, loaded):
+    """peft casts adapters (and the mask token's trainable row) to float32: no opt-in needed for a bf16 base."""
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    trainer = make_trainer(tmp_path, tiny_model("llama", dtype=loaded), peft_config=lora, bf16=True)
+    trainable = {name: p.dtype for name, p in trainer.model.named_parameters() if p.requires_grad}
+    assert any("lora_" in name for name in trainable) and set(trainable.values()) == {torch.float32}
+    frozen = {p.dtype for p in trainer.model.parameters() if not p.requires_grad}
+    assert frozen == {loaded}
+
+
+def test_deepspeed_bf16_keeps_float32_master_weights_and_is_allowed():
+    """Under DeepSpeed with bf16 its optimizer holds float32 master copies: bf16 module weights are fine there, and
+    only there (DeepSpeed without mixed precision would update them in place)."""
+    from types import SimpleNamespace
+
+    weights = [("w", torch.nn.Parameter(torch.zeros(2, dtype=torch.bfloat16)))]
+    plugin = SimpleNamespace(deepspeed_config={"bf16": {"enabled": "auto"}})
+    check_master_weights(weights, SimpleNamespace(bf16=True, fp16=False), deepspeed_plugin=plugin)
+    explicit = SimpleNamespace(deepspeed_config={"bf16": {"enabled": True}})
+    check_master_weights(weights, SimpleNamespace(bf16=False, fp16=False), deepspeed_plugin=explicit)
+    with pytest.raises(ValueError, match="allow_bf16_master_weights"):
+        check_master_weights(weights, SimpleNamespace(bf16=False, fp16=False), deepspeed_plugin=plugin)
+    with pytest.raises(ValueError, match="allow_bf16_master_weights"):
+        check_master_weights(weights, SimpleNamespace(bf16=True, fp16=False), deepspeed_plugin=None)
+    check_master_weights(weights, SimpleNamespace(bf16=True, allow_bf16_master_weights=True))
+    frozen = [("w", torch.nn.Parameter(torch.zeros(2, dtype=torch.bfloat16), requires_grad=False))]
+    check_master_weights(frozen, SimpleNamespace(bf16=True))  # frozen bf16 weights (a teacher, a LoRA base)
+
+
+X86_WITHOUT_BF16 = "processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512bw avx512_vnni\n"
+X86_WITH_AMX = "processor\t: 0\nflags\t\t: fpu avx2 avx512f amx_tile amx_bf16 amx_int8\n"
+ARM_WITH_BF16 = "processor\t: 0\nFeatures\t: fp asimd sve i8mm bf16\n"
+
+
+@pytest.mark.parametrize(
+    ("cpuinfo", "fast", "flags"),
+    [(X86_WITHOUT_BF16, False, ()), (X86_WITH_AMX, True, ("amx_bf16",)), (ARM_WITH_BF16, True, ("bf16",))],
+    ids=["x86-avx512-no-bf16", "x86-amx", "aarch64-bf16"],
+)
+def test_cpu_bf16_detection_reads_the_cpu_flags(tmp_path, cpuinfo, fast, flags):
+    path = tmp_path / "cpuinfo"
+    path.write_text(cpuinfo)
+    support = precision.cpu_bf16_support(str(path))
+    assert (support.fast, support.flags) == (fast, flags)
+
+
+def test_cpu_bf16_detection_without_cpuinfo_asks_torch(monkeypatch, tmp_path):
+    monkeypatch.setattr(precision.platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+    support = precision.cpu_bf16_support(str(tmp_path / "missing"))
+    assert not support.fast and support.source == "torch.cpu"
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True, raising=False)
+    assert precision.cpu_bf16_support(str(tmp_path / "missing")).flags == ("avx512_bf16",)
+
+
+def _pretend_cpu(monkeypatch, tmp_path, cpuinfo: str) -> None:
+    path = tmp_path / "cpuinfo"
+    path.write_text(cpuinfo)
+    real = precision.cpu_bf16_support
+    monkeypatch.setattr(precision, "cpu_bf16_support", lambda cpuinfo_path=str(path): real(cpuinfo_path))
+
+
+def test_bf16_on_a_cpu_without_bf16_instructions_warns_naming_the_feature(tmp_path, monkeypatch):
+    _pretend_cpu(monkeypatch, tmp_path, X86_WITHOUT_BF16)
+    with pytest.warns(UserWarning, match=r"without bf16 instructions.*avx512_bf16.*bf16: false"):
+        make_trainer(tmp_path, tiny_model("llama"), bf16=True)
+    assert precision.bf16_is_fast_here(use_cpu=True) is False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        assert not precision.warn_if_cpu_bf16_is_slow(OPDConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False))
+    _pretend_cpu(monkeypatch, tmp_path, X86_WITH_AMX)
+    assert not precision.warn_if_cpu_bf16_is_slow(OPDConfig(output_dir=str(tmp_path), use_cpu=True, bf16=True))
+    assert precision.bf16_is_fast_here(use_cpu=True) is True
