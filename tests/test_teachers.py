@@ -37,6 +37,7 @@ from opdlm_trl.teachers import (
     build_teacher,
     targets_from_logprob_maps,
 )
+from opdlm_trl.teachers.vllm import split_by_tokens
 from opdlm_trl.tiny import tiny_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -279,6 +280,7 @@ class StubServer:
 
     def __init__(self, failures: int = 0, truncate: bool = False, port: int = 0):
         self.failures, self.truncate, self.scoring_requests = failures, truncate, 0
+        self.request_lengths: list[list[int]] = []  # tokens of each prompt, per scoring request
         stub = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -303,6 +305,7 @@ class StubServer:
                 if payload.get("prompt_logprobs") is None:  # not a scoring request
                     return self._send(200, {"choices": [{"index": 0}]})
                 stub.scoring_requests += 1
+                stub.request_lengths.append([len(prompt) for prompt in payload["prompt"]])
                 if stub.scoring_requests <= stub.failures:
                     return self._send(503, {"error": {"message": "overloaded"}})
                 choices = []
@@ -359,11 +362,106 @@ def test_unreachable_server_gives_a_clear_error():
 
 def test_stub_server_scores_and_parses(stub_server):
     stub = stub_server()
-    targets = VLLMServerTeacher(stub.url, request_batch_size=1).score(*_tiny_batch(), top_k=2)
+    targets = VLLMServerTeacher(stub.url, max_tokens_per_request=1).score(*_tiny_batch(), top_k=2)
     assert targets.mask.tolist() == [[True, True, True], [True, False, False]]
     assert targets.top_ids[0].tolist() == [[1, 20], [1, 21], [1, 22]]
     assert targets.token_logprobs.tolist() == [[-1.0, -1.0, -1.0], [-1.0, 0.0, 0.0]]
-    assert stub.scoring_requests == 2  # one request per row (request_batch_size=1)
+    assert stub.scoring_requests == 2  # one request per row (every row is longer than 1 token)
+
+
+def test_split_by_tokens_packs_rows_in_order_up_to_the_budget():
+    lengths = {0: 5, 1: 3, 2: 7, 3: 2, 4: 4, 5: 6, 6: 30}
+    assert split_by_tokens([0, 1, 2, 3, 4, 5], lengths, 10) == [[0, 1], [2, 3], [4, 5]]
+    assert split_by_tokens([0, 6, 1], lengths, 10) == [[0], [6], [1]]  # a longer row alone, never cut
+    assert split_by_tokens([0, 1, 2], lengths, 100) == [[0, 1, 2]]
+    assert split_by_tokens([], lengths, 10) == []
+    with pytest.raises(ValueError, match="max_tokens_per_request"):
+        split_by_tokens([0], lengths, 0)
+
+
+def _uneven_batch():
+    """6 rows of 5, 3, 7, 2, 4 and 6 real tokens (left-padded prompts of 1-3 tokens, completions of 1-4)."""
+    prompt_mask = torch.tensor([[1, 1, 1], [0, 1, 1], [1, 1, 1], [0, 0, 1], [0, 1, 1], [1, 1, 1]])
+    completion_mask = torch.tensor(
+        [[1, 1, 0, 0], [1, 0, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0], [1, 1, 0, 0], [1, 1, 1, 0]]
+    )
+    prompt_ids = (torch.arange(18).view(6, 3) + 10) * prompt_mask
+    completion_ids = (torch.arange(24).view(6, 4) + 40) * completion_mask
+    return prompt_ids, prompt_mask, completion_ids, completion_mask
+
+
+def test_scoring_requests_are_bounded_by_tokens_and_give_the_one_request_result(stub_server):
+    stub = stub_server()
+    batch = _uneven_batch()
+    whole = VLLMServerTeacher(stub.url, max_tokens_per_request=10_000).score(*batch, top_k=2)
+    assert stub.request_lengths == [[5, 3, 7, 2, 4, 6]]
+    stub.request_lengths.clear()
+    split = VLLMServerTeacher(stub.url, max_tokens_per_request=10, max_concurrency=1).score(*batch, top_k=2)
+    assert stub.request_lengths == [[5, 3], [7, 2], [4, 6]]  # 3 requests, each <= 10 tokens, rows in order
+    for name in ("token_logprobs", "top_ids", "top_logprobs", "mask"):
+        assert torch.equal(getattr(split, name), getattr(whole, name)), name
+    with pytest.raises(ValueError, match="max_tokens_per_request"):
+        VLLMServerTeacher(stub.url, max_tokens_per_request=0)
+
+
+def test_config_passes_the_token_budget_and_refuses_colocated_vllm_only_with_several_processes(tmp_path):
+    from opdlm_trl import OPDConfig
+
+    config = OPDConfig(
+        output_dir=str(tmp_path), use_cpu=True, teacher_backend="vllm_server", teacher_url="http://127.0.0.1:1",
+        teacher_top_k=4, teacher_max_tokens_per_request=2048,
+    )  # fmt: skip
+    assert config.teacher_options()["max_tokens_per_request"] == 2048
+    with pytest.raises(ValueError, match="teacher_max_tokens_per_request"):
+        OPDConfig(output_dir=str(tmp_path), use_cpu=True, teacher_max_tokens_per_request=0)
+    one_process = OPDConfig(
+        output_dir=str(tmp_path), use_cpu=True, teacher_backend="vllm_colocate", teacher_top_k=4,
+        teacher_model_name_or_path="unused",
+    )  # fmt: skip
+    assert one_process.world_size == 1 and one_process.teacher_backend == "vllm_colocate"
+
+
+COLOCATE_CONFIG_SCRIPT = """
+import json, sys
+import torch.distributed as dist
+from opdlm_trl import OPDConfig
+
+try:
+    OPDConfig(output_dir=sys.argv[1], use_cpu=True, report_to="none", teacher_backend="vllm_colocate",
+              teacher_top_k=4, teacher_model_name_or_path="unused")
+    error = None
+except ValueError as refused:
+    error = str(refused)
+print("RESULT " + json.dumps({"world_size": dist.get_world_size(), "error": error}), flush=True)
+"""
+
+
+def test_colocated_vllm_is_refused_under_two_processes_naming_the_server(tmp_path):
+    """Two gloo processes (torchrun): the config itself refuses, before any model or vLLM engine is loaded."""
+    (tmp_path / "config.py").write_text(COLOCATE_CONFIG_SCRIPT)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(closed_port()),
+    ]
+    command += [str(tmp_path / "config.py"), str(tmp_path / "out")]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    outcomes = [
+        json.loads(line[len("RESULT ") :]) for line in result.stdout.splitlines() if line.startswith("RESULT ")
+    ]
+    assert len(outcomes) == 2
+    for outcome in outcomes:
+        assert outcome["world_size"] == 2
+        assert (
+            "vllm_colocate' under 2 processes" in outcome["error"]
+            and "teacher_backend='vllm_server'" in outcome["error"]
+        )
 
 
 def test_truncated_response_is_refused(stub_server):
@@ -459,7 +557,7 @@ def test_vllm_server_excludes_mask_id_and_chunks_requests(vllm_server):
     _, prompt_ids, prompt_mask, completion_ids, completion_mask = make_batch(local.vocab_size)
     plain = VLLMServerTeacher(url).score(prompt_ids, prompt_mask, completion_ids, completion_mask, top_k=5)
     banned = int(plain.top_ids[0, 0, 0])
-    teacher = VLLMServerTeacher(url, exclude_token_ids=[banned], request_batch_size=1, max_concurrency=3)
+    teacher = VLLMServerTeacher(url, exclude_token_ids=[banned], max_tokens_per_request=1, max_concurrency=3)
     got = teacher.score(prompt_ids, prompt_mask, completion_ids, completion_mask, top_k=4)
     assert got.top_ids.shape[-1] == 4 and not (got.top_ids[got.mask] == banned).any()
     assert got.top_ids[0, 0].tolist() == plain.top_ids[0, 0, 1:].tolist()  # the banned id dropped, k kept

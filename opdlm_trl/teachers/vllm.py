@@ -15,7 +15,7 @@ from typing import Any
 
 from .targets import TeacherServerError, TeacherTargets, real_sequences, targets_from_logprob_maps
 
-__all__ = ["SERVER_COMMAND_HINT", "VLLMColocateTeacher", "VLLMServerTeacher"]
+__all__ = ["SERVER_COMMAND_HINT", "VLLMColocateTeacher", "VLLMServerTeacher", "split_by_tokens"]
 
 SERVER_COMMAND_HINT = (
     "scripts/vllm_server.sh start MODEL_DIR PORT LOGFILE, or `python -m vllm.entrypoints.openai.api_server "
@@ -50,6 +50,28 @@ def requested_k(top_k: int | None, default: int | None, excluded: Sequence[int])
     return k, k + len(excluded)
 
 
+def split_by_tokens(rows: Sequence[int], lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
+    """``rows`` packed in order into requests of at most ``max_tokens`` tokens in all (``lengths[row]`` tokens each).
+
+    Requests are bounded by tokens, not rows: a scoring response carries ~``k`` log-probs per token (~1 KB of JSON
+    per token at k=16) and the server holds every prompt token's log-probs of a request at once, so at 4,000-token
+    rollouts a fixed row count meant ~50 MB requests, and at 100 tokens needlessly many. A row longer than
+    ``max_tokens`` goes alone: a sequence cannot be split (each position's log-probs need its whole prefix).
+    """
+    if max_tokens < 1:
+        raise ValueError(f"max_tokens_per_request must be >= 1, got {max_tokens}.")
+    requests: list[list[int]] = []
+    size = 0
+    for row in rows:
+        if requests and size + lengths[row] <= max_tokens:
+            requests[-1].append(row)
+            size += lengths[row]
+        else:
+            requests.append([row])
+            size = lengths[row]
+    return requests
+
+
 class VLLMServerTeacher(_ScoringPlan):
     """Teacher served by a stock vLLM OpenAI-compatible server (``/v1/completions`` + ``prompt_logprobs``).
 
@@ -65,7 +87,8 @@ class VLLMServerTeacher(_ScoringPlan):
         timeout: seconds per HTTP request.
         max_retries: retries (exponential backoff from ``backoff`` seconds) on connection errors and 5xx.
         max_concurrency: requests in flight at once (thread pool).
-        request_batch_size: sequences per request.
+        max_tokens_per_request: prompt + completion tokens per request (:func:`split_by_tokens`). The server's own
+            memory per scheduling step is bounded by its ``--max-num-batched-tokens`` (docs/teachers.md).
         vocab_size: the student's teacher vocabulary ``V_T`` (``diffusion_settings(student).teacher_vocab_size``).
         tokenizer: the student's tokenizer (compared with the server's through ``POST /tokenize``).
         exclude_token_ids: ids dropped from the returned top-k (the student's mask token on a free row).
@@ -79,7 +102,7 @@ class VLLMServerTeacher(_ScoringPlan):
         timeout: float = 300.0,
         max_retries: int = 3,
         max_concurrency: int = 4,
-        request_batch_size: int = 8,
+        max_tokens_per_request: int = 8192,
         vocab_size: int | None = None,
         tokenizer=None,
         exclude_token_ids: Iterable[int] = (),
@@ -92,7 +115,9 @@ class VLLMServerTeacher(_ScoringPlan):
         self.timeout = timeout
         self.max_retries = max_retries
         self.max_concurrency = max(1, max_concurrency)
-        self.request_batch_size = max(1, request_batch_size)
+        if max_tokens_per_request < 1:
+            raise ValueError(f"max_tokens_per_request must be >= 1, got {max_tokens_per_request}.")
+        self.max_tokens_per_request = max_tokens_per_request
         self.backoff = backoff
         self.top_k = top_k
         self.vocab_size = vocab_size
@@ -266,9 +291,7 @@ class VLLMServerTeacher(_ScoringPlan):
                 f"A sequence of {longest} tokens does not fit the server's --max-model-len {self.max_model_len} "
                 "(prompt + 1 generated token). Restart the server with a larger --max-model-len."
             )
-        chunks = [
-            todo[start : start + self.request_batch_size] for start in range(0, len(todo), self.request_batch_size)
-        ]
+        chunks = split_by_tokens(todo, [len(tokens) for tokens in sequences], self.max_tokens_per_request)
         maps: list[list | None] = [None] * len(sequences)
         with ThreadPoolExecutor(max_workers=self.max_concurrency) as pool:
             results = pool.map(lambda rows: self._score_chunk([sequences[r] for r in rows], asked), chunks)
