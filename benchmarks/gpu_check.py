@@ -77,6 +77,7 @@ SDPA_KERNELS = {
     "_scaled_dot_product_attention_math": "math",
 }
 PREDICTION_HOOK = "predict_peak_memory"  # benchmarks/memory.py's function, see predicted_peak
+OUT_OF_MEMORY = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)  # the GPU machine's torch may be old
 
 
 def parse(argv=None) -> argparse.Namespace:
@@ -356,7 +357,7 @@ def train_phase(env: dict, args: argparse.Namespace) -> dict:
         began = time.perf_counter()
         try:
             trainer.train()
-        except torch.OutOfMemoryError as error:
+        except OUT_OF_MEMORY as error:
             result["oom"] = {"step": steps[-1] if steps else None, "error": str(error).splitlines()[0]}
         result["seconds"] = time.perf_counter() - began
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]

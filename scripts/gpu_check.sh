@@ -16,7 +16,8 @@
 #                                                it through tests/test_gpu_check.py)
 #
 # The GPU machine must have numpy, pyarrow and pandas (too large to bundle: benchmarks/gpu_check_bundle.py).
-# Device runs carry the bundle: `carry: [.cache/gpu_check_bundle]`, command `bash scripts/gpu_check.sh run`.
+# Device runs carry the bundle: `carry: [.cache/gpu_check_bundle]`, command
+# `bash scripts/gpu_check.sh run .cache/gpu_check_bundle --output "$OUT/gpu_check.json"`.
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 PYTHON="${PYTHON:-$ROOT/.venv/bin/python}"
@@ -41,7 +42,13 @@ pack() {
     py_version="${PY_VERSION:-$("$PYTHON" -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')}"
     rm -rf "$bundle"
     mkdir -p "$bundle/wheels"
-    "$PYTHON" -m pip wheel -q --no-deps --no-build-isolation -w "$bundle/wheels" "$ROOT"
+    # this project's wheel, built from a copy of the checkout (uncommitted changes included; no build/ left behind)
+    local source
+    source="$(mktemp -d -t opdlm-wheel-XXXXXX)"
+    cp -r "$ROOT/pyproject.toml" "$ROOT/README.md" "$ROOT/opdlm_trl" "$source/"
+    [ -f "$ROOT/LICENSE" ] && cp "$ROOT/LICENSE" "$source/"
+    "$PYTHON" -m pip wheel -q --no-deps --no-build-isolation -w "$bundle/wheels" "$source"
+    rm -rf "$source"
     local pure=() binary=()
     while read -r requirement kind; do
         if [ "$kind" = pure ]; then pure+=("$requirement"); else binary+=("$requirement"); fi

@@ -61,3 +61,20 @@ def test_gpu_check_bundle_fits_its_budget(tmp_path):
     (bundle / "wheels" / "big.whl").write_bytes(b"0" * (65 * 2**20))
     over = subprocess.run(["bash", script, "size", str(bundle)], capture_output=True, text=True, timeout=30)
     assert over.returncode != 0 and "64 MiB" in over.stderr
+
+
+def test_bundle_lists_what_the_check_imports_besides_torch():
+    """The pinned distributions ``gpu_check.sh pack`` downloads: this checkout's tested versions of the stack, never
+    torch or what a torch installation brings, nor the large binaries the GPU machine must have."""
+    import importlib.metadata as metadata
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from gpu_check_bundle import required_distributions
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    listed = {name: (version, pure) for name, version, pure in required_distributions()}
+    for name in ("transformers", "trl", "accelerate", "peft", "datasets", "huggingface-hub", "tokenizers"):
+        assert listed[name][0] == metadata.version(name)
+    assert listed["trl"][1] and not listed["tokenizers"][1]  # pure-Python / a binary wheel per Python version
+    assert not {"torch", "numpy", "pyarrow", "pandas", "sympy", "jinja2", "filelock"} & set(listed)
