@@ -11,7 +11,7 @@ skipped once ``--time-limit`` is spent (a phase that fails is recorded and the n
   |delta log-prob| and argmax agreement; and bf16 autocast on the GPU against CPU float32 (mean KL).
 * ``train``: ``--steps`` OPD optimizer steps, rollouts ``--min-tokens`` -> ``--max-tokens`` (linear curriculum).
   Checks: every loss finite; the weights move (share of float32 elements changed per probed tensor); peak GPU memory
-  per step against the prediction of ``benchmarks/memory.py`` (:func:`predicted_peak`); the SDPA kernel each kind of
+  per step against ``benchmarks/memory_model.py``'s prediction (:func:`predicted_peak`); the SDPA kernel each kind of
   attention call ran (:class:`SdpaProbe`: the 4D block-causal training mask must not fall back to ``math``).
   An out-of-memory error is a result (``oom``), not a crash.
 * ``sampler``: the diffusion sampler against HF ``generate`` at batch 1 and 16: a shifted block-1 student IS the AR
@@ -76,7 +76,6 @@ SDPA_KERNELS = {
     "_scaled_dot_product_cudnn_attention": "cudnn",
     "_scaled_dot_product_attention_math": "math",
 }
-PREDICTION_HOOK = "predict_peak_memory"  # benchmarks/memory.py's function, see predicted_peak
 OUT_OF_MEMORY = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)  # the GPU machine's torch may be old
 
 
@@ -91,6 +90,9 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--accumulation", type=int, default=4, help="gradient_accumulation_steps (recipe: 4)")
     p.add_argument("--decode-tokens", type=int, default=128, help="tokens per row in the sampler phase")
     p.add_argument("--decode-batches", type=int, nargs="+", default=[1, 16])
+    p.add_argument(
+        "--memory-measurements", help="benchmarks/memory.py's summary.json: calibrates the predicted peak memory"
+    )
     p.add_argument("--time-limit", type=float, default=540.0, help="seconds; later phases are skipped after it")
     p.add_argument("--dry-run", action="store_true", help="tiny Qwen3 shapes on CPU, float32, a few tokens (seconds)")
     args = p.parse_args(argv)
@@ -223,22 +225,36 @@ class WeightProbe:
         }
 
 
-def predicted_peak(model_config, opd_args, prompt_tokens: int, completion_tokens: int) -> dict:
-    """The hook to ``benchmarks/memory.py``: ``predict_peak_memory(model_config, opd_args, prompt_tokens,
-    completion_tokens)`` -> bytes (or a dict with ``peak_bytes``) for one process of the run. Until memory.py
-    exposes it the prediction is ``None`` and the report says why."""
-    path = Path(__file__).with_name("memory.py")
-    if not path.is_file():
-        return {"predicted_gib": None, "why": f"{path.name} not found"}
-    spec = importlib.util.spec_from_file_location("opdlm_memory_benchmark", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    predict = getattr(module, PREDICTION_HOOK, None)
-    if predict is None:
-        return {"predicted_gib": None, "why": f"{path.name} has no {PREDICTION_HOOK}()"}
-    value = predict(model_config, opd_args, prompt_tokens=prompt_tokens, completion_tokens=completion_tokens)
-    value = value["peak_bytes"] if isinstance(value, dict) else value
-    return {"predicted_gib": value / 2**30, "why": f"{path.name}:{PREDICTION_HOOK}"}
+def predicted_peak(model_config, opd_args, parameters: int, prompt_tokens: int, measurements: str | None) -> dict:
+    """``benchmarks/memory_model.py``'s predicted peak GPU memory of this run (one GPU, no ZeRO, a local float32
+    teacher copy), calibrated by ``benchmarks/memory.py``'s measurements (``--memory-measurements``, its
+    ``summary.json``); ``None`` with the reason where they are missing."""
+    if not measurements or not Path(measurements).is_file():
+        return {"predicted_gib": None, "why": "no --memory-measurements (benchmarks/memory.py's summary.json)"}
+    spec = importlib.util.spec_from_file_location("opdlm_memory_model", Path(__file__).with_name("memory_model.py"))
+    model = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = model  # its dataclasses resolve their (string) annotations through sys.modules
+    spec.loader.exec_module(model)
+    fit = model.Fit.from_measurements(json.loads(Path(measurements).read_text()))
+    shape = model.Shape(
+        params=parameters,
+        layers=model_config.num_hidden_layers,
+        hidden=model_config.hidden_size,
+        kv_heads=model_config.num_key_value_heads,
+        head_dim=model_config.head_dim,
+        vocab=model_config.vocab_size,
+    )
+    config = {
+        "dtype": "float32",
+        "teacher_backend": opd_args.teacher_backend,
+        "teacher_top_k": opd_args.teacher_top_k,
+        "per_device_train_batch_size": opd_args.per_device_train_batch_size,
+        "gradient_accumulation_steps": opd_args.gradient_accumulation_steps,
+        "max_prompt_length": prompt_tokens,
+        "max_completion_length": opd_args.max_completion_length,
+    }
+    components = model.predict(config, shape, gpus=1, zero=0, fit=fit)
+    return {"predicted_gib": components["peak"], "components": components, "why": "benchmarks/memory_model.py"}
 
 
 # ------------------------------------------------------------------------------------------------- phases
@@ -372,7 +388,13 @@ def train_phase(env: dict, args: argparse.Namespace) -> dict:
         weights_changed=weights.changed(unwrap(trainer)),
         training_tokens=trainer._progress.training_tokens,
         peak_gib=max((s["peak_gib"] or 0.0 for s in steps if "peak_gib" in s), default=None) if cuda else None,
-        prediction=predicted_peak(env["config"], opd_args, prompt_tokens, args.max_tokens),
+        prediction=predicted_peak(
+            env["config"],
+            opd_args,
+            sum(p.numel() for p in model.parameters()),
+            prompt_tokens,
+            args.memory_measurements,
+        ),
         sdpa=sdpa.kinds,
         training_sdpa_kernels=sorted(sdpa.training_kernels()),
     )

