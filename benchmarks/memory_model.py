@@ -112,7 +112,9 @@ def predict(config: dict, shape: Shape, gpus: int, zero: int, fit: Fit) -> dict[
     per_param = (4 + 8) if deepspeed_bf16 else (weight_bytes + 2 * weight_bytes)  # (master +) Adam m, v (+ grads)
     held["gradients + optimizer"] = trainable * (per_param + (4 if deepspeed_bf16 else 0)) / optimizer_shard
     teacher = config.get("teacher_backend", "auto")
-    held["teacher"] = shape.params * 2 / shard if teacher in ("local", "auto") and not lora else 0.0
+    # a local teacher is a frozen copy loaded like the student (float32 at 0.6B, bf16 under DeepSpeed)
+    teacher_bytes = 2 if deepspeed_bf16 else weight_bytes
+    held["teacher"] = shape.params * teacher_bytes / shard if teacher in ("local", "auto") and not lora else 0.0
     static = sum(held.values())
 
     rows = int(config["per_device_train_batch_size"]) * int(config.get("gradient_accumulation_steps", 1))
