@@ -8,8 +8,7 @@ to the larger of its two transient peaks:
   ``ds3_gather_for_generation``;
 * training micro-batch: the teacher targets held for the whole generation batch (hidden states or top-k), and the
   activations of one ``[prompt | x0 | x_t]`` forward + backward with gradient checkpointing and the chunked loss,
-  from a linear fit ``bytes = tokens x (a x layers x hidden / 1024 + b) + c`` to the float32 CPU measurements at
-  Qwen3-0.6B's widths (2 and 4 layers). Kept in float32 (the residual stream and the checkpointed layer inputs stay
+  from a linear fit (:class:`Fit`) to the float32 CPU measurements at Qwen3-0.6B's widths (2 and 4 layers). Kept in float32 (the residual stream and the checkpointed layer inputs stay
   float32 under bf16 autocast with float32 weights), so it is an upper bound for the bf16 parts.
 
 Not measured on a GPU (this project has had none): allocator fragmentation, CUDA context (~0.5 GB) and the 4D
@@ -59,18 +58,28 @@ LAUNCH = {
     "vllm_server_teacher.yaml": (1, 0),
 }
 GPU_GIB = 80
+# Masked share of a rollout's positions in the state the trainer picks per block (per_block selection, block 4,
+# about one commit per step early in training: 4, 3, 2, 1 masked -> 62.5%).
+SUPERVISED_SHARE = 0.625
 
 
 @dataclass
 class Fit:
-    """Activation bytes of one training micro-batch: ``tokens x (per_layer x layers x hidden/1024 + per_token) + c``."""
+    """Activation bytes of one training micro-batch (float32 CPU measurements at Qwen3-0.6B's widths):
+
+    ``tokens x (per_layer x layers x hidden/1024 + per_token) + per_position x min(N, loss_chunk_size) x V/151,936``
+
+    where ``tokens`` is the micro-batch's ``[prompt | x0 | x_t]`` width and ``N`` its supervised positions: the
+    chunked loss holds a few ``(chunk, V)`` float32 tensors at a time, so that term stops growing at the chunk size.
+    """
 
     per_layer: float
     per_token: float
-    constant: float
+    per_position: float
+    chunk: int = 1024
 
     @classmethod
-    def from_measurements(cls, cells: list[dict]) -> Fit:
+    def from_measurements(cls, cells: list[dict], chunk: int = 1024) -> Fit:
         import numpy as np
 
         rows, values = [], []
@@ -78,20 +87,21 @@ class Fit:
             if cell.get("code") != "current" or "phases" not in cell:
                 continue
             loss, backward = cell["phases"]["loss"], cell["phases"]["backward"]
-            peak = max(
-                loss["peak_above_start_mib"], loss.get("end_above_start_mib", 0) + backward["peak_above_start_mib"]
-            )
+            after_loss = loss.get("end_above_start_mib", 0) + backward["peak_above_start_mib"]
+            peak = max(loss["peak_above_start_mib"], after_loss)
             tokens = 2 * (128 + 2 * cell["length"])  # micro-batch 2 x [prompt | x0 | x_t]
-            width = cell["shape"]["hidden_size"] / 1024
-            rows.append([tokens * cell["layers"] * width, tokens, 1.0])
+            shape = cell["shape"]
+            positions = min(cell.get("supervised_positions", cell["length"]), chunk) * shape["vocab"] / 151936
+            rows.append([tokens * cell["layers"] * shape["hidden_size"] / 1024, tokens, positions])
             values.append(peak * 2**20)
         if len(rows) < 3:
             raise ValueError("need >= 3 measured cells (two depths) to fit the activation model")
         solution = np.linalg.lstsq(np.array(rows), np.array(values), rcond=None)[0]
-        return cls(*map(float, solution))
+        return cls(*(max(float(v), 0.0) for v in solution), chunk=chunk)
 
-    def bytes(self, tokens: int, layers: int, hidden: int) -> float:
-        return tokens * (self.per_layer * layers * hidden / 1024 + self.per_token) + max(self.constant, 0.0)
+    def bytes(self, tokens: int, layers: int, hidden: int, supervised: int | None = None, vocab: int = 151936):
+        positions = min(self.chunk if supervised is None else supervised, self.chunk) * vocab / 151936
+        return tokens * (self.per_layer * layers * hidden / 1024 + self.per_token) + self.per_position * positions
 
 
 def predict(config: dict, shape: Shape, gpus: int, zero: int, fit: Fit) -> dict[str, float]:
@@ -127,7 +137,8 @@ def predict(config: dict, shape: Shape, gpus: int, zero: int, fit: Fit) -> dict[
     micro = int(config["per_device_train_batch_size"])
     tokens = micro * (prompt + 2 * completion)
     mask = micro * (prompt + 2 * completion) ** 2 * 2  # the bf16 additive 4D mask
-    activations = fit.bytes(tokens, shape.layers, shape.hidden) + mask
+    supervised = int(micro * completion * SUPERVISED_SHARE)
+    activations = fit.bytes(tokens, shape.layers, shape.hidden, supervised, shape.vocab) + mask
     transient = {"rollout (KV cache + gathered copy)": kv + gathered, "training (targets + activations)": 0.0}
     transient["training (targets + activations)"] = targets + activations
     peak = static + max(transient.values()) + CUDA_CONTEXT_GIB * GIB
@@ -155,7 +166,8 @@ def table(measurements: Path) -> str:
         )
     note = (
         f"\nActivation fit (float32, per micro-batch token): {fit.per_layer:.0f} B x layers x hidden/1024 + "
-        f"{fit.per_token:.0f} B, constant {fit.constant / GIB:.2f} GiB; CUDA context {CUDA_CONTEXT_GIB} GiB."
+        f"{fit.per_token:.0f} B; loss chunk {fit.per_position / 2**20:.2f} MiB per supervised position up to "
+        f"{fit.chunk}; CUDA context {CUDA_CONTEXT_GIB} GiB."
     )
     return "\n".join(lines) + note
 
