@@ -91,7 +91,9 @@ class Fit:
             peak = max(loss["peak_above_start_mib"], after_loss)
             tokens = 2 * (128 + 2 * cell["length"])  # micro-batch 2 x [prompt | x0 | x_t]
             shape = cell["shape"]
-            positions = min(cell.get("supervised_positions", cell["length"]), chunk) * shape["vocab"] / 151936
+            positions = (
+                min(cell.get("supervised_positions", cell["length"]), chunk) * shape.get("vocab", 151936) / 151936
+            )
             rows.append([tokens * cell["layers"] * shape["hidden_size"] / 1024, tokens, positions])
             values.append(peak * 2**20)
         if len(rows) < 3:
