@@ -36,6 +36,7 @@ from .masks import decoding_order_layout, in_block_offsets, pad_to_blocks, round
 from .modeling import diffusion_settings, restrict_to_teacher_vocab, student_forward, unwrap_model
 
 __all__ = [
+    "LIKELIHOODS",
     "ContinuationScores",
     "elbo_loglikelihood",
     "loglikelihood",
@@ -43,6 +44,7 @@ __all__ = [
 ]
 
 Request = tuple[Sequence[int], Sequence[int]]
+LIKELIHOODS = ("exact", "elbo")  # exact fixed-order log-likelihood, Monte Carlo ELBO
 
 
 @dataclass
@@ -171,19 +173,23 @@ def score_continuations(
 
 
 def _checked_requests(requests: Sequence[Request], max_length: int | None) -> list[tuple[list[int], list[int]]]:
-    """Requests as lists, contexts left-truncated so context + continuation fit ``max_length`` (lm-eval's hf rule)."""
+    """Requests as lists; contexts left-truncated to lm-eval's hf rule (context + continuation <= max_length + 1).
+
+    An AR model never reads the last continuation token, so the hf model keeps ``max_length + 1`` tokens; the same
+    budget here scores the same tokens with the same context (lm-eval's rolling windows rely on it).
+    """
     checked = []
     for context, continuation in requests:
         context, continuation = list(context), list(continuation)
         if not continuation:
             raise ValueError("An empty continuation has no log-likelihood to score.")
         if max_length is not None:
-            if len(continuation) >= max_length:
+            if len(continuation) > max_length:
                 raise ValueError(
-                    f"A continuation of {len(continuation)} tokens does not fit max_length={max_length} with "
-                    "context: split it into windows (loglikelihood_rolling does) or raise max_length."
+                    f"A continuation of {len(continuation)} tokens does not fit max_length={max_length}: split it "
+                    "into windows (loglikelihood_rolling does) or raise max_length."
                 )
-            context = context[-(max_length - len(continuation)) :]
+            context = context[-max(1, max_length + 1 - len(continuation)) :]
         checked.append((context, continuation))
     return checked
 

@@ -217,4 +217,4 @@ def test_bad_requests_are_refused_early(make_student):
     with pytest.raises(ValueError, match="at least one token"):
         loglikelihood(student, [([], [1, 2])], PAD)
     with pytest.raises(ValueError, match="max_length"):
-        loglikelihood(student, [([1, 2], [3, 4, 5])], PAD, max_length=3)
+        loglikelihood(student, [([1, 2], [3, 4, 5, 6])], PAD, max_length=3)
