@@ -152,6 +152,31 @@ def tiny_pair(make_model, tokenizer):
     return teacher, student, student_tokenizer
 
 
+def test_placement_rules():
+    from opdlm_trl.eval.placement import resolve_device, resolve_dtype
+
+    assert resolve_dtype("auto", "cpu") == torch.float32 and resolve_dtype("auto", "cuda") == torch.bfloat16
+    assert resolve_dtype("bf16", "cpu") == torch.bfloat16 and resolve_dtype("torch.float16", "cpu") == torch.float16
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        resolve_dtype("float8", "cpu")
+    assert resolve_device("cpu") == torch.device("cpu")
+    if not torch.cuda.is_available():
+        with pytest.warns(UserWarning, match="not available"):
+            assert resolve_device("cuda") == torch.device("cpu")
+
+
+def test_student_nll_of_teacher_text_is_the_teacher_nll_for_a_block_one_student(make_model, tokenizer, problems):
+    """opdlm-eval's ``student_nll_per_token`` (exact likelihood) is the teacher's own NLL when they are one model."""
+    teacher = make_model("llama")
+    student, student_tokenizer = to_diffusion(copy.deepcopy(teacher), tokenizer, block_size=1, shift=True)
+    report = eval_cli.evaluate_model(
+        student, teacher=teacher, tokenizer=student_tokenizer, dataset=Dataset.from_list(problems[:1]),
+        max_new_tokens=4, max_prompt_length=24, decodings=["static"], device="cpu",
+    )  # fmt: skip
+    ar = report["results"]["teacher_ar"]
+    assert ar["student_nll_per_token"] == pytest.approx(ar["teacher_nll_per_token"], abs=1e-4)
+
+
 def test_evaluate_model_side_by_side(tiny_pair, problems):
     teacher, student, tokenizer = tiny_pair
     dataset = Dataset.from_list(problems)
@@ -187,9 +212,12 @@ def test_cli_writes_strict_json(tmp_path, tiny_pair, capsys):
     output = tmp_path / "results.json"
     argv = ["--student", str(tmp_path / "student"), "--teacher", str(tmp_path / "teacher"), "--dataset", str(data)]
     argv += ["--max-new-tokens", "4", "--decodings", "dynamic", "--output", str(output)]
+    argv += ["--device", "cpu", "--dtype", "bf16"]
     assert eval_cli.main(argv) == 0
     report = json.loads(output.read_text(), parse_constant=lambda name: pytest.fail(f"non-JSON constant {name}"))
     assert set(report["results"]) == {"student_dynamic", "teacher_ar"}
+    assert (report["settings"]["device"], report["settings"]["dtype"]) == ("cpu", "bfloat16")
+    assert 0.0 < report["results"]["teacher_ar"]["student_nll_per_token"] < 20.0
     assert report["results"]["teacher_ar"]["pass_at_1"] is None  # no tests in this dataset
     assert "student_dynamic" in capsys.readouterr().out
 
