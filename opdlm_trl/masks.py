@@ -31,13 +31,16 @@ from dataclasses import dataclass
 import torch
 
 __all__ = [
+    "DecodingOrderLayout",
     "TrainingLayout",
     "align_block_logits",
     "block_causal_mask",
     "block_index",
     "blocks_needed",
+    "decoding_order_layout",
     "frontier_offsets",
     "gather_predictions",
+    "in_block_offsets",
     "left_pad_to_block",
     "logits_to_keep_for_block",
     "pad_to_blocks",
@@ -285,15 +288,15 @@ def split_previous_logit(logits: torch.Tensor, shift: bool) -> tuple[torch.Tenso
 
 @dataclass
 class TrainingLayout:
-    """Inputs of one vectorised training forward over ``[prompt | x0 | x_t]``.
+    """Inputs of one vectorised training forward over ``[prompt | x0 | x_t]`` (or several noisy copies).
 
     Attributes:
-        input_ids: ``(B, P + 2C)`` token ids.
-        attention_mask: ``(B, 1, P + 2C, P + 2C)`` additive float mask.
-        position_ids: ``(B, P + 2C)``; the noisy copy reuses the clean completion's ids.
+        input_ids: ``(B, P + (K + 1) C)`` token ids (``K = 1`` for a single noisy copy).
+        attention_mask: ``(B, 1, L, L)`` additive float mask over those ``L`` tokens.
+        position_ids: ``(B, L)``; every noisy copy reuses the clean completion's ids.
         noisy_start: ``P + C``, index of the first noisy token.
         source_index: ``(C,)`` index of the logit that predicts noisy completion position ``j``
-            (the same for every row because rows share ``P`` and ``C``).
+            (the same for every row because rows share ``P`` and ``C``); ``(K, C)`` with several copies.
     """
 
     input_ids: torch.Tensor
@@ -320,40 +323,58 @@ def training_layout(
     marking real completion tokens (right padding after the end). The noisy block ``b`` attends the
     prompt, clean blocks ``< b`` and itself, which reproduces exactly the context the sampler had when
     it visited that state, for every block at once.
+
+    ``noisy_ids`` may also be ``(B, K, C)``: ``K`` noisy copies side by side, ``[prompt | x0 | x_t^1 | ... |
+    x_t^K]``, each block of each copy attending the prompt, the clean blocks before it and its own block of its
+    own copy only. One forward then scores ``K`` states of every block (exact log-likelihoods need one state per
+    decoding step, :func:`decoding_order_layout`); ``source_index`` is ``(K, C)``. ``K = 0`` is the clean
+    canvas alone.
     """
     prompt_len = prompt_ids.shape[1]
     completion_len = clean_ids.shape[1]
     if block_size is not None and prompt_len % block_size:
         raise ValueError(f"Prompt width {prompt_len} must be a multiple of block_size={block_size}.")
+    single = noisy_ids.dim() == 2
+    copies = noisy_ids.unsqueeze(1) if single else noisy_ids
+    num_copies = copies.shape[1]
     device = prompt_ids.device
-    input_ids = torch.cat([prompt_ids, clean_ids, noisy_ids], dim=1)
-    key_mask = torch.cat([prompt_mask, completion_mask, completion_mask], dim=1).bool()
+    input_ids = torch.cat([prompt_ids, clean_ids, copies.reshape(copies.shape[0], -1)], dim=1)
+    key_mask = torch.cat([prompt_mask, completion_mask, completion_mask.repeat(1, num_copies)], dim=1).bool()
 
     canvas_len = prompt_len + completion_len
     canvas_positions = torch.arange(canvas_len, device=device)
-    layout_canvas = torch.cat([canvas_positions, canvas_positions[prompt_len:]])  # canvas slot of each index
-    is_noisy = torch.zeros(canvas_len + completion_len, dtype=torch.bool, device=device)
-    is_noisy[canvas_len:] = True
+    completion_slots = canvas_positions[prompt_len:]
+    layout_canvas = torch.cat([canvas_positions, completion_slots.repeat(num_copies)])  # canvas slot of each index
+    copy_id = torch.cat(  # 0 = the clean canvas, k = noisy copy k
+        [
+            torch.zeros(canvas_len, dtype=torch.long, device=device),
+            torch.arange(1, num_copies + 1, device=device).repeat_interleave(completion_len),
+        ]
+    )
+    is_noisy = copy_id > 0
     blocks = block_index(layout_canvas, block_size, prompt_len)
 
     q_block, k_block = blocks[:, None], blocks[None, :]
     q_noisy, k_noisy = is_noisy[:, None], is_noisy[None, :]
     clean_to_clean = ~q_noisy & ~k_noisy & (k_block <= q_block)
     noisy_to_clean = q_noisy & ~k_noisy & (k_block < q_block)
-    noisy_to_noisy = q_noisy & k_noisy & (k_block == q_block)
+    noisy_to_noisy = q_noisy & k_noisy & (k_block == q_block) & (copy_id[:, None] == copy_id[None, :])
     pattern = clean_to_clean | noisy_to_clean | noisy_to_noisy
     allowed = pattern[None, None] & key_mask[:, None, None, :]
     index = torch.arange(input_ids.shape[1], device=device)
     allowed = _allow_self(allowed, index, index)
 
     clean_positions = position_ids_from_mask(torch.cat([prompt_mask, completion_mask], dim=1))
-    position_ids = torch.cat([clean_positions, clean_positions[:, prompt_len:]], dim=1)
+    position_ids = torch.cat([clean_positions, clean_positions[:, prompt_len:].repeat(1, num_copies)], dim=1)
 
-    noisy_index = torch.arange(canvas_len, canvas_len + completion_len, device=device)
+    noisy_index = canvas_len + torch.arange(num_copies * completion_len, device=device).view(
+        num_copies, completion_len
+    )
     if shift:
-        canvas_slot = canvas_positions[prompt_len:]
-        starts_block = (canvas_slot % block_size == 0) if block_size is not None else canvas_slot == prompt_len
-        source_index = torch.where(starts_block, canvas_slot - 1, noisy_index - 1)
+        starts_block = (
+            (completion_slots % block_size == 0) if block_size is not None else completion_slots == prompt_len
+        )
+        source_index = torch.where(starts_block, completion_slots - 1, noisy_index - 1)
     else:
         source_index = noisy_index
     return TrainingLayout(
@@ -361,5 +382,77 @@ def training_layout(
         attention_mask=to_additive_mask(allowed, dtype),
         position_ids=position_ids,
         noisy_start=canvas_len,
-        source_index=source_index,
+        source_index=source_index[0] if single else source_index,
     )
+
+
+def in_block_offsets(length: int, block_size: int | None, device: torch.device | str | None = None) -> torch.Tensor:
+    """``(length,)`` offset of each completion position inside its block (``None``: the completion is one block).
+
+    The completion starts a fresh block (the prompt ends on a block boundary), so this is also the step at which
+    left-to-right decoding with one token per step writes each position.
+    """
+    positions = torch.arange(length, device=device)
+    return positions if block_size is None else positions - block_index(positions, block_size) * block_size
+
+
+@dataclass
+class DecodingOrderLayout:
+    """One forward that scores every completion token in the state in which a decoding order writes it.
+
+    Attributes:
+        layout: the multi-copy :class:`TrainingLayout` (one noisy copy per decoding step that needs one).
+        source_index: ``(B, C)`` index (into the layout) of the logit predicting completion position ``j`` in
+            the state just before ``j`` is written. Meaningless where ``step_map < 0`` (never written).
+    """
+
+    layout: TrainingLayout
+    source_index: torch.Tensor
+
+
+def decoding_order_layout(
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    completion_ids: torch.Tensor,
+    completion_mask: torch.Tensor,
+    block_size: int | None,
+    shift: bool,
+    mask_token_id: int,
+    step_map: torch.Tensor | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> DecodingOrderLayout:
+    """The states of a fixed decoding order as noisy copies of one training layout (exact log-likelihood).
+
+    ``step_map`` ``(B, C)`` is the block-local step at which each completion position is written (the sampler's
+    :attr:`Rollout.step_map`; ``-1`` = never); the default, :func:`in_block_offsets`, is left to right with one
+    token per step. At step ``s`` a block shows the positions written before ``s`` (:func:`shown_at`) and
+    ``[MASK]`` elsewhere; earlier blocks are clean. Noisy copy ``k`` holds the state of one step ``s`` in every
+    block at once, so a fixed order costs one copy per distinct step. A shifted student reads a block's first
+    position from the last clean position before the block, which no noisy content changes: those positions need
+    no copy, so left-to-right order costs ``block_size - 1`` copies and ``block_size=1`` none (the causal canvas).
+    """
+    batch, completion_len = completion_ids.shape
+    device = completion_ids.device
+    prompt_len = prompt_ids.shape[1]
+    offsets = in_block_offsets(completion_len, block_size, device)
+    if step_map is None:
+        step_map = offsets.expand(batch, -1)
+    step_map = step_map.to(device)
+    written = (step_map >= 0) & completion_mask.bool()
+    first_of_block = (offsets == 0).expand(batch, -1)
+    needs_copy = written & ~first_of_block if shift else written
+    steps = torch.unique(step_map[needs_copy]).tolist()
+    noisy = [torch.where(shown_at(step_map, step), completion_ids, mask_token_id) for step in steps]
+    noisy_ids = torch.stack(noisy, dim=1) if noisy else completion_ids.new_empty((batch, 0, completion_len))
+    layout = training_layout(
+        prompt_ids, prompt_mask, completion_ids, noisy_ids, completion_mask, block_size, shift, dtype
+    )
+    canvas_source = predictor_positions(prompt_len + torch.arange(completion_len, device=device), shift)
+    source_index = canvas_source.expand(batch, -1)
+    if steps:
+        copy_of_step = torch.zeros(int(step_map.max()) + 1, dtype=torch.long, device=device)
+        copy_of_step[torch.tensor(steps, device=device)] = torch.arange(len(steps), device=device)
+        copies = copy_of_step[step_map.clamp(min=0)]
+        from_copy = layout.source_index[copies, torch.arange(completion_len, device=device)]
+        source_index = torch.where(needs_copy, from_copy, source_index)
+    return DecodingOrderLayout(layout=layout, source_index=source_index)

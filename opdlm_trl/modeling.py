@@ -35,6 +35,7 @@ __all__ = [
     "diffusion_settings",
     "load_diffusion_model",
     "probe_4d_mask_support",
+    "restrict_to_teacher_vocab",
     "save_diffusion_settings",
     "student_forward",
     "suppress_mask_logit",
@@ -319,6 +320,19 @@ def suppress_mask_logit(logits: torch.Tensor, mask_token_id: int) -> torch.Tenso
     fill = torch.finfo(logits.dtype).min
     index = torch.tensor([mask_token_id], device=logits.device)
     return logits.index_fill(-1, index, fill)
+
+
+def restrict_to_teacher_vocab(logits: torch.Tensor, mask_token_id: int, teacher_vocab_size: int) -> torch.Tensor:
+    """The student never predicts ``[MASK]`` nor an id the teacher does not have (an added mask row).
+
+    The sampler draws from these logits and the log-likelihood (:mod:`opdlm_trl.likelihood`) normalises over them,
+    so both read the same distribution.
+    """
+    logits = suppress_mask_logit(logits, mask_token_id)
+    if logits.shape[-1] > teacher_vocab_size:
+        logits = logits.clone()
+        logits[..., teacher_vocab_size:] = torch.finfo(logits.dtype).min
+    return logits
 
 
 def student_forward(

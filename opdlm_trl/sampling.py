@@ -37,7 +37,7 @@ from .masks import (
     split_previous_logit,
     widen_to_blocks,
 )
-from .modeling import diffusion_settings, student_forward, suppress_mask_logit, unwrap_model
+from .modeling import diffusion_settings, restrict_to_teacher_vocab, student_forward, unwrap_model
 
 __all__ = [
     "DEFAULT_STOP_TOKENS",
@@ -218,15 +218,6 @@ class Rollout:
 # --------------------------------------------------------------------------------------------------
 # Candidate proposal and commit selection (vectorised over rows and block positions)
 # --------------------------------------------------------------------------------------------------
-
-
-def _restrict_vocab(logits: torch.Tensor, mask_token_id: int, teacher_vocab_size: int) -> torch.Tensor:
-    """The student never predicts ``[MASK]`` nor an id the teacher does not have (an added mask row)."""
-    logits = suppress_mask_logit(logits, mask_token_id)
-    if logits.shape[-1] > teacher_vocab_size:
-        logits = logits.clone()
-        logits[..., teacher_vocab_size:] = torch.finfo(logits.dtype).min
-    return logits
 
 
 def _filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
@@ -537,7 +528,7 @@ class DiffusionSampler:
 
     def _propose(self, logits: torch.Tensor, settings, generator) -> tuple[torch.Tensor, torch.Tensor]:
         """Candidates and their confidences for one block, from its aligned logits."""
-        logits = _restrict_vocab(logits.float(), settings.mask_token_id, settings.teacher_vocab_size)
+        logits = restrict_to_teacher_vocab(logits.float(), settings.mask_token_id, settings.teacher_vocab_size)
         candidates = _draw_candidates(logits, self.config, generator)
         confidence = _confidence(logits.softmax(-1), candidates, self.config.confidence)
         return candidates, confidence

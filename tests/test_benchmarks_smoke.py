@@ -52,7 +52,9 @@ def _assert_finite(document) -> int:
     return len(leaves)
 
 
-OTHER_SCRIPTS = [name for name in ("decode.py", "teacher.py", "train_step.py") if (BENCHMARKS / name).exists()]
+OTHER_SCRIPTS = [
+    name for name in ("decode.py", "teacher.py", "train_step.py", "loglikelihood.py") if (BENCHMARKS / name).exists()
+]
 
 
 @pytest.mark.parametrize("script", OTHER_SCRIPTS)

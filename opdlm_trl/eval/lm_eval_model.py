@@ -1,9 +1,12 @@
-"""An lm-evaluation-harness model (``"opdlm"``) that answers ``generate_until`` with the diffusion sampler.
+"""An lm-evaluation-harness model (``"opdlm"``): the diffusion sampler for ``generate_until``, the exact
+fixed-order log-likelihood for ``loglikelihood`` / ``loglikelihood_rolling``.
 
 Importing this module registers the model name, so either pass an instance to
 ``lm_eval.simple_evaluate(model=OPDLMEvalModel(...), ...)`` or run the harness CLI through
-``python -m opdlm_trl.eval.lm_eval_model --model opdlm --model_args pretrained=DIR,block_size=4 ...``
-(the plain ``lm_eval`` command does not know this model: it never imports this module).
+``python -m opdlm_trl.eval.lm_eval_model run --model opdlm --model_args pretrained=DIR,block_size=4 ...``
+(the plain ``lm_eval`` command does not know this model: it never imports this module). Data-parallel, like
+lm-eval's ``hf`` model: ``accelerate launch -m opdlm_trl.eval.lm_eval_model run --model opdlm ...`` gives every
+process its share of the documents (the harness shards them by ``rank`` / ``world_size``) and gathers the results.
 
 Sampler settings are model arguments (``block_size``, ``max_new_tokens``, ``steps_per_block``,
 ``remasking``, ``threshold``, ``confidence``, ``temperature``, ``top_p``, ``top_k``); a task's
@@ -12,35 +15,34 @@ a row at EOS / end-of-turn tokens; the task's ``until`` strings are applied to t
 (everything from the first stop string on is cut), because a block commits several tokens at once and
 a string can end in the middle of a block.
 
-Log-likelihood requests are refused: a block-diffusion student has no exact left-to-right likelihood
-(its ELBO is a bound that depends on the masking schedule), so multiple-choice tasks scored by
-log-likelihood would silently compare numbers of a different kind. Use generative task variants.
+Log-likelihood requests (multiple choice, perplexity) are scored by :mod:`opdlm_trl.likelihood`: the exact
+probability that left-to-right decoding, one token per step, writes the continuation (``likelihood=exact``, the
+default; a number of the same kind as an AR model's), or dLLM's Monte Carlo ELBO (``likelihood=elbo``,
+``mc_num`` samples). Contexts and continuations are tokenised exactly as lm-eval's ``hf`` model does, and
+``loglikelihood_rolling`` cuts long texts into the same disjoint windows, so the numbers compare with the
+teacher's side by side.
 """
 
 from __future__ import annotations
 
 import json
-import warnings
+import os
 from collections.abc import Sequence
 from typing import Any
 
 import torch
-from lm_eval.api.model import LM
+from lm_eval import utils as lm_eval_utils
+from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 
 from ..data import parse_chat_template_kwargs, render_chat_texts
+from ..likelihood import LIKELIHOODS, elbo_loglikelihood, loglikelihood
 from ..masks import round_up_to_block
 from ..modeling import diffusion_settings, load_diffusion_model, unwrap_model
 from ..sampling import DiffusionSampler, SamplerConfig, default_stop_token_ids
+from .placement import resolve_device, resolve_dtype
 
 __all__ = ["OPDLMEvalModel", "apply_stop_strings", "main"]
-
-_LOGLIKELIHOOD_REFUSAL = (
-    "The opdlm model does not implement {name}: a block-diffusion student has no exact left-to-right "
-    "log-likelihood (only a masking-schedule-dependent bound), so log-likelihood-scored tasks "
-    "(multiple choice, perplexity) would compare a different quantity than for AR models. Use a generative "
-    "variant of the task (output_type: generate_until), e.g. the `*_generative` / chain-of-thought versions."
-)
 
 
 def apply_stop_strings(text: str, until: Sequence[str] | str | None) -> str:
@@ -50,16 +52,6 @@ def apply_stop_strings(text: str, until: Sequence[str] | str | None) -> str:
     stops = [until] if isinstance(until, str) else [stop for stop in until if stop]
     cut = min((index for index in (text.find(stop) for stop in stops) if index >= 0), default=len(text))
     return text[:cut]
-
-
-def _resolve_device(device: str | None) -> str:
-    """The harness CLI passes ``device="cuda"`` by default; fall back to CPU where CUDA is absent."""
-    if device is None or (str(device).startswith("cuda") and not torch.cuda.is_available()):
-        fallback = "cuda" if torch.cuda.is_available() else "cpu"
-        if device is not None:
-            warnings.warn(f"device={device!r} is not available here; running on {fallback}.", stacklevel=3)
-        return fallback
-    return str(device)
 
 
 def _as_bool(value: bool | str, name: str) -> bool:
@@ -72,20 +64,29 @@ def _as_bool(value: bool | str, name: str) -> bool:
     return text in ("true", "1")
 
 
-def _as_dtype(dtype: str | torch.dtype) -> torch.dtype:
-    return dtype if isinstance(dtype, torch.dtype) else getattr(torch, str(dtype))
+def _launched_accelerator(device: torch.device):
+    """An ``Accelerator`` when started by ``accelerate launch`` with several processes, else ``None``.
+
+    CPU processes (tests, CPU nodes) communicate over gloo: ``cpu=True`` keeps accelerate from picking a GPU.
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    from accelerate import Accelerator
+
+    return Accelerator(cpu=device.type == "cpu")
 
 
-class OPDLMEvalModel(LM):
-    """lm-eval ``LM`` running a converted student's diffusion sampler for ``generate_until`` tasks.
+class OPDLMEvalModel(TemplateLM):
+    """lm-eval ``LM`` of a converted student: diffusion sampling and exact fixed-order log-likelihoods.
 
     Args:
         pretrained: a converted student directory, or a model object (then pass ``tokenizer``).
         tokenizer: tokenizer object or directory (default: the student's).
         batch_size: prompts decoded together (from the harness CLI use its ``--batch_size`` flag, not
             a model argument: the harness passes it separately).
-        device / dtype: where and in which precision a loaded student runs (default: CUDA when
-            available, else CPU; an unavailable CUDA device falls back to CPU with a warning).
+        device / dtype: where and in which precision a loaded student runs (:mod:`opdlm_trl.eval.placement`:
+            default CUDA when available, else CPU; ``dtype="auto"`` = bfloat16 on CUDA, float32 on CPU). Under
+            ``accelerate launch`` with several processes each process takes its own device and share.
         max_length: prompt + completion limit; prompts are truncated on the left to fit.
         add_bos_token: prepend the tokenizer's BOS to every context (off by default, like lm-eval's
             ``hf`` model; an empty context always gets one so there is something to condition on).
@@ -97,6 +98,8 @@ class OPDLMEvalModel(LM):
             :func:`opdlm_trl.data.render_chat_texts` like every other prompt of the package.
         enable_thinking: shorthand for ``chat_template_kwargs["enable_thinking"]`` (the name lm-eval's
             ``hf`` model uses); ``False`` is Qwen3's non-thinking mode.
+        likelihood: how log-likelihood requests are scored, ``"exact"`` (fixed left-to-right order) or
+            ``"elbo"`` (Monte Carlo, ``mc_num`` samples, seeded by ``seed``); :data:`opdlm_trl.likelihood.LIKELIHOODS`.
     """
 
     def __init__(
@@ -105,7 +108,7 @@ class OPDLMEvalModel(LM):
         tokenizer=None,
         batch_size: int | str = 1,
         device: str | None = None,
-        dtype: str | torch.dtype = "float32",
+        dtype: str | torch.dtype = "auto",
         max_length: int | None = None,
         add_bos_token: bool = False,
         block_size: int | None = None,
@@ -120,14 +123,25 @@ class OPDLMEvalModel(LM):
         seed: int = 0,
         chat_template_kwargs: dict[str, Any] | str | None = None,
         enable_thinking: bool | str | None = None,
+        likelihood: str = "exact",
+        mc_num: int = 128,
     ):
         super().__init__()
+        if likelihood not in LIKELIHOODS:
+            raise ValueError(f"likelihood must be one of {LIKELIHOODS}, got {likelihood!r}.")
+        self.likelihood, self.mc_num = likelihood, int(mc_num)
+        self.accelerator = None
         self.chat_template_kwargs = parse_chat_template_kwargs(chat_template_kwargs)
         if enable_thinking not in (None, ""):
             self.chat_template_kwargs["enable_thinking"] = _as_bool(enable_thinking, "enable_thinking")
         if isinstance(pretrained, str):
-            model, loaded_tokenizer = load_diffusion_model(pretrained, dtype=_as_dtype(dtype))
-            model = model.to(_resolve_device(device))
+            place = resolve_device(device)
+            self.accelerator = _launched_accelerator(place)
+            if self.accelerator is not None:
+                place = self.accelerator.device
+                self._rank, self._world_size = self.accelerator.process_index, self.accelerator.num_processes
+            model, loaded_tokenizer = load_diffusion_model(pretrained, dtype=resolve_dtype(dtype, place))
+            model = model.to(place)
         else:
             model, loaded_tokenizer = pretrained, None
             diffusion_settings(model)  # clear error for an unconverted model
@@ -158,6 +172,23 @@ class OPDLMEvalModel(LM):
         }
         SamplerConfig(**self.sampler_defaults)  # validate the model arguments now, not at the first request
         self.generator = torch.Generator(device=self._device).manual_seed(int(seed))
+        self.seed = int(seed)
+
+    # ---------------------------------------------------------------- data parallel (as lm-eval's hf model)
+
+    def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor if self.accelerator is None else self.accelerator.gather(tensor)
+
+    def gather_object(self, obj, dst: int = 0):
+        if self.accelerator is None:
+            return [obj]
+        result = [None] * self.world_size if self.rank == dst else None
+        torch.distributed.gather_object(obj=obj, object_gather_list=result, dst=dst)
+        return result
+
+    def barrier(self) -> None:
+        if self.accelerator is not None:
+            self.accelerator.wait_for_everyone()
 
     # ---------------------------------------------------------------- chat-template support
 
@@ -176,11 +207,73 @@ class OPDLMEvalModel(LM):
 
     # ---------------------------------------------------------------- requests
 
-    def loglikelihood(self, requests, disable_tqdm: bool = False):
-        raise NotImplementedError(_LOGLIKELIHOOD_REFUSAL.format(name="loglikelihood"))
+    @property
+    def eot_token_id(self) -> int:
+        return self.tokenizer.eos_token_id
 
-    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
-        raise NotImplementedError(_LOGLIKELIHOOD_REFUSAL.format(name="loglikelihood_rolling"))
+    @property
+    def prefix_token_id(self) -> int:
+        """What an empty context / the first rolling window conditions on: BOS, else EOS (as lm-eval's hf model)."""
+        bos = self.tokenizer.bos_token_id
+        return bos if bos is not None else self.tokenizer.eos_token_id
+
+    def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
+        """Token ids of ``string``; special tokens only with ``add_bos_token`` (or when asked explicitly)."""
+        add = self.add_bos_token if add_special_tokens is None else add_special_tokens
+        return self.tokenizer.encode(string, add_special_tokens=add)
+
+    def _score(self, pairs: list[tuple[list[int], list[int]]], progress) -> list[tuple[float, bool]]:
+        """``(log-likelihood, is_greedy)`` of token pairs by the chosen ``likelihood`` (ELBO: never greedy)."""
+        block_size = self.sampler_defaults["block_size"]
+        if self.likelihood == "elbo":
+            generator = torch.Generator().manual_seed(self.seed)
+            values = elbo_loglikelihood(
+                self.model, pairs, self.tokenizer.pad_token_id, self.mc_num, self.batch_size, block_size,
+                self.max_length, generator,
+            )  # fmt: skip
+            progress(len(pairs))
+            return [(value, False) for value in values]
+        return loglikelihood(
+            self.model, pairs, self.tokenizer.pad_token_id, self.batch_size, block_size, self.max_length, progress
+        )
+
+    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+        """TemplateLM's hook: ``((context, continuation), context_ids, continuation_ids)`` requests."""
+        from tqdm.auto import tqdm
+
+        progress = tqdm(total=len(requests), disable=disable_tqdm or self.rank != 0, desc="opdlm loglikelihood")
+        results = self._score([(list(r[1]), list(r[2])) for r in requests], progress.update)
+        progress.close()
+        for request, result in zip(requests, results, strict=True):
+            if request[0] is not None:
+                self.cache_hook.add_partial("loglikelihood", request[0], result)
+        return results
+
+    def rolling_windows(self, text: str) -> list[tuple[list[int], list[int]]]:
+        """Disjoint ``(context, continuation)`` windows covering ``text``: lm-eval's rule for its hf model."""
+        windows = lm_eval_utils.get_rolling_token_windows(
+            token_list=self.tok_encode(text),
+            prefix_token=self.prefix_token_id,
+            max_seq_len=self.max_length,
+            context_len=1,
+        )
+        return [lm_eval_utils.make_disjoint_window(window) for window in windows]
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+        """Log-likelihood of whole texts (perplexity): the sum over their windows, all windows batched together."""
+        from tqdm.auto import tqdm
+
+        windows = [self.rolling_windows(request.args[0]) for request in requests]
+        flat = [window for request_windows in windows for window in request_windows]
+        progress = tqdm(total=len(flat), disable=disable_tqdm or self.rank != 0, desc="opdlm loglikelihood_rolling")
+        scores = iter(self._score(flat, progress.update))
+        progress.close()
+        totals = []
+        for request, request_windows in zip(requests, windows, strict=True):
+            total = sum(next(scores)[0] for _ in request_windows)
+            totals.append(total)
+            self.cache_hook.add_partial("loglikelihood_rolling", (request.args[0],), total)
+        return totals
 
     def _sampler_config(self, gen_kwargs: dict[str, Any]) -> SamplerConfig:
         """Model-argument defaults overridden by a task's ``max_gen_toks`` / ``temperature`` / ``do_sample``."""
