@@ -10,14 +10,35 @@ from .curriculum import RAMPS, SCHEDULES
 from .losses import DIVERGENCES, NORMALIZATIONS
 from .sampling import SamplerConfig
 from .states import SELECTIONS
-from .teachers import TEACHER_KINDS
+from .teachers.factory import AUTO, TEACHERS, teacher_class
 
 __all__ = ["OPDConfig"]
 
 # Each choice lives in the module that implements it; "auto" is the trainer's own (it resolves to a teacher kind
-# from peft_config / teacher_model). The sampler's choices are checked by SamplerConfig itself (__post_init__).
-_TEACHER_BACKENDS = ("auto", *TEACHER_KINDS)
+# from peft_config / teacher_model). Losses and teacher backends are registries (losses.DIVERGENCES,
+# teachers.TEACHERS): the check below reads them when a config is made, the help text lists them at import. The
+# sampler's choices are checked by SamplerConfig itself (__post_init__).
 _PROMPT_TRUNCATIONS = ("error", "left")
+
+
+def _registered(registry: dict[str, Any]) -> str:
+    """``'name': summary; ...`` of a registry for its help text, each summary the first line of the entry's docstring."""
+
+    def summary(entry) -> str:
+        doc = (entry.__doc__ or "").strip()
+        return f": {doc.splitlines()[0].rstrip('.')}" if doc else ""
+
+    return "; ".join(f"'{name}'{summary(entry)}" for name, entry in registry.items())
+
+
+_LOSS_TYPE_HELP = (
+    "Per-position loss, a name registered in opdlm_trl.losses.DIVERGENCES (add one with register_divergence): "
+    f"{_registered(DIVERGENCES)}."
+)
+_TEACHER_BACKEND_HELP = (
+    f"'{AUTO}' (shared with peft and no teacher model, local otherwise) or a kind registered in "
+    f"opdlm_trl.teachers.TEACHERS (add one with register_teacher): {_registered(TEACHERS)}."
+)
 
 
 @dataclass
@@ -122,13 +143,7 @@ class OPDConfig(DistillationConfig):
             "forward) or 'random_remask' (random masks on the on-policy x0: the OPDLM_off ablation)."
         },
     )
-    loss_type: str = field(
-        default="forward_kl",
-        metadata={
-            "help": "'forward_kl' (paper), 'reverse_kl', 'jsd' (uses beta) or 'token_pg' (sampled-token "
-            "policy gradient with reward log p_T - log p_S)."
-        },
-    )
+    loss_type: str = field(default="forward_kl", metadata={"help": _LOSS_TYPE_HELP})
     teacher_top_k: int | None = field(
         default=None,
         metadata={
@@ -157,14 +172,7 @@ class OPDConfig(DistillationConfig):
     )
 
     # Teacher
-    teacher_backend: str = field(
-        default="auto",
-        metadata={
-            "help": "'local' (a separate frozen model), 'shared' (the student's base weights with LoRA "
-            "adapters disabled: zero extra memory), 'vllm_server', 'vllm_colocate', or 'auto' (shared with "
-            "peft and no teacher model, local otherwise)."
-        },
-    )
+    teacher_backend: str = field(default=AUTO, metadata={"help": _TEACHER_BACKEND_HELP})
     teacher_url: str | None = field(
         default=None, metadata={"help": "Base URL of the vLLM server scoring the teacher (vllm_server backend)."}
     )
@@ -282,40 +290,35 @@ class OPDConfig(DistillationConfig):
         }
         return SamplerConfig.from_options(self, **{**defaults, **overrides})
 
-    def teacher_options(self) -> dict[str, Any]:
-        """:func:`opdlm_trl.teachers.build_teacher`'s options for ``teacher_backend``, from its ``teacher_*`` fields.
+    def teacher_options(self, kind: str | None = None) -> dict[str, Any]:
+        """:func:`opdlm_trl.teachers.build_teacher`'s options for a backend ``kind`` (default ``teacher_backend``),
+        read from the config fields its class names (``TeacherBackend.option_fields``).
 
-        Only the chosen backend's fields: each backend's constructor refuses options it does not take.
+        Only that backend's fields: each backend's builder refuses options it does not take. ``"auto"`` must be
+        resolved first (:func:`opdlm_trl.teachers.factory.resolve_kind`): its two kinds take different models.
         """
-        if self.teacher_backend == "vllm_server":
-            return dict(
-                base_url=self.teacher_url,
-                model_name=self.teacher_model_name,
-                timeout=self.teacher_timeout,
-                max_retries=self.teacher_max_retries,
-                max_concurrency=self.teacher_max_concurrency,
-                max_tokens_per_request=self.teacher_max_tokens_per_request,
+        kind = self.teacher_backend if kind is None else kind
+        if kind == AUTO:
+            raise ValueError(
+                "teacher_options needs a resolved kind: resolve 'auto' with teachers.factory.resolve_kind."
             )
-        if self.teacher_backend == "vllm_colocate":
-            return dict(
-                model=self.teacher_model_name_or_path, gpu_memory_utilization=self.teacher_gpu_memory_utilization
-            )
-        return dict(chunk_size=self.teacher_chunk_size)
+        return {keyword: getattr(self, name) for keyword, name in teacher_class(kind).option_fields.items()}
 
     def _validate_choices(self) -> None:
-        for name, allowed in (
-            ("state_selection", SELECTIONS),
-            ("loss_type", DIVERGENCES),
-            ("teacher_backend", _TEACHER_BACKENDS),
-            ("curriculum", SCHEDULES),
-            ("threshold_schedule", RAMPS),
-            ("loss_normalization", NORMALIZATIONS),
-            ("prompt_truncation", _PROMPT_TRUNCATIONS),
+        for name, allowed, hint in (
+            ("state_selection", SELECTIONS, ""),
+            ("loss_type", tuple(DIVERGENCES), " Register a new loss with opdlm_trl.losses.register_divergence."),
+            ("teacher_backend", (AUTO, *TEACHERS), " Register a new one with opdlm_trl.teachers.register_teacher."),
+            ("curriculum", SCHEDULES, ""),
+            ("threshold_schedule", RAMPS, ""),
+            ("loss_normalization", NORMALIZATIONS, ""),
+            ("prompt_truncation", _PROMPT_TRUNCATIONS, ""),
         ):
             value = getattr(self, name)
             if value not in allowed:
-                raise ValueError(f"{name}={value!r} is not one of {allowed}.")
-        if self.teacher_backend in ("vllm_server", "vllm_colocate") and self.teacher_top_k is None:
+                raise ValueError(f"{name}={value!r} is not one of {allowed}.{hint}")
+        backend = None if self.teacher_backend == AUTO else teacher_class(self.teacher_backend)
+        if backend is not None and not backend.full_vocabulary and self.teacher_top_k is None:
             raise ValueError(
                 f"teacher_backend={self.teacher_backend!r} returns top-k log-probs only: set teacher_top_k "
                 "(e.g. 16 as in the paper's reference code)."

@@ -37,21 +37,28 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.utils.checkpoint import checkpoint
+
+if TYPE_CHECKING:
+    from .batch import SupervisedRows
 
 __all__ = [
     "DIVERGENCES",
     "MDLM_WEIGHTINGS",
     "NORMALIZATIONS",
+    "DivergenceFn",
     "chunked",
+    "divergence",
     "forward_kl",
     "generalized_jsd",
     "mdlm_loss",
     "mdlm_reduce",
     "normaliser_count",
     "reduce_loss",
+    "register_divergence",
     "reverse_kl",
     "student_log_probs",
     "student_token_log_probs",
@@ -59,9 +66,6 @@ __all__ = [
     "top1_matches",
 ]
 
-# The per-position divergences a distillation trainer may pick (``OPDConfig.loss_type``): forward_kl,
-# reverse_kl, generalized_jsd and token_policy_gradient below.
-DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "token_pg")
 MDLM_WEIGHTINGS = ("inverse_t", "uniform")
 NORMALIZATIONS = ("sequence", "token")
 
@@ -299,6 +303,94 @@ def mdlm_loss(
     if rate.numel() and bool((rate <= 0).any()):
         raise ValueError("mask rates must be > 0 for the 1/t weighting (draw t from U(eps, 1) with eps > 0).")
     return nll / rate
+
+
+# ----------------------------------------------------------------------------------------------
+# The registry of per-position losses a distillation trainer may pick (``OPDConfig.loss_type``)
+# ----------------------------------------------------------------------------------------------
+
+DivergenceFn = Callable[[torch.Tensor, "SupervisedRows", Any], torch.Tensor]
+"""A registered loss: ``(student_logits, rows, args) -> (n,)`` float32, one value per supervised position.
+
+``student_logits`` is an ``(n, V_S)`` chunk (``[MASK]`` suppressed), ``rows`` the matching
+:class:`opdlm_trl.batch.SupervisedRows` (teacher targets in ``rows.targets``, committed tokens in ``rows.tokens``),
+``args`` the trainer's config (options such as ``beta`` or ``tail_bucket``). One signature for every loss, so the
+trainer calls whichever name ``loss_type`` holds without knowing what it reads.
+"""
+
+# name -> loss. OPDConfig checks ``loss_type`` against it when a config is made, the trainer looks the name up, and
+# the config's help text lists it: a loss registered here (from any module) needs no other change.
+DIVERGENCES: dict[str, DivergenceFn] = {}
+
+
+def register_divergence(name: str, fn: DivergenceFn | None = None, *, replace: bool = False):
+    """Make ``name`` a valid ``loss_type`` computed by ``fn`` (a :data:`DivergenceFn`).
+
+    Call it directly, ``register_divergence("mine", fn)``, or as a decorator, ``@register_divergence("mine")``;
+    register before the ``OPDConfig`` is made (its check reads the registry). The function's first docstring line
+    is its summary in ``--help``. A second function under a taken name is refused unless ``replace=True``, so two
+    modules cannot silently shadow each other.
+    """
+
+    def add(function: DivergenceFn) -> DivergenceFn:
+        if not callable(function):
+            raise TypeError(f"register_divergence({name!r}) needs a callable, got {type(function).__name__}.")
+        taken = DIVERGENCES.get(name)
+        if taken is not None and taken is not function and not replace:
+            raise ValueError(
+                f"A loss named {name!r} is already registered ({taken.__module__}.{taken.__qualname__}); choose "
+                "another name or pass replace=True."
+            )
+        DIVERGENCES[name] = function
+        return function
+
+    return add if fn is None else add(fn)
+
+
+def divergence(name: str) -> DivergenceFn:
+    """The registered loss called ``name``; an unknown name raises, listing the registered ones."""
+    try:
+        return DIVERGENCES[name]
+    except KeyError:
+        raise ValueError(
+            f"loss_type={name!r} is not a registered loss; registered: {tuple(DIVERGENCES)} "
+            "(add one with opdlm_trl.losses.register_divergence)."
+        ) from None
+
+
+def _teacher_arguments(rows: SupervisedRows, args) -> dict[str, Any]:
+    """The divergences' teacher arguments from a chunk's targets (full vocabulary or top-k) and the config."""
+    targets = rows.targets
+    return dict(
+        teacher_full_logprobs=targets.get("full_logprobs"),
+        teacher_top_ids=targets.get("top_ids"),
+        teacher_top_logprobs=targets.get("top_logprobs"),
+        tail_bucket=args.tail_bucket,
+    )
+
+
+@register_divergence("forward_kl")
+def _forward_kl_loss(student_logits: torch.Tensor, rows: SupervisedRows, args) -> torch.Tensor:
+    """KL(p_T || p_S), the paper's divergence, over the full vocabulary or the teacher's top-k."""
+    return forward_kl(student_logits, **_teacher_arguments(rows, args))
+
+
+@register_divergence("reverse_kl")
+def _reverse_kl_loss(student_logits: torch.Tensor, rows: SupervisedRows, args) -> torch.Tensor:
+    """KL(p_S || p_T), mode seeking; over the teacher's top-k an approximation."""
+    return reverse_kl(student_logits, **_teacher_arguments(rows, args))
+
+
+@register_divergence("jsd")
+def _jsd_loss(student_logits: torch.Tensor, rows: SupervisedRows, args) -> torch.Tensor:
+    """generalised JSD interpolated by `beta`, TRL's convention: 0 = forward KL, 1 = reverse KL."""
+    return generalized_jsd(student_logits, beta=args.beta, **_teacher_arguments(rows, args))
+
+
+@register_divergence("token_pg")
+def _token_pg_loss(student_logits: torch.Tensor, rows: SupervisedRows, args) -> torch.Tensor:
+    """sampled-token policy gradient with reward log p_T - log p_S; needs only the committed token's log-prob."""
+    return token_policy_gradient(student_logits, rows.tokens, rows.targets.get("token_logprobs"))
 
 
 # ----------------------------------------------------------------------------------------------

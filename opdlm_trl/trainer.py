@@ -56,7 +56,8 @@ from .modeling import (
 from .precision import check_master_weights, warn_if_cpu_bf16_is_slow
 from .sampling import DiffusionSampler, Rollout, SamplerConfig, default_stop_token_ids
 from .states import TrainingStates, select_states
-from .teachers import LocalTeacher, SharedWeightsTeacher, TeacherTargets, build_teacher
+from .teachers import TeacherTargets, build_teacher
+from .teachers.factory import AUTO, resolve_kind, teacher_class
 
 __all__ = ["OPDProgress", "OPDTrainer", "load_pretrained"]
 
@@ -216,7 +217,7 @@ class OPDTrainer(DistillationTrainer):
             and teacher is None
             and teacher_model is None
             and peft_config is None
-            and args.teacher_backend in ("auto", "local")
+            and (args.teacher_backend == AUTO or teacher_class(args.teacher_backend).needs_teacher_model)
             and not hasattr(model, "peft_config")
         )
         if not _is_converted(model):
@@ -258,10 +259,11 @@ class OPDTrainer(DistillationTrainer):
         Only the preparation of a local teacher model stays here (:meth:`_prepare_teacher_model`): it needs this
         trainer's accelerator, which the factory does not know.
         """
-        options = self.args.teacher_options()
+        kind = resolve_kind(self.args.teacher_backend, teacher_model)
+        options = self.args.teacher_options(kind)
         options.setdefault("model", teacher_model)
         return build_teacher(
-            self.args.teacher_backend,
+            kind,
             student=self.model,
             tokenizer=self._tokenizer,
             top_k=self.args.teacher_top_k,
@@ -384,12 +386,14 @@ class OPDTrainer(DistillationTrainer):
         return rollout
 
     def _score(self, rollout: Rollout) -> TeacherTargets:
-        """Teacher targets of the rollout; a padded local/shared teacher scores in row groups (exact, less padding).
+        """Teacher targets of the rollout; a teacher that scores a padded batch (a local/shared one) does so in row
+        groups (exact, less padding).
 
-        A vLLM teacher receives unpadded token lists already, so it gets the batch in one call.
+        A teacher without ``scores_padded_batch`` (vLLM: it sends unpadded token lists already, or any object with
+        just a ``score`` method) gets the batch in one call.
         """
         ids, mask = rollout.completion_ids, rollout.completion_mask
-        if not self.args.length_groups or not isinstance(self.teacher, LocalTeacher | SharedWeightsTeacher):
+        if not self.args.length_groups or not getattr(self.teacher, "scores_padded_batch", False):
             return self._teacher_targets(rollout.prompt_ids, rollout.prompt_mask, ids, mask)
         groups = plan_groups(rollout.prompt_mask, mask, None, self.args.length_groups)
         parts = []
@@ -687,22 +691,9 @@ class OPDTrainer(DistillationTrainer):
         return captured.hidden[:, layout.source_index][selected]
 
     def _per_position_loss(self, student_logits: torch.Tensor, rows: SupervisedRows) -> torch.Tensor:
-        """OPD's divergence to the teacher at every supervised position of a chunk, ``(n,)`` (``args.loss_type``)."""
-        args = self.args
-        targets = rows.targets
-        if args.loss_type == "token_pg":
-            return L.token_policy_gradient(student_logits, rows.tokens, targets["token_logprobs"])
-        kwargs = dict(
-            teacher_full_logprobs=targets["full_logprobs"],
-            teacher_top_ids=targets["top_ids"],
-            teacher_top_logprobs=targets["top_logprobs"],
-            tail_bucket=args.tail_bucket,
-        )
-        if args.loss_type == "forward_kl":
-            return L.forward_kl(student_logits, **kwargs)
-        if args.loss_type == "reverse_kl":
-            return L.reverse_kl(student_logits, **kwargs)
-        return L.generalized_jsd(student_logits, beta=args.beta, **kwargs)
+        """OPD's divergence to the teacher at every supervised position of a chunk, ``(n,)``: the loss registered
+        as ``args.loss_type`` (:data:`opdlm_trl.losses.DIVERGENCES`)."""
+        return L.divergence(self.args.loss_type)(student_logits, rows, self.args)
 
     def _metric_sums(self, student_logits, per_position, rows: SupervisedRows) -> torch.Tensor:
         """This chunk's metric sums (one flat tensor; chunks and then processes are summed by ``compute_loss``).

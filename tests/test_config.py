@@ -8,7 +8,7 @@ from opdlm_trl.curriculum import RAMPS, SCHEDULES
 from opdlm_trl.losses import DIVERGENCES, NORMALIZATIONS
 from opdlm_trl.sampling import CONFIDENCE, REMASKING, SamplerConfig
 from opdlm_trl.states import SELECTIONS
-from opdlm_trl.teachers import TEACHER_KINDS
+from opdlm_trl.teachers import TEACHERS
 
 
 def _config(cls=OPDConfig, **overrides):
@@ -85,7 +85,7 @@ def test_confidence_choices_come_from_the_sampler():
 
 def test_teacher_backends_are_auto_plus_the_teacher_kinds():
     extra = {"teacher_top_k": 16, "teacher_url": "http://127.0.0.1:1"}
-    for backend in ("auto", *TEACHER_KINDS):
+    for backend in ("auto", *TEACHERS):
         assert _config(teacher_backend=backend, **extra).teacher_backend == backend
     with pytest.raises(ValueError, match="teacher_backend"):
         _config(teacher_backend="remote")

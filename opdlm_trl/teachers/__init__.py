@@ -12,27 +12,40 @@ Four backends share two code paths:
   :class:`VLLMColocateTeacher` (in-process ``vllm.LLM``) both turn per-position ``{token id: logprob}`` maps
   into targets with :func:`targets_from_logprob_maps` (:mod:`.targets`).
 
-:func:`build_teacher` (:mod:`.factory`) builds any of them from a config. The package imports only ``torch``
+:func:`build_teacher` (:mod:`.factory`) builds any of them from a config, by kind: :data:`TEACHERS` is the registry
+(kind -> :class:`TeacherBackend` subclass, capabilities as class attributes) and :func:`register_teacher` adds a
+backend from outside the package. The package imports only ``torch``
 and this package at import time: ``transformers``, ``requests`` and ``vllm`` are imported where needed, so it
 also loads inside the separate vLLM virtualenv.
 """
 
-from .factory import TEACHER_KINDS, build_teacher
+from .factory import TEACHERS, build_teacher, register_teacher, teacher_class
 from .hf import LocalTeacher, SharedWeightsTeacher, score_causal_lm
-from .targets import Teacher, TeacherServerError, TeacherTargets, targets_from_logprob_maps
+from .targets import (
+    Teacher,
+    TeacherBackend,
+    TeacherContext,
+    TeacherServerError,
+    TeacherTargets,
+    targets_from_logprob_maps,
+)
 from .vllm import SERVER_COMMAND_HINT, VLLMColocateTeacher, VLLMServerTeacher
 
 __all__ = [
     "SERVER_COMMAND_HINT",
-    "TEACHER_KINDS",
+    "TEACHERS",
     "LocalTeacher",
     "SharedWeightsTeacher",
     "Teacher",
+    "TeacherBackend",
+    "TeacherContext",
     "TeacherServerError",
     "TeacherTargets",
     "VLLMColocateTeacher",
     "VLLMServerTeacher",
     "build_teacher",
+    "register_teacher",
     "score_causal_lm",
+    "teacher_class",
     "targets_from_logprob_maps",
 ]

@@ -1,8 +1,12 @@
-"""The one teacher factory: a backend name (``OPDConfig.teacher_backend``) and its options -> a :class:`Teacher`.
+"""The one teacher factory: a backend kind (``OPDConfig.teacher_backend``) and its options -> a :class:`Teacher`.
 
-Both :class:`opdlm_trl.OPDTrainer` and scripts call :func:`build_teacher`, so the backend resolution (``auto``),
-the checks a backend needs (a peft student for ``shared``, a model for ``local``, a path for ``vllm_colocate``),
-the mask-token exclusion and the vocabulary check are written once.
+Backends live in a registry, :data:`TEACHERS` (kind -> :class:`~opdlm_trl.teachers.targets.TeacherBackend`
+subclass). A class carries its capabilities as class attributes (``scores_padded_batch``, ``full_vocabulary``,
+``needs_teacher_model``, ``option_fields``) and builds itself with ``from_context``, so the config's choices, its
+checks, its options and the trainer's row grouping all read the registry; a new backend is one
+:func:`register_teacher` call, from any module. :func:`build_teacher`, called by :class:`opdlm_trl.OPDTrainer` and
+by scripts, resolves ``auto`` and derives once what every backend may need (the mask token to exclude, the student's
+settings) into a :class:`~opdlm_trl.teachers.targets.TeacherContext`.
 """
 
 from __future__ import annotations
@@ -13,18 +17,71 @@ from typing import Any
 import torch
 
 from ..modeling import diffusion_settings
-from .hf import LocalTeacher, SharedWeightsTeacher, freeze
-from .targets import Teacher, excluded_token_ids
+from .hf import LocalTeacher, SharedWeightsTeacher
+from .targets import Teacher, TeacherBackend, TeacherContext, excluded_token_ids
 from .vllm import VLLMColocateTeacher, VLLMServerTeacher
 
-__all__ = ["TEACHER_KINDS", "build_teacher"]
+__all__ = ["AUTO", "TEACHERS", "build_teacher", "register_teacher", "resolve_kind", "teacher_class"]
 
-TEACHER_KINDS = ("local", "shared", "vllm_server", "vllm_colocate")
+# The trainer's own choice (not a backend): a separate local teacher when a teacher model is given, else the
+# student's own base weights (resolve_kind).
+AUTO = "auto"
+
+# kind -> backend class; OPDConfig.teacher_backend is "auto" or one of these keys.
+TEACHERS: dict[str, type[TeacherBackend]] = {}
+
+
+def register_teacher(kind: str, backend: type[TeacherBackend] | None = None, *, replace: bool = False):
+    """Make ``kind`` a valid ``teacher_backend`` built by ``backend`` (a :class:`TeacherBackend` subclass).
+
+    Call it directly, ``register_teacher("mine", MyTeacher)``, or as a class decorator; register before the
+    ``OPDConfig`` is made (its check reads the registry). The class docstring's first line is its summary in
+    ``--help``. A second class under a taken kind is refused unless ``replace=True``.
+    """
+
+    def add(cls: type[TeacherBackend]) -> type[TeacherBackend]:
+        if kind == AUTO:
+            raise ValueError(f"{AUTO!r} is the trainer's own choice of backend, not a kind to register.")
+        if not (isinstance(cls, type) and issubclass(cls, TeacherBackend)):
+            raise TypeError(
+                f"register_teacher({kind!r}) needs a subclass of opdlm_trl.teachers.TeacherBackend (its class "
+                f"attributes say what the trainer may do with it), got {cls!r}."
+            )
+        taken = TEACHERS.get(kind)
+        if taken is not None and taken is not cls and not replace:
+            raise ValueError(
+                f"A teacher kind {kind!r} is already registered ({taken.__module__}.{taken.__qualname__}); choose "
+                "another name or pass replace=True."
+            )
+        TEACHERS[kind] = cls
+        return cls
+
+    return add if backend is None else add(backend)
+
+
+for _kind, _backend in (
+    ("local", LocalTeacher),
+    ("shared", SharedWeightsTeacher),
+    ("vllm_server", VLLMServerTeacher),
+    ("vllm_colocate", VLLMColocateTeacher),
+):
+    register_teacher(_kind, _backend)
+
+
+def teacher_class(kind: str) -> type[TeacherBackend]:
+    """The backend class registered as ``kind``; an unknown kind raises, listing the registered ones."""
+    try:
+        return TEACHERS[kind]
+    except KeyError:
+        raise ValueError(
+            f"Unknown teacher kind {kind!r}; choose {AUTO!r} or one of {tuple(TEACHERS)} "
+            "(add one with opdlm_trl.teachers.register_teacher)."
+        ) from None
 
 
 def resolve_kind(kind: str, model) -> str:
     """``"auto"``: a separate local teacher when a teacher model is given, else the student's own base weights."""
-    if kind == "auto":
+    if kind == AUTO:
         return "local" if model is not None else "shared"
     return kind
 
@@ -34,74 +91,32 @@ def build_teacher(
     *,
     student: torch.nn.Module | None = None,
     model: torch.nn.Module | str | None = None,
-    base_url: str | None = None,
     tokenizer=None,
     top_k: int | None = None,
-    chunk_size: int = 1024,
     prepare_model: Callable[[torch.nn.Module], torch.nn.Module] | None = None,
-    **kwargs: Any,
+    exclude_token_ids=None,
+    **options: Any,
 ) -> Teacher:
-    """Build a teacher from a config (``kind`` in :data:`TEACHER_KINDS`, or ``"auto"``).
+    """Build a teacher from a config (``kind`` a key of :data:`TEACHERS`, or ``"auto"``).
 
     ``student`` (a converted model) supplies the mask token to exclude and the teacher vocabulary ``V_T`` used for
     the checks. ``model`` is the teacher model object or path (``local``, and the path for ``vllm_colocate``).
     ``prepare_model`` wraps a frozen local teacher model before use (the trainer passes its accelerator's
-    DeepSpeed / device preparation: only the trainer knows its accelerator). Remaining keyword arguments go to the
-    backend's constructor.
+    DeepSpeed / device preparation: only the trainer knows its accelerator). ``exclude_token_ids`` overrides the
+    student's mask token as the ids never to return. The remaining ``options`` go to the backend's
+    ``from_context`` (e.g. ``chunk_size`` for local/shared, ``base_url`` for ``vllm_server``).
     """
-    kind = resolve_kind(kind, model)
+    backend = teacher_class(resolve_kind(kind, model))
     settings = diffusion_settings(student) if student is not None else None
-    exclude = kwargs.pop("exclude_token_ids", None)
-    if exclude is None:
-        exclude = excluded_token_ids(settings) if settings else ()
-    if kind == "shared":
-        return _shared(student, chunk_size, **kwargs)
-    if kind == "local":
-        return _local(model, settings, chunk_size, exclude, prepare_model, **kwargs)
-    if kind == "vllm_server":
-        if base_url is None:
-            raise ValueError("kind='vllm_server' needs base_url= (teacher_url, e.g. http://127.0.0.1:8000).")
-        vocab_size = kwargs.pop("vocab_size", settings.teacher_vocab_size if settings else None)
-        return VLLMServerTeacher(
-            base_url, top_k=top_k, vocab_size=vocab_size, tokenizer=tokenizer, exclude_token_ids=exclude, **kwargs
-        )
-    if kind == "vllm_colocate":
-        if not isinstance(model, str) or not model or top_k is None:
-            raise ValueError(
-                "kind='vllm_colocate' needs model= (a local model dir: teacher_model_name_or_path) and top_k=."
-            )
-        return VLLMColocateTeacher(model, top_k, exclude_token_ids=exclude, **kwargs)
-    raise ValueError(f"Unknown teacher kind {kind!r}; choose from {TEACHER_KINDS}.")
-
-
-def _shared(student, chunk_size: int, **kwargs) -> SharedWeightsTeacher:
-    """The student's base weights with adapters off: the original ARLM only for a peft (LoRA) student."""
-    if student is None:
-        raise ValueError("kind='shared' needs student=.")
-    if not hasattr(student, "peft_config") and not kwargs.get("allow_full_finetune"):
-        raise ValueError(
-            "teacher_backend='shared' runs the student's base weights with adapters disabled, which only "
-            "equals the original ARLM for a peft (LoRA) student. Pass a peft_config or a teacher_model."
-        )
-    return SharedWeightsTeacher(student, chunk_size=chunk_size, **kwargs)
-
-
-def _local(model, settings, chunk_size: int, exclude, prepare_model, **kwargs) -> LocalTeacher:
-    """A separate frozen causal LM (loaded when ``model`` is a path), checked against the student's ``V_T``."""
-    if isinstance(model, str):
-        from transformers import AutoModelForCausalLM
-
-        kwargs.setdefault("attn_implementation", "sdpa")
-        model = AutoModelForCausalLM.from_pretrained(model, **kwargs)
-        kwargs = {}
-    if model is None:
-        raise ValueError("teacher_backend='local' needs `teacher_model` (a model or a path): pass model=.")
-    if prepare_model is not None:
-        model = prepare_model(freeze(model))
-    teacher = LocalTeacher(model, chunk_size=chunk_size, exclude_token_ids=exclude, **kwargs)
-    if settings and teacher.vocab_size != settings.teacher_vocab_size:
-        raise ValueError(
-            f"Teacher vocabulary {teacher.vocab_size} != the student's teacher_vocab_size "
-            f"{settings.teacher_vocab_size}: the teacher must be the model the student was converted from."
-        )
-    return teacher
+    if exclude_token_ids is None:
+        exclude_token_ids = excluded_token_ids(settings) if settings else ()
+    context = TeacherContext(
+        student=student,
+        model=model,
+        tokenizer=tokenizer,
+        top_k=top_k,
+        settings=settings,
+        exclude_token_ids=tuple(int(i) for i in exclude_token_ids),
+        prepare_model=prepare_model,
+    )
+    return backend.from_context(context, **options)

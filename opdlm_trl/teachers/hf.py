@@ -18,7 +18,7 @@ from ..collectives import chunk_bounds, distributed_world
 from ..heads import OutputHead, output_rows
 from ..masks import gather_predictions
 from ..modeling import adapters_disabled, diffusion_settings, teacher_forward, unwrap_model
-from .targets import TeacherTargets, check_batch, empty_targets, excluded_token_ids
+from .targets import TeacherBackend, TeacherContext, TeacherTargets, check_batch, empty_targets, excluded_token_ids
 
 __all__ = ["LocalTeacher", "SharedWeightsTeacher", "score_causal_lm"]
 
@@ -124,8 +124,13 @@ def freeze(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-class _CausalLMScorer:
+class _CausalLMScorer(TeacherBackend):
     """Scoring shared by the local and shared-weights teachers: one chunked causal forward (score_causal_lm)."""
+
+    # one padded forward per call (row groups save padding); targets over the whole vocabulary on request
+    scores_padded_batch = True
+    full_vocabulary = True
+    option_fields = {"chunk_size": "teacher_chunk_size"}
 
     model: torch.nn.Module
     chunk_size: int
@@ -159,6 +164,32 @@ class LocalTeacher(_CausalLMScorer):
     :class:`SharedWeightsTeacher` for a LoRA student, or a vLLM teacher to move the work elsewhere.
     """
 
+    needs_teacher_model = True
+
+    @classmethod
+    def from_context(cls, context: TeacherContext, chunk_size: int = 1024, **kwargs) -> LocalTeacher:
+        """The frozen model ``context.model`` (loaded when a path; ``kwargs`` then go to ``from_pretrained``),
+        prepared for the trainer's accelerator and checked against the student's ``V_T``."""
+        model = context.model
+        if isinstance(model, str):
+            from transformers import AutoModelForCausalLM
+
+            kwargs.setdefault("attn_implementation", "sdpa")
+            model = AutoModelForCausalLM.from_pretrained(model, **kwargs)
+            kwargs = {}
+        if model is None:
+            raise ValueError("teacher_backend='local' needs `teacher_model` (a model or a path): pass model=.")
+        if context.prepare_model is not None:
+            model = context.prepare_model(freeze(model))
+        teacher = cls(model, chunk_size=chunk_size, exclude_token_ids=context.exclude_token_ids, **kwargs)
+        settings = context.settings
+        if settings and teacher.vocab_size != settings.teacher_vocab_size:
+            raise ValueError(
+                f"Teacher vocabulary {teacher.vocab_size} != the student's teacher_vocab_size "
+                f"{settings.teacher_vocab_size}: the teacher must be the model the student was converted from."
+            )
+        return teacher
+
     def __init__(
         self,
         model: torch.nn.Module,
@@ -182,6 +213,19 @@ class SharedWeightsTeacher(_CausalLMScorer):
     student without peft adapters unless ``allow_full_finetune=True`` (self-distillation from a
     moving target, rarely what you want).
     """
+
+    @classmethod
+    def from_context(cls, context: TeacherContext, chunk_size: int = 1024, **kwargs) -> SharedWeightsTeacher:
+        """The student's base weights with adapters off: the original ARLM only for a peft (LoRA) student."""
+        student = context.student
+        if student is None:
+            raise ValueError("kind='shared' needs student=.")
+        if not hasattr(student, "peft_config") and not kwargs.get("allow_full_finetune"):
+            raise ValueError(
+                "teacher_backend='shared' runs the student's base weights with adapters disabled, which only "
+                "equals the original ARLM for a peft (LoRA) student. Pass a peft_config or a teacher_model."
+            )
+        return cls(student, chunk_size=chunk_size, **kwargs)
 
     def __init__(self, student: torch.nn.Module, chunk_size: int = 1024, allow_full_finetune: bool = False):
         if not hasattr(student, "peft_config") and not allow_full_finetune:

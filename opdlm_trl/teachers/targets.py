@@ -2,7 +2,8 @@
 
 For ``x0 = prompt + completion`` the target of completion position ``i`` is ``p_T(. | prompt, x0_<i)``
 (docs/method.md §3). This module holds the result type (:class:`TeacherTargets`), the protocol a backend
-implements (:class:`Teacher`), the batch layout every backend refuses to guess about (:func:`check_batch`), the
+implements (:class:`Teacher`), the base class of the registered backends with their capabilities and what the
+factory hands their builder (:class:`TeacherBackend`, :class:`TeacherContext`), the batch layout every backend refuses to guess about (:func:`check_batch`), the
 one rule for which ids a teacher must never return (:func:`excluded_token_ids`), and the conversion of vLLM's
 per-position ``{token id: logprob}`` maps into targets (:func:`targets_from_logprob_maps`). It imports only torch.
 """
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 
 import torch
 
@@ -20,6 +21,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "Teacher",
+    "TeacherBackend",
+    "TeacherContext",
     "TeacherServerError",
     "TeacherTargets",
     "check_batch",
@@ -112,6 +115,57 @@ class Teacher(Protocol):
         completion_mask: torch.Tensor,
         top_k: int | None,
     ) -> TeacherTargets: ...
+
+
+@dataclass(frozen=True)
+class TeacherContext:
+    """What the factory knows when it builds any backend (:meth:`TeacherBackend.from_context`).
+
+    Attributes:
+        student: the converted student (supplies the mask token and ``V_T``), or None.
+        model: the teacher model object or path given to the trainer / factory, or None.
+        tokenizer: the student's tokenizer, or None.
+        top_k: the configured ``teacher_top_k`` (None: full vocabulary).
+        settings: the student's :class:`~opdlm_trl.modeling.DiffusionSettings`, or None without a student.
+        exclude_token_ids: ids a teacher must never return as a target (:func:`excluded_token_ids`).
+        prepare_model: wraps a frozen local model for the trainer's accelerator (ZeRO inference, device), or None.
+    """
+
+    student: torch.nn.Module | None = None
+    model: torch.nn.Module | str | None = None
+    tokenizer: Any = None
+    top_k: int | None = None
+    settings: DiffusionSettings | None = None
+    exclude_token_ids: tuple[int, ...] = ()
+    prepare_model: Callable[[torch.nn.Module], torch.nn.Module] | None = None
+
+
+class TeacherBackend:
+    """Base class of a registered teacher backend (:func:`opdlm_trl.teachers.register_teacher`).
+
+    Its class attributes are what the trainer and the config need to know about a backend before or without
+    scoring, so that no caller tests a backend's type or name:
+
+    * ``scores_padded_batch``: :meth:`score` runs one padded forward over the batch, so the trainer may split a
+      batch into row groups of similar length (exact, less padding). False for a backend that sends each row
+      unpadded anyway (vLLM): one call.
+    * ``full_vocabulary``: it can return full-vocabulary targets (``top_k=None``); without, the config requires
+      ``teacher_top_k``.
+    * ``needs_teacher_model``: it scores a separate copy of the original model, which the trainer takes (a frozen
+      copy of the student before conversion) when none is given.
+    * ``option_fields``: ``{build_teacher keyword: OPDConfig field}``, the config fields the backend is built with
+      (:meth:`opdlm_trl.OPDConfig.teacher_options`).
+    """
+
+    scores_padded_batch: ClassVar[bool] = False
+    full_vocabulary: ClassVar[bool] = False
+    needs_teacher_model: ClassVar[bool] = False
+    option_fields: ClassVar[Mapping[str, str]] = {}
+
+    @classmethod
+    def from_context(cls, context: TeacherContext, **options: Any) -> Teacher:
+        """Build the backend from what the factory knows and its options (default: ``cls(**options)``)."""
+        return cls(**options)
 
 
 class TeacherServerError(RuntimeError):

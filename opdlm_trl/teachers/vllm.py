@@ -13,7 +13,14 @@ from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from .targets import TeacherServerError, TeacherTargets, real_sequences, targets_from_logprob_maps
+from .targets import (
+    TeacherBackend,
+    TeacherContext,
+    TeacherServerError,
+    TeacherTargets,
+    real_sequences,
+    targets_from_logprob_maps,
+)
 
 __all__ = ["SERVER_COMMAND_HINT", "VLLMColocateTeacher", "VLLMServerTeacher", "split_by_tokens"]
 
@@ -23,9 +30,12 @@ SERVER_COMMAND_HINT = (
 )
 
 
-class _ScoringPlan:
+class _ScoringPlan(TeacherBackend):
     """What both vLLM teachers do before asking vLLM: the k to return and to ask for, the unpadded sequences and the
-    rows that have a completion to score (a row with none gets empty targets, no request)."""
+    rows that have a completion to score (a row with none gets empty targets, no request).
+
+    Capabilities (:class:`TeacherBackend`): rows go to vLLM unpadded (no row groups), top-k targets only.
+    """
 
     top_k: int | None
     exclude_token_ids: tuple[int, ...]
@@ -93,6 +103,31 @@ class VLLMServerTeacher(_ScoringPlan):
         tokenizer: the student's tokenizer (compared with the server's through ``POST /tokenize``).
         exclude_token_ids: ids dropped from the returned top-k (the student's mask token on a free row).
     """
+
+    option_fields = {
+        "base_url": "teacher_url",
+        "model_name": "teacher_model_name",
+        "timeout": "teacher_timeout",
+        "max_retries": "teacher_max_retries",
+        "max_concurrency": "teacher_max_concurrency",
+        "max_tokens_per_request": "teacher_max_tokens_per_request",
+    }
+
+    @classmethod
+    def from_context(cls, context: TeacherContext, base_url: str | None = None, **kwargs) -> VLLMServerTeacher:
+        """A client of the server at ``base_url``, checked against the student's ``V_T`` and tokenizer."""
+        if base_url is None:
+            raise ValueError("kind='vllm_server' needs base_url= (teacher_url, e.g. http://127.0.0.1:8000).")
+        settings = context.settings
+        vocab_size = kwargs.pop("vocab_size", settings.teacher_vocab_size if settings else None)
+        return cls(
+            base_url,
+            top_k=context.top_k,
+            vocab_size=vocab_size,
+            tokenizer=context.tokenizer,
+            exclude_token_ids=context.exclude_token_ids,
+            **kwargs,
+        )
 
     def __init__(
         self,
@@ -326,6 +361,18 @@ class VLLMColocateTeacher(_ScoringPlan):
     the ``Logprob`` objects with the same code as the server teacher. On CPU the process must guard
     its entry point with ``if __name__ == "__main__":`` (vLLM spawns its engine).
     """
+
+    option_fields = {"model": "teacher_model_name_or_path", "gpu_memory_utilization": "teacher_gpu_memory_utilization"}
+
+    @classmethod
+    def from_context(cls, context: TeacherContext, **kwargs) -> VLLMColocateTeacher:
+        """An in-process engine over the local model directory ``context.model``."""
+        model = context.model
+        if not isinstance(model, str) or not model or context.top_k is None:
+            raise ValueError(
+                "kind='vllm_colocate' needs model= (a local model dir: teacher_model_name_or_path) and top_k=."
+            )
+        return cls(model, context.top_k, exclude_token_ids=context.exclude_token_ids, **kwargs)
 
     def __init__(
         self,
