@@ -17,8 +17,10 @@ Imported (use these, not the TRL paths):
 * ``create_model_from_path(model_id, architecture=None, **kwargs)``: TRL's model loading (``dtype`` strings, its
   transformers-version fixes); :func:`opdlm_trl.trainer.load_pretrained` calls it the way TRL's trainers do.
 
-Named (not importable, so listed): :data:`HOOKS` (methods we override), :data:`TRAINER_ATTRIBUTES` (state we
-read or write) and :data:`BATCH_CONTRACT` (what TRL does with the generation hook's dict).
+Named (not importable, so listed): :data:`HOOKS` (methods we override), :data:`CLASS_ATTRIBUTES` (class attributes
+we override), :data:`TRAINER_ATTRIBUTES` (state we read or write) and :data:`BATCH_CONTRACT` (what TRL does with the
+generation hook's dict). The lists cannot drift from the code: ``tests/test_trl_contract.py`` derives from the
+trainers' own source every private base-class name they override or read and fails on one missing here.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from trl.trainer.utils import RepeatSampler, create_model_from_path, shuffle_seq
 
 __all__ = [
     "BATCH_CONTRACT",
+    "CLASS_ATTRIBUTES",
     "HOOKS",
     "TRAINER_ATTRIBUTES",
     "DistillationConfig",
@@ -43,18 +46,32 @@ __all__ = [
     "unwrap_model_for_generation",
 ]
 
-# Methods of the base classes that OPDTrainer and the baselines override, with the parameters they must accept.
+# Methods of the base classes that OPDTrainer and the baselines override: name -> (the base class that defines the
+# version we replace and call through ``super()``, the parameters it must accept). The class matters: if TRL dropped
+# its own ``_get_train_sampler``, our override would silently wrap transformers' sampler instead of RepeatSampler.
 HOOKS = {
     # TRL's generation hook: called once per generation batch (all accumulation steps) by ``_prepare_inputs``;
     # OPD replaces the AR generation + teacher forward with rollouts, teacher targets and training states.
-    "_generate_and_score_completions": ("self", "inputs"),
+    "_generate_and_score_completions": ("DistillationTrainer", ("self", "inputs")),
     # TRL's loss hook: receives one accumulation slice of what the generation hook returned.
-    "compute_loss": ("self", "model", "inputs", "return_outputs", "num_items_in_batch"),
-    # transformers' column filter (``remove_unused_columns``): the baselines keep their completion columns.
-    "_set_signature_columns_if_needed": ("self",),
-    # TRL's prompt renderer (chat template + tokenizer); opdlm_trl.data mirrors it and tests compare the two.
-    # It returns a 3-tuple ``(prompt_ids, images, multimodal_fields)``.
-    "_tokenize_prompts": ("self", "prompts"),
+    "compute_loss": ("DistillationTrainer", ("self", "model", "inputs", "return_outputs", "num_items_in_batch")),
+    # The column filter (``remove_unused_columns``): the baselines keep their completion columns.
+    "_set_signature_columns_if_needed": ("DistillationTrainer", ("self",)),
+    # TRL's prompt renderer (chat template + tokenizer); not overridden, but opdlm_trl.data mirrors it and tests
+    # compare the two. It returns a 3-tuple ``(prompt_ids, images, multimodal_fields)``.
+    "_tokenize_prompts": ("DistillationTrainer", ("self", "prompts")),
+    # TRL's training sampler (RepeatSampler); OPDTrainer makes its epoch order resumable (opdlm_trl.checkpoints).
+    "_get_train_sampler": ("DistillationTrainer", ("self", "dataset")),
+    # transformers' restore of stateful callbacks on resume; OPDTrainer re-attaches and restores its token counter.
+    "_load_callback_state": ("Trainer", ("self",)),
+}
+
+# Class attributes of the base classes that the trainers override: name -> the base class that defines them.
+CLASS_ATTRIBUTES = {
+    # The model card's tags, trainer name and paper (TRL's ``_save_checkpoint`` / ``create_model_card`` read them).
+    "_tag_names": "DistillationTrainer",
+    "_name": "DistillationTrainer",
+    "_paper": "DistillationTrainer",
 }
 
 # Attributes of a DistillationTrainer (instance, or class for ``loss_is_scaled_for_ga``) that opdlm_trl uses.
@@ -65,11 +82,13 @@ TRAINER_ATTRIBUTES = {
     "_logs": "self._logs =",
     # Stop ids; TRL fills them from the tokenizer and generation_config, OPDTrainer widens them to end-of-turn.
     "eos_token_ids": "self.eos_token_ids =",
+    # The text tokenizer of ``processing_class`` (decoding, pad / EOS ids, the baselines' completion tokens).
+    "_tokenizer": "self._tokenizer =",
     # True: compute_loss divides by the generation batch's ``num_items_in_batch`` itself, so transformers must not
     # divide by gradient_accumulation_steps again (OPDTrainer.compute_loss relies on it).
     "loss_is_scaled_for_ga": "loss_is_scaled_for_ga = True",
-    # transformers' cache of kept columns, set by ``_set_signature_columns_if_needed``.
-    "_signature_columns": "_signature_columns",
+    # transformers' cache of kept columns: None until ``_set_signature_columns_if_needed`` fills it.
+    "_signature_columns": "self._signature_columns =",
 }
 
 # What ``_prepare_inputs`` does with the generation hook's dict, and so what that dict must be: every tensor has
