@@ -54,6 +54,10 @@ class ConvertArguments(ScriptArguments):
         default=4, metadata={"help": "Held-out prompts decoded before and after training for the report."}
     )
     report_tokens: int = field(default=64, metadata={"help": "Tokens decoded per report prompt."})
+    report_thresholds: list[float] = field(
+        default_factory=lambda: [0.9, 0.7],
+        metadata={"help": "Dynamic-decoding thresholds of the before/after report (beside static decoding)."},
+    )
 
 
 def load_datasets(script_args: ConvertArguments):
@@ -96,11 +100,14 @@ def _teacher_model(trainer):
 
 
 @torch.no_grad()
-def report(trainer: OPDTrainer, prompts, max_new_tokens: int, title: str, with_teacher: bool = False) -> dict:
+def report(
+    trainer: OPDTrainer, prompts, max_new_tokens: int, title: str, thresholds=(0.9, 0.7), teacher: dict | None = None
+) -> dict:
     """Held-out prompts decoded greedily by the student, statically (one token per step: the quality reference) and
-    dynamically at the training threshold (several tokens per forward where the student is confident), each with
-    the teacher's NLL per token of what it wrote, tokens per forward and speed; with ``with_teacher`` also the
-    teacher's own greedy AR answers (HF ``generate``, 1 token per forward), the speed a converted model must beat."""
+    dynamically at each of ``thresholds`` (several tokens per forward where the student is confident), in the
+    training run's ``commit_order``, each with the teacher's NLL per token of what it wrote, tokens per forward and
+    speed. ``teacher=None`` also decodes the teacher itself (HF ``generate``, 1 token per forward: the answer and
+    speed a converted model must match); pass an earlier report's ``teacher`` entry to print it again instead."""
     model = trainer.accelerator.unwrap_model(trainer.model)
     tokenizer = trainer.processing_class
     token_lists = render_prompts(prompts, tokenizer, trainer.chat_template_kwargs)
@@ -108,53 +115,70 @@ def report(trainer: OPDTrainer, prompts, max_new_tokens: int, title: str, with_t
     rows, samples = {}, {}
     was_training = model.training
     model.eval()
-    for decoding in ("static", "dynamic"):
+    decodings = [("static", "static", trainer.args.threshold)]
+    decodings += [(f"dynamic@{value:g}", "dynamic", value) for value in thresholds]
+    for name, remasking, threshold in decodings:
         config = trainer.args.rollout_sampler_config(
-            max_new_tokens=max_new_tokens, remasking=decoding, temperature=0.0, stop_token_ids=stop_ids
+            max_new_tokens=max_new_tokens,
+            remasking=remasking,
+            threshold=threshold,
+            temperature=0.0,
+            stop_token_ids=stop_ids,
         )
         began = time.perf_counter()
         rollout = DiffusionSampler(config, pad_token_id=tokenizer.pad_token_id).sample(model, token_lists)
         seconds = time.perf_counter() - began
-        rows[decoding] = _score_row(
+        rows[name] = _score_row(
             trainer,
             (rollout.prompt_ids, rollout.prompt_mask, rollout.completion_ids, rollout.completion_mask),
             seconds,
             int(rollout.block_steps.sum()),
         )
-        samples[decoding] = rollout.texts(tokenizer)
-    teacher = _teacher_model(trainer) if with_teacher else None
+        samples[name] = rollout.texts(tokenizer)
+    if teacher is None:
+        teacher = _teacher_answers(trainer, token_lists, max_new_tokens, stop_ids)
     if teacher is not None:
-        with teacher as ar_model:
-            began = time.perf_counter()
-            ar_rows = autoregressive_greedy(ar_model, token_lists, tokenizer.pad_token_id, max_new_tokens, stop_ids)
-            seconds = time.perf_counter() - began
-        rows["teacher_ar"] = _score_row(trainer, ar_rows, seconds, int(ar_rows[3].sum()))
-        samples["teacher_ar"] = [
-            tokenizer.decode(ids[mask.bool()], skip_special_tokens=True)
-            for ids, mask in zip(ar_rows[2], ar_rows[3], strict=True)
-        ]
+        rows["teacher_ar"], samples["teacher_ar"] = teacher["row"], teacher["samples"]
     model.train(was_training)
     if trainer.accelerator.is_main_process:
-        _print_report(title, rows, samples, trainer.args.threshold)
-    return {**rows["static"], "rows": rows, "samples": samples["static"], "all_samples": samples}
+        _print_report(f"{title} (commit order: {trainer.args.commit_order})", rows, samples)
+    return {**rows["static"], "rows": rows, "samples": samples["static"], "all_samples": samples, "teacher": teacher}
 
 
-def _print_report(title: str, rows: dict, samples: dict, threshold: float) -> None:
-    names = {
-        "static": "student, static",
-        "dynamic": f"student, dynamic {threshold:g}",
-        "teacher_ar": "teacher, AR generate",
-    }
+def _teacher_answers(trainer: OPDTrainer, token_lists, max_new_tokens: int, stop_ids) -> dict | None:
+    """The AR teacher's greedy answers, scored like the student's; None for a teacher that only scores (vLLM)."""
+    context = _teacher_model(trainer)
+    if context is None:
+        return None
+    tokenizer = trainer.processing_class
+    with context as ar_model:
+        began = time.perf_counter()
+        ar_rows = autoregressive_greedy(ar_model, token_lists, tokenizer.pad_token_id, max_new_tokens, stop_ids)
+        seconds = time.perf_counter() - began
+    texts = [
+        tokenizer.decode(ids[mask.bool()], skip_special_tokens=True)
+        for ids, mask in zip(ar_rows[2], ar_rows[3], strict=True)
+    ]
+    return {"row": _score_row(trainer, ar_rows, seconds, int(ar_rows[3].sum())), "samples": texts}
+
+
+def _print_report(title: str, rows: dict, samples: dict) -> None:
+    def label(key: str) -> str:
+        if key == "teacher_ar":
+            return "teacher, AR generate"
+        return "student, " + key.replace("@", " ")
+
     print(f"\n===== {title} =====")
     print(f"{'decoding':<26}{'tokens/forward':>15}{'tokens/s':>10}{'teacher NLL/token':>19}")
     for key, row in rows.items():
         print(
-            f"{names[key]:<26}{row['tokens_per_forward']:>15.2f}{row['tokens_per_second']:>10.1f}"
+            f"{label(key):<26}{row['tokens_per_forward']:>15.2f}{row['tokens_per_second']:>10.1f}"
             f"{row['teacher_nll_per_token']:>19.3f}"
         )
-    for key in ("static", "dynamic", "teacher_ar"):
-        if key in samples:
-            print("-" * 26 + f" {names[key]}:\n" + samples[key][0].strip()[:400])
+    for index in range(len(samples["static"])):
+        print(f"----- prompt {index + 1}")
+        for key in samples:
+            print("-" * 26 + f" {label(key)}:\n" + samples[key][index].strip()[:400])
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[ConvertArguments, OPDConfig, ModelConfig]:
@@ -226,13 +250,17 @@ def run(script_args: ConvertArguments, training_args: OPDConfig, model_args: Mod
     """Report before, train, report after, save the student and ``opd_report.json``; returns the trainer."""
     trainer, report_prompts = build_trainer(script_args, training_args, model_args)
     tokenizer = trainer.processing_class
+    thresholds = script_args.report_thresholds
     before = (
-        report(trainer, report_prompts, script_args.report_tokens, "before", with_teacher=True)
+        report(trainer, report_prompts, script_args.report_tokens, "before", thresholds) if report_prompts else None
+    )
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    teacher = before["teacher"] if before else None
+    after = (
+        report(trainer, report_prompts, script_args.report_tokens, "after", thresholds, teacher)
         if report_prompts
         else None
     )
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    after = report(trainer, report_prompts, script_args.report_tokens, "after") if report_prompts else None
     trainer.save_model(training_args.output_dir)
     if trainer.accelerator.is_main_process:
         tokenizer.save_pretrained(training_args.output_dir)
