@@ -6,10 +6,8 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 # shellcheck disable=SC1091
 . .venv/bin/activate
-# bf16 autocast doubles a CPU training step's speed where the CPU has bf16 instructions (avx512_bf16, AMX) and is
-# several times slower where it has not (emulated), so the precision follows this CPU; arguments given here win.
-precision=(--bf16 false)
-if grep -qwE 'avx512_bf16|amx_bf16' /proc/cpuinfo 2>/dev/null; then
-    precision=(--bf16 true)
-fi
-python examples/convert.py --config examples/configs/cpu_demo.yaml "${precision[@]}" "$@"
+# bf16 autocast doubles a CPU training step's speed where the CPU has bf16 instructions and is ~10x slower where it
+# has not (emulated), so the precision follows this CPU (opdlm_trl/precision.py decides); arguments given here win.
+bf16=$(python -m opdlm_trl.precision --use-cpu)
+echo "training precision: bf16=$bf16"
+python examples/convert.py --config examples/configs/cpu_demo.yaml --bf16 "$bf16" "$@"
