@@ -162,6 +162,11 @@ def evaluate(
         out["teacher_ar"]["oracle_ceiling"] = report.get("oracle_ceiling")
     if "dynamic" in decodings:
         out["dynamic"]["oracle_ceiling"] = report["results"]["student_dynamic"].get("oracle_ceiling")
+    for decoding in decodings:
+        # the same chain bound on the student's own text, and the share of its commits made out of reading order
+        student = report["results"][f"student_{decoding}"]
+        out[decoding]["own_text_oracle_ceiling"] = student.get("own_text_oracle_ceiling")
+        out[decoding]["out_of_order_rate"] = student.get("out_of_order_rate")
     return out
 
 

@@ -80,6 +80,15 @@ class OPDConfig(DistillationConfig):
             "least the static count) or 'static' (a fixed number per step)."
         },
     )
+    commit_order: str = field(
+        default="confidence",
+        metadata={
+            "help": "Which masked positions a rollout step commits: 'confidence' (the most confident anywhere in "
+            "the block) or 'left_to_right' (the frontier, then each next masked position while it clears the "
+            "threshold, so committed tokens always form a prefix of the block: every commit is conditioned "
+            "only on its left, as the teacher's target is)."
+        },
+    )
     threshold: float = field(
         default=0.9,
         metadata={

@@ -2,8 +2,10 @@
 
 The student decodes the completion block by block, left to right. Inside the current block every
 position starts as ``[MASK]``; each denoising step predicts all masked positions, draws a candidate
-per position and commits the most confident ones (``static``: a fixed number per step; ``dynamic``:
-everything above a threshold, never fewer than the static schedule). Earlier blocks are final, so
+per position and commits some of them (``static``: a fixed number per step; ``dynamic``: everything
+above a threshold, never fewer than the static schedule), either the most confident ones anywhere in the
+block (``commit_order="confidence"``) or in reading order from the block's frontier
+(``"left_to_right"``, so committed tokens always form a prefix of the block). Earlier blocks are final, so
 with block-causal attention their keys/values are cached exactly: the prompt is prefilled once,
 each step forwards only the current block against the cache and crops the cache back, and the
 clean block is committed to the cache by the first forward of the next block (one forward of
@@ -40,6 +42,7 @@ from .masks import (
 from .modeling import diffusion_settings, student_forward, suppress_mask_logit, unwrap_model
 
 __all__ = [
+    "COMMIT_ORDERS",
     "DEFAULT_STOP_TOKENS",
     "DiffusionSampler",
     "Rollout",
@@ -52,6 +55,7 @@ __all__ = [
 DEFAULT_STOP_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end_of_text|>")
 REMASKING = ("static", "dynamic")
 CONFIDENCE = ("prob", "margin", "entropy")
+COMMIT_ORDERS = ("confidence", "left_to_right")
 
 
 @dataclass
@@ -71,6 +75,13 @@ class SamplerConfig:
             position whose confidence is >= ``threshold``, at least the static count).
         threshold: confidence threshold of ``dynamic`` remasking (paper / Fast-dLLM: 0.9). In
             ``[0, 1]`` for ``prob`` and ``margin``, ``<= 0`` for ``entropy``.
+        commit_order: which masked positions a step commits. ``"confidence"`` (default): the most confident
+            anywhere in the block. ``"left_to_right"``: the frontier (first masked position) and the static
+            count of positions after it, then (``dynamic``) each next masked position while its confidence
+            reaches ``threshold``; committed tokens always form a prefix of the block. OPD's target at a masked
+            position is the teacher's ``p_T(. | x_<i)``, which conditions on the left only, so a token
+            committed right of the frontier is never trained to agree with what is later filled in to its
+            left; this order never makes such a commit (static with one token a step = AR order).
         confidence: ranking score of a candidate, from the UNFILTERED softmax of the student's
             logits (temperature 1, before top-k/top-p; ``[MASK]`` and rows beyond the teacher
             vocabulary excluded): ``"prob"`` = probability of the sampled candidate, ``"margin"`` =
@@ -91,6 +102,7 @@ class SamplerConfig:
     max_new_tokens: int = 256
     steps_per_block: int | None = None
     remasking: str = "static"
+    commit_order: str = "confidence"
     threshold: float = 0.9
     confidence: str = "prob"
     temperature: float = 0.0
@@ -129,6 +141,11 @@ class SamplerConfig:
             )
         if self.remasking not in REMASKING:
             raise ValueError(f"remasking must be one of {REMASKING}, got {self.remasking!r}.")
+        if self.commit_order not in COMMIT_ORDERS:
+            raise ValueError(
+                f"commit_order must be one of {COMMIT_ORDERS} ('confidence': most confident anywhere in the block; "
+                f"'left_to_right': from the block's frontier in reading order), got {self.commit_order!r}."
+            )
         if self.confidence not in CONFIDENCE:
             raise ValueError(f"confidence must be one of {CONFIDENCE}, got {self.confidence!r}.")
         if not math.isfinite(self.threshold):
@@ -267,12 +284,17 @@ def _commit_mask(
 ) -> torch.Tensor:
     """Which masked positions to commit at this step, ``(A, block_size)`` bool.
 
-    Static: ``block_size // steps`` per step, everything left at the last step. Dynamic: all
-    positions with confidence >= threshold, but never fewer than the static count.
+    Static: ``block_size // steps`` per step, everything left at the last step. Dynamic: also every
+    position whose confidence is >= threshold. ``config.commit_order`` decides which positions those are:
+    ``"confidence"`` ranks the masked positions of the whole block by confidence (the dynamic count is
+    then the number above threshold, never below the static count); ``"left_to_right"`` takes the static
+    count from the frontier on, then extends the run while the next masked position clears the threshold.
     """
     remaining = masked.sum(-1)
     per_step = block_size // steps
     count = remaining if step >= steps - 1 else remaining.clamp(max=per_step)
+    if config.commit_order == "left_to_right":
+        return _commit_left_to_right(confidence, masked, count, config)
     score = confidence.masked_fill(~masked, float("-inf"))
     if config.remasking == "dynamic":
         above = ((score >= config.threshold) & masked).sum(-1)
@@ -280,6 +302,20 @@ def _commit_mask(
     order = torch.sort(score, dim=-1, descending=True, stable=True).indices
     rank = torch.empty_like(order).scatter_(-1, order, torch.arange(block_size, device=order.device).expand_as(order))
     return (rank < count.unsqueeze(-1)) & masked
+
+
+def _commit_left_to_right(
+    confidence: torch.Tensor, masked: torch.Tensor, count: torch.Tensor, config: SamplerConfig
+) -> torch.Tensor:
+    """The first ``count`` masked positions in reading order, then (dynamic) the unbroken run after them whose
+    confidence reaches the threshold. Committed positions are skipped over, so the run is over masked ones;
+    ``count >= 1`` whenever a mask is left, so the frontier is always committed."""
+    reading_rank = masked.long().cumsum(-1) - 1  # 0 at the frontier, 1 at the next masked position, ...
+    takes = ~masked | (reading_rank < count.unsqueeze(-1))
+    if config.remasking == "dynamic":
+        takes = takes | (confidence >= config.threshold)
+    unbroken = takes.long().cumprod(-1).bool()
+    return unbroken & masked
 
 
 # --------------------------------------------------------------------------------------------------

@@ -76,6 +76,9 @@ def test_token_efficiency_smoke(tmp_path):
             scores = record[decoding]
             assert scores["teacher_nll_per_token"] > 0 and 0 <= scores["top1_agreement"] <= 1
             assert scores["tokens_per_forward"] >= 1
+            # the chain bound on the student's own text, and the share of its commits out of reading order
+            assert all(value >= 1.0 for value in scores["own_text_oracle_ceiling"].values())
+            assert 0.0 <= scores["out_of_order_rate"] <= 1.0
     assert results["teacher"]["tokens_per_forward"] == 1.0
     ceiling = results["teacher"]["oracle_ceiling"]["by_block"]["4"]  # the parallel-decoding ceiling, recorded
     assert all(value >= 1.0 for value in ceiling.values())

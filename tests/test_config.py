@@ -6,7 +6,7 @@ from opdlm_trl import OPDConfig
 from opdlm_trl.baselines import MDLMConfig
 from opdlm_trl.curriculum import RAMPS, SCHEDULES
 from opdlm_trl.losses import DIVERGENCES, NORMALIZATIONS
-from opdlm_trl.sampling import CONFIDENCE, REMASKING, SamplerConfig
+from opdlm_trl.sampling import COMMIT_ORDERS, CONFIDENCE, REMASKING, SamplerConfig
 from opdlm_trl.states import SELECTIONS
 from opdlm_trl.teachers import TEACHER_KINDS
 
@@ -38,6 +38,7 @@ def test_entropy_confidence_with_a_probability_threshold_fails_when_the_config_i
         ({"top_p": 0.0}, r"top_p must be in \(0, 1\]"),
         ({"remasking": "greedy"}, "remasking must be one of"),
         ({"confidence": "logit"}, "confidence must be one of"),
+        ({"commit_order": "random"}, "commit_order must be one of"),
     ],
 )
 def test_sampler_errors_are_the_samplers_own_at_config_time(overrides, message):
@@ -50,11 +51,12 @@ def test_sampler_errors_are_the_samplers_own_at_config_time(overrides, message):
 def test_rollout_sampler_config_maps_the_rollout_fields():
     config = _config(
         block_size=8, max_completion_length=24, remasking="static", steps_per_block=2, temperature=0.7, top_k=5,
-        use_kv_cache=False,
+        use_kv_cache=False, commit_order="left_to_right",
     )  # fmt: skip
     sampler = config.rollout_sampler_config(max_new_tokens=16, stop_token_ids=[2])
     assert (sampler.block_size, sampler.max_new_tokens, sampler.steps_per_block) == (8, 16, 2)
     assert (sampler.remasking, sampler.temperature, sampler.top_k) == ("static", 0.7, 5)
+    assert sampler.commit_order == "left_to_right"
     assert sampler.use_cache is False  # from use_kv_cache, not TrainingArguments.use_cache
     assert sampler.stop_token_ids == (2,)
 
@@ -68,6 +70,7 @@ def test_rollout_sampler_config_maps_the_rollout_fields():
         ("threshold_schedule", RAMPS),
         ("loss_normalization", NORMALIZATIONS),
         ("remasking", REMASKING),
+        ("commit_order", COMMIT_ORDERS),
     ],
 )
 def test_every_choice_of_the_owning_module_is_accepted_and_nothing_else(name, choices):

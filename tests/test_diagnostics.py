@@ -19,6 +19,7 @@ from opdlm_trl.eval.diagnostics import (
     offset_confidence_metrics,
     offset_confidence_sums,
     oracle_ceiling,
+    out_of_order_commits,
     top1_probability,
 )
 from opdlm_trl.masks import frontier_offsets
@@ -75,6 +76,21 @@ def test_oracle_ceiling_pools_batches_and_falls_with_the_threshold():
 
 
 # ------------------------------------------------------------------ confidence by frontier offset
+
+
+def test_out_of_order_commits_by_hand():
+    # block 4; row 0: [0 1 2 3 | 0 0 1 1] in order; row 1: [1 0 2 3 | 2 0 0 1]: position 1 (step 0, left one masked
+    # until step 1), and in block 2 positions 5, 6 and 7 (position 4 still masked until step 2): 4 out of order
+    step_map = torch.tensor([[0, 1, 2, 3, 0, 0, 1, 1], [1, 0, 2, 3, 2, 0, 0, 1]])
+    everything = torch.ones_like(step_map)
+    assert out_of_order_commits(step_map, everything, 4) == (4, 16)
+    # a never-committed position (-1, after a stop) is masked forever: a commit right of it is out of order, and
+    # only the counted positions count (the real tokens through the stop)
+    stopped = torch.tensor([[0, 1, -1, 2, -1, -1, -1, -1]])
+    assert out_of_order_commits(stopped, torch.ones_like(stopped), 4) == (1, 3)
+    assert out_of_order_commits(stopped, torch.tensor([[1, 1, 0, 0, 0, 0, 0, 0]]), 4) == (0, 2)
+    with pytest.raises(ValueError, match="multiple of block_size"):
+        out_of_order_commits(step_map[:, :6], everything[:, :6], 4)
 
 
 def test_frontier_offsets_count_from_each_blocks_first_masked_position():
@@ -159,6 +175,7 @@ def test_trainer_logs_confidence_by_offset(tmp_path):
 
 
 def test_threshold_sweep_cli_reports_rows_ceiling_confidence_and_plot(tmp_path, make_model, tokenizer):
+    """Both commit orders by default: each row with its out-of-order rate and the chain bound on its own text."""
     teacher = make_model("llama")
     student, student_tokenizer = to_diffusion(copy.deepcopy(teacher), tokenizer, block_size=4, shift=True)
     student.save_pretrained(tmp_path / "student")
@@ -173,21 +190,68 @@ def test_threshold_sweep_cli_reports_rows_ceiling_confidence_and_plot(tmp_path, 
     assert eval_cli.main(argv) == 0
 
     report = json.loads(output.read_text())
-    assert set(report["results"]) == {"student_dynamic@0.3", "student_dynamic@0.9", "teacher_ar"}
-    assert [row["threshold"] for row in report["sweep"]] == [0.3, 0.9]
-    ceilings = [row["oracle_ceiling"] for row in report["sweep"]]
+    dynamic = {"student_dynamic@0.3", "student_dynamic@0.9"}
+    left_to_right = {"student_dynamic_left_to_right@0.3", "student_dynamic_left_to_right@0.9"}
+    assert set(report["results"]) == dynamic | left_to_right | {"teacher_ar"}
+    assert report["settings"]["commit_orders"] == ["confidence", "left_to_right"]
+    assert [(row["commit_order"], row["threshold"]) for row in report["sweep"]] == [
+        ("confidence", 0.3), ("confidence", 0.9), ("left_to_right", 0.3), ("left_to_right", 0.9),
+    ]  # fmt: skip
+    ceilings = [row["oracle_ceiling"] for row in report["sweep"][:2]]
     assert 1.0 <= ceilings[1] <= ceilings[0] <= 4.0  # between AR and one step per block, falling with the threshold
     assert report["oracle_ceiling"]["by_block"]["4"]["0.3"] == ceilings[0]
     for row in report["sweep"]:
         assert row["tokens_per_forward"] >= 1.0 and row["tokens_per_second"] > 0
-        offsets = report["results"][row["system"]]["confidence_by_offset"]
+        metrics = report["results"][row["system"]]
+        offsets = metrics["confidence_by_offset"]
         assert offsets["count"][0] > 0 and [sum(h) for h in offsets["student_hist"]] == offsets["count"]
         assert 0.0 < offsets["student_mean"][0] <= 1.0 and 0.0 < offsets["teacher_mean"][0] <= 1.0
+        own = metrics["own_text_oracle_ceiling"]
+        assert set(own) == {"0.3", "0.9"} and 1.0 <= own["0.9"] <= own["0.3"] <= 4.0
+        assert row["own_text_ceiling"] == own[f"{row['threshold']:g}"]
+        assert 0.0 <= row["out_of_order_rate"] <= 1.0
+    for name in left_to_right:
+        assert report["results"][name]["out_of_order_rate"] == 0.0  # committed tokens are always a block prefix
     assert report["results"]["teacher_ar"]["tokens_per_second"] > 0
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_own_text_ceiling_is_the_chain_bound_of_the_rows_own_scored_text(make_model, tokenizer):
+    """A student row's own-text ceiling equals the chain bound recomputed from the teacher's scores of its texts,
+    also without an AR teacher run (then there is no teacher-text ceiling)."""
+    from datasets import Dataset
+
+    from opdlm_trl.data import tokenize_prompts
+    from opdlm_trl.sampling import DiffusionSampler, SamplerConfig, default_stop_token_ids
+    from opdlm_trl.teachers import LocalTeacher
+
+    teacher = make_model("llama")
+    student, student_tokenizer = to_diffusion(copy.deepcopy(teacher), tokenizer, block_size=4, shift=True)
+    prompts = Dataset.from_list([{"prompt": "def add(a, b):"}, {"prompt": "for i in range(10):"}])
+    report = eval_cli.evaluate_model(
+        student, teacher=teacher, tokenizer=student_tokenizer, dataset=prompts, max_new_tokens=8,
+        decodings=("static",), teacher_generate=False, threshold=0.5, commit_orders=("left_to_right",),
+    )  # fmt: skip
+    row = report["results"]["student_static_left_to_right"]
+    assert row["commit_order"] == "left_to_right" and row["out_of_order_rate"] == 0.0
+    assert "oracle_ceiling" not in report
+
+    stops = default_stop_token_ids(student_tokenizer, student)
+    config = SamplerConfig(max_new_tokens=8, commit_order="left_to_right", stop_token_ids=stops)
+    rollout = DiffusionSampler(config, pad_token_id=student_tokenizer.pad_token_id).sample(
+        student, tokenize_prompts(prompts, student_tokenizer, None, "left", {})
+    )
+    targets = LocalTeacher(teacher).score(
+        rollout.prompt_ids, rollout.prompt_mask, rollout.completion_ids, rollout.completion_mask, 1
+    )
+    assert row["own_text_oracle_ceiling"] == {
+        "0.5": pytest.approx(oracle_ceiling(targets.token_logprobs, targets.mask, 4, 0.5))
+    }
+
+
 def test_sweep_input_is_checked_before_any_model_loads():
+    with pytest.raises(ValueError, match="commit_orders must be"):
+        eval_cli.evaluate_model("no/such/student", commit_orders=("random",))
     with pytest.raises(ValueError, match="include 'dynamic'"):
         eval_cli.evaluate_model("no/such/student", thresholds=[0.9], decodings=("static",))
     with pytest.raises(ValueError, match=r"\[0, 1\]"):

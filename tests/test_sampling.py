@@ -8,9 +8,11 @@ import torch
 from opdlm_trl.masks import gather_predictions, training_layout
 from opdlm_trl.modeling import student_forward, to_diffusion
 from opdlm_trl.sampling import (
+    COMMIT_ORDERS,
     DiffusionSampler,
     Rollout,
     SamplerConfig,
+    _commit_mask,
     default_stop_token_ids,
     generate,
 )
@@ -143,12 +145,15 @@ def test_replay_reproduces_sampler_logits(arch, shift):
     assert rollout.tokens_per_step > 1.0
 
 
+@pytest.mark.parametrize("commit_order", COMMIT_ORDERS)
 @pytest.mark.parametrize("shift", SHIFTS)
-def test_training_layout_reproduces_one_state_per_block(shift):
-    """The trainer's vectorised ``[prompt | x0 | x_t]`` forward sees exactly what the sampler saw."""
+def test_training_layout_reproduces_one_state_per_block(shift, commit_order):
+    """The trainer's vectorised ``[prompt | x0 | x_t]`` forward sees exactly what the sampler saw, whatever the
+    order the sampler committed in (the states are rebuilt from its step map alone)."""
     model, tokenizer = make_student("qwen3", shift)
     prompts = prompts_for(tokenizer)
-    rollout, sampler = run(model, prompts, record=True, remasking="dynamic", threshold=LOW)
+    rollout, sampler = run(model, prompts, record=True, remasking="dynamic", threshold=LOW, commit_order=commit_order)
+    assert rollout.tokens_per_step > 1.0  # several commits per step: the states differ from AR prefixes
     generator = torch.Generator().manual_seed(0)
     chosen = (torch.rand(rollout.block_steps.shape, generator=generator) * rollout.block_steps).long()
     noisy = torch.empty_like(rollout.completion_ids)
@@ -296,6 +301,7 @@ def test_errors_are_clear():
         ({"block_size": 0}, "block_size"),
         ({"block_size": 4, "steps_per_block": 5}, "steps_per_block"),
         ({"stop_token_ids": [-1]}, "stop_token_ids"),
+        ({"commit_order": "random"}, "commit_order must be one of"),
     ],
 )
 def test_config_validation(kwargs, message):
@@ -360,3 +366,65 @@ def test_config_from_options_maps_same_named_fields():
     config = SamplerConfig.from_options(options, max_new_tokens=12, temperature=0.0)
     assert (config.remasking, config.threshold, config.top_k) == ("dynamic", 0.8, 0)
     assert (config.max_new_tokens, config.temperature) == (12, 0.0)
+
+
+# --------------------------------------------------------------------------------------------------
+# Left-to-right commit order
+# --------------------------------------------------------------------------------------------------
+
+
+def commit(confidence, masked, step=0, steps=4, **config):
+    """``_commit_mask`` of one block row (``config``: SamplerConfig fields, left-to-right by default)."""
+    config.setdefault("commit_order", "left_to_right")
+    return _commit_mask(
+        torch.tensor([confidence]), torch.tensor([masked]), step, SamplerConfig(**config), steps, len(confidence)
+    )[0].tolist()
+
+
+def test_left_to_right_rule_by_hand():
+    all_masked = [True] * 4
+    confident_right = [0.1, 0.95, 0.2, 0.99]
+    # static: the frontier only, whatever the confidences
+    assert commit(confident_right, all_masked) == [True, False, False, False]
+    assert commit(confident_right, [False, True, True, True], step=1) == [False, True, False, False]
+    # static with 2 steps per block: the first two masked positions; the last step takes what remains
+    assert commit(confident_right, all_masked, steps=2) == [True, True, False, False]
+    assert commit(confident_right, [False, False, True, True], step=1, steps=2) == [False, False, True, True]
+    # dynamic: the frontier, then the unbroken run of next positions at or above the threshold
+    dynamic = {"remasking": "dynamic", "threshold": 0.9}
+    assert commit(confident_right, all_masked, **dynamic) == [True, True, False, False]
+    assert commit([0.3, 0.9, 0.95, 0.5], all_masked, **dynamic) == [True, True, True, False]
+    assert commit([0.3, 0.2, 0.95, 0.99], [False, True, True, True], **dynamic) == [False, True, True, True]
+    assert commit([0.3, 0.2, 0.95, 0.99], all_masked, remasking="dynamic", threshold=0.0) == [True] * 4
+    assert commit([0.99] * 4, [False] * 4, **dynamic) == [False] * 4  # nothing left to commit
+    # the confidence order commits the confident positions right of an unsure frontier instead
+    assert commit(confident_right, all_masked, commit_order="confidence", **dynamic) == [False, True, False, True]
+
+
+def assert_prefix_at_every_step(rollout: Rollout) -> None:
+    """Inside every block the commit steps never decrease left to right (never-committed positions last), i.e.
+    after each step the committed positions are a prefix of the block."""
+    steps = rollout.step_map.masked_fill(rollout.step_map < 0, torch.iinfo(torch.long).max)
+    per_block = steps.view(steps.shape[0], -1, rollout.block_size)
+    assert (per_block[..., 1:] >= per_block[..., :-1]).all()
+
+
+@pytest.mark.parametrize(("arch", "shift"), [("llama", False), ("qwen3", True)])  # the rule is the architecture's
+def test_left_to_right_decoding(arch, shift):
+    """Cached == uncached, committed tokens a prefix of the block at every step, static = one frontier token per
+    step (AR order), dynamic several per step at a low threshold, and every state replays the sampler's logits."""
+    model, tokenizer = make_student(arch, shift)
+    prompts = prompts_for(tokenizer)
+    for remasking, threshold in (("static", 0.9), ("dynamic", LOW)):
+        settings = {"remasking": remasking, "threshold": threshold, "commit_order": "left_to_right"}
+        cached, sampler = run(model, prompts, record=True, use_cache=True, **settings)
+        uncached, _ = run(model, prompts, use_cache=False, **settings)
+        for name in ("completion_ids", "step_map", "global_step_map", "block_steps"):
+            assert torch.equal(getattr(cached, name), getattr(uncached, name)), name
+        assert_valid(cached, model)
+        assert_prefix_at_every_step(cached)
+        assert assert_replay(model, cached, sampler.records) == int(cached.block_steps.sum())
+        if remasking == "static":
+            per_block = cached.step_map.view(len(prompts), -1, BLOCK)
+            assert torch.equal(per_block, torch.arange(BLOCK).expand_as(per_block))
+    assert cached.tokens_per_step > 1.0  # dynamic at a low threshold committed several per step

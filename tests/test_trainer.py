@@ -255,11 +255,26 @@ def test_loss_on_a_fixed_rollout_batch_drops(tmp_path, shift):
 
 
 # ------------------------------------------------------------------------------------------------- train / inference consistency
-@pytest.mark.parametrize("shift", [False, True])
-@pytest.mark.parametrize("selection", ["per_block", "every_step"])
-def test_training_forward_reproduces_the_sampler_logits_at_every_supervised_state(tmp_path, shift, selection):
-    trainer = make_trainer(tmp_path, shift=shift, max_completion_length=12)
+@pytest.mark.parametrize(
+    ("shift", "selection", "commit_order"),
+    [
+        (False, "per_block", "confidence"),
+        (False, "every_step", "confidence"),
+        (True, "per_block", "confidence"),
+        (True, "every_step", "confidence"),
+        (True, "per_block", "left_to_right"),
+        (False, "every_step", "left_to_right"),
+    ],
+)
+def test_training_forward_reproduces_the_sampler_logits_at_every_supervised_state(
+    tmp_path, shift, selection, commit_order
+):
+    """The states the trainer rebuilds from a rollout's step map are the sampler's inputs, in either commit order."""
+    trainer = make_trainer(tmp_path, shift=shift, max_completion_length=12, commit_order=commit_order)
     rollout, sampler = roll_out(trainer, seed=1, record=True)
+    if commit_order == "left_to_right":  # the trainer's sampler follows the config: commits form block prefixes
+        steps = rollout.step_map.masked_fill(rollout.step_map < 0, 10**6).view(len(PROMPTS), -1, rollout.block_size)
+        assert (steps[..., 1:] >= steps[..., :-1]).all()
     batch, states = fixed_batch(trainer, rollout, selection, seed=2)
     source = states.rows_of(torch.arange(len(rollout.prompt_ids)))  # every_step: several rows per rollout row
     records = {(r.block, r.step): r for r in sampler.records}

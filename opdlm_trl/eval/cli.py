@@ -6,7 +6,9 @@ For every system the same prompts are decoded greedily and judged the same way:
 * teacher NLL per token of the generated text and top-1 agreement with the teacher (one causal teacher
   forward over ``prompt + completion``, :mod:`opdlm_trl.eval.metrics`),
 * tokens per forward (completion tokens / the model forwards that produced them; AR decoding = 1.0),
-* wall time and tokens per second.
+* wall time and tokens per second,
+* for the student: the out-of-order commit rate and the chain-bound ceiling on its own text
+  (:mod:`opdlm_trl.eval.diagnostics`), for each commit order asked for (``commit_orders``).
 
 :func:`evaluate_model` is the Python API (what the benchmarks call); :func:`main` the console script.
 """
@@ -32,10 +34,13 @@ from ..data import (
 )
 from ..masks import round_up_to_block
 from ..modeling import diffusion_settings, load_diffusion_model
+from ..sampling import COMMIT_ORDERS
 from .diagnostics import (
+    OWN_TEXT_NOTE,
     OffsetConfidence,
     OracleCeiling,
     format_sweep,
+    out_of_order_commits,
     plot_sweep,
     sweep_rows,
     sweep_system,
@@ -43,7 +48,7 @@ from .diagnostics import (
 )
 from .metrics import pass_at_1, scores_from_targets, tokens_per_forward
 
-__all__ = ["DECODINGS", "evaluate_model", "format_table", "main", "run"]
+__all__ = ["DECODINGS", "evaluate_model", "format_table", "main", "run", "student_system"]
 
 DECODINGS = ("static", "dynamic")
 HUMANEVAL = "humaneval"
@@ -98,7 +103,10 @@ def _stop_ids(tokenizer, model) -> list[int]:
 
 
 def _new_record() -> dict[str, Any]:
-    return {"texts": [], "nll_sum": 0.0, "agree": 0, "scored": 0, "tokens": 0, "forwards": 0, "nfe": 0, "seconds": 0.0}
+    return {
+        "texts": [], "nll_sum": 0.0, "agree": 0, "scored": 0, "tokens": 0, "forwards": 0, "nfe": 0, "seconds": 0.0,
+        "out_of_order": 0, "commits": 0,
+    }  # fmt: skip
 
 
 def _add_scores(record: dict[str, Any], teacher, prompt_ids, prompt_mask, completion_ids, completion_mask):
@@ -114,12 +122,22 @@ def _add_scores(record: dict[str, Any], teacher, prompt_ids, prompt_mask, comple
 
 
 def _run_student(
-    student, tokenizer, prompts, decoding, settings, teacher, batch_size, confidence: OffsetConfidence | None = None
+    student,
+    tokenizer,
+    prompts,
+    decoding,
+    settings,
+    teacher,
+    batch_size,
+    confidence: OffsetConfidence | None = None,
+    own_ceiling: OracleCeiling | None = None,
 ) -> dict[str, Any]:
     """Greedy diffusion decoding of every prompt; forwards counted per row (its denoising steps).
 
-    With ``confidence`` the sampler records each step's logits and the tally reads them per batch
-    (frontier-offset confidence, :mod:`opdlm_trl.eval.diagnostics`); the records are dropped after.
+    ``settings``: :class:`opdlm_trl.sampling.SamplerConfig` fields (``commit_order`` among them). Every batch's
+    out-of-order commits are counted; with ``own_ceiling`` (and a teacher) the chain bound is pooled over the
+    student's own text. With ``confidence`` the sampler records each step's logits and the tally reads them per
+    batch (frontier-offset confidence, :mod:`opdlm_trl.eval.diagnostics`); the records are dropped after.
     """
     from ..sampling import DiffusionSampler, SamplerConfig
 
@@ -137,9 +155,14 @@ def _run_student(
         record["tokens"] += int(rollout.completion_mask.sum())
         record["forwards"] += int(rollout.block_steps.sum())
         record["nfe"] += rollout.nfe
+        out_of_order, commits = out_of_order_commits(rollout.step_map, rollout.completion_mask, rollout.block_size)
+        record["out_of_order"] += out_of_order
+        record["commits"] += commits
         targets = _add_scores(
             record, teacher, rollout.prompt_ids, rollout.prompt_mask, rollout.completion_ids, rollout.completion_mask
         )
+        if own_ceiling is not None and targets is not None:
+            own_ceiling.add(targets.token_logprobs.cpu(), targets.mask.cpu())
         if confidence is not None:
             top1 = None if targets is None else teacher_top1_logprob(targets.top_logprobs, targets.full_logprobs)
             confidence.add_records(
@@ -148,6 +171,8 @@ def _run_student(
             sampler.records = []
     if confidence is not None:
         record["confidence_by_offset"] = confidence.summary()
+    if own_ceiling is not None and own_ceiling.tokens:
+        record["own_text_oracle_ceiling"] = own_ceiling
     return record
 
 
@@ -230,6 +255,7 @@ def evaluate_model(
     chat_template_kwargs: dict[str, Any] | str | None = None,
     thresholds: Sequence[float] | None = None,
     confidence: bool = False,
+    commit_orders: Sequence[str] = ("confidence",),
 ) -> dict[str, Any]:
     """Evaluate a diffusion student (and its AR teacher) on a prompt set; returns a JSON-ready dict.
 
@@ -257,6 +283,13 @@ def evaluate_model(
             ``threshold``.
         confidence: also report each student row's confidence by frontier offset
             (``confidence_by_offset``; the sampler records every step's logits, one batch at a time).
+        commit_orders: the sampler's commit orders to run every student decoding with
+            (:data:`opdlm_trl.sampling.COMMIT_ORDERS`: ``"confidence"``, ``"left_to_right"``); rows of
+            ``"left_to_right"`` carry that suffix (:func:`student_system`, :func:`sweep_system`). Each
+            student row reports its ``commit_order``, ``out_of_order_rate`` (the fraction of its commits made
+            right of a still-masked position) and, with a teacher, ``own_text_oracle_ceiling``: the chain
+            bound on its own text at the sweep's thresholds (what a perfectly distilled student could reach
+            on the text this student writes, beside the teacher-text ``oracle_ceiling``).
 
     Returns:
         ``{"settings", "num_prompts", "results": {system: metrics}, "samples": [...]}`` with systems
@@ -268,6 +301,7 @@ def evaluate_model(
     if unknown:
         raise ValueError(f"Unknown decoding(s) {sorted(unknown)}; choose from {DECODINGS}.")
     sweep = _sweep_thresholds(thresholds, decodings)
+    commit_orders = _commit_orders(commit_orders)
     chat_template_kwargs = parse_chat_template_kwargs(chat_template_kwargs)  # refuse bad options before loading
     student, tokenizer = _load_student(student, tokenizer)
     teacher_model = _load_teacher(teacher)
@@ -284,10 +318,14 @@ def evaluate_model(
     settings = {"block_size": block_size, "max_new_tokens": max_new_tokens, "threshold": threshold}
     settings["stop_token_ids"] = _stop_ids(tokenizer, student)
     records = {}
-    for name, decoding, run_threshold in _student_systems(decodings, threshold, sweep):
+    for name, decoding, run_threshold, order in _student_systems(decodings, threshold, sweep, commit_orders):
         tally = OffsetConfidence() if confidence else None
-        run_settings = {**settings, "threshold": run_threshold}
-        records[name] = _run_student(student, tokenizer, prompts, decoding, run_settings, scorer, batch_size, tally)
+        own_ceiling = OracleCeiling([effective_block], sweep or [threshold], note=OWN_TEXT_NOTE) if scorer else None
+        run_settings = {**settings, "threshold": run_threshold, "commit_order": order}
+        records[name] = _run_student(
+            student, tokenizer, prompts, decoding, run_settings, scorer, batch_size, tally, own_ceiling
+        )
+        records[name]["commit_order"] = order
         if decoding == "dynamic":
             records[name]["threshold"] = run_threshold
     ceiling = OracleCeiling([effective_block], sweep or [threshold]) if "dynamic" in decodings else None
@@ -318,6 +356,7 @@ def evaluate_model(
             "threshold": threshold,
             "decodings": list(decodings),
             "thresholds": sweep,
+            "commit_orders": commit_orders,
             "chat_template_kwargs": chat_template_kwargs,
             "batch_size": batch_size,
             "shift": diffusion_settings(student).shift,
@@ -345,20 +384,49 @@ def _sweep_thresholds(thresholds: Sequence[float] | None, decodings: Sequence[st
     return values
 
 
-def _student_systems(decodings, threshold: float, sweep: list[float] | None) -> list[tuple[str, str, float]]:
-    """``(row name, decoding, threshold)`` of every student run: one per decoding, one per sweep threshold."""
+def student_system(decoding: str, commit_order: str = "confidence") -> str:
+    """Result-row name of a student decoding without a sweep: ``student_static``, ``student_dynamic``, and with
+    the left-to-right commit order ``student_static_left_to_right`` etc. (sweep rows:
+    :func:`opdlm_trl.eval.diagnostics.sweep_system`)."""
+    return f"student_{decoding}" + ("" if commit_order == "confidence" else f"_{commit_order}")
+
+
+def _student_systems(
+    decodings, threshold: float, sweep: list[float] | None, commit_orders: Sequence[str]
+) -> list[tuple[str, str, float, str]]:
+    """``(row name, decoding, threshold, commit order)`` of every student run: per commit order, one per decoding
+    and one per sweep threshold."""
     systems = []
-    for decoding in decodings:
-        if decoding == "dynamic" and sweep is not None:
-            systems.extend((sweep_system(value), decoding, value) for value in sweep)
-        else:
-            systems.append((f"student_{decoding}", decoding, threshold))
+    for order in commit_orders:
+        for decoding in decodings:
+            if decoding == "dynamic" and sweep is not None:
+                systems.extend((sweep_system(value, order), decoding, value, order) for value in sweep)
+            else:
+                systems.append((student_system(decoding, order), decoding, threshold, order))
     return systems
 
 
+def _commit_orders(commit_orders: Sequence[str]) -> list[str]:
+    """Validated, de-duplicated commit orders, in the order given (checked before any model loads)."""
+    orders = list(dict.fromkeys(commit_orders))
+    unknown = [order for order in orders if order not in COMMIT_ORDERS]
+    if unknown or not orders:
+        raise ValueError(f"commit_orders must be a non-empty selection of {COMMIT_ORDERS}, got {list(commit_orders)}.")
+    return orders
+
+
 def _add_diagnostics(results, records, ceiling: OracleCeiling | None, block_size: int | None) -> None:
-    """Dynamic rows get their ``threshold`` and the ``oracle_ceiling`` there; rows with a tally their offsets."""
+    """Student rows get their ``commit_order``, ``out_of_order_rate`` and (with a teacher) the chain bound on their
+    own text (``own_text_oracle_ceiling``: ``{threshold: ceiling}`` at the sweep's thresholds); dynamic rows their
+    ``threshold`` and the teacher-text ``oracle_ceiling`` there; rows with a tally their offsets."""
     for name, record in records.items():
+        if "commit_order" in record:
+            results[name]["commit_order"] = record["commit_order"]
+            commits = record["commits"]
+            results[name]["out_of_order_rate"] = record["out_of_order"] / commits if commits else None
+        if "own_text_oracle_ceiling" in record:
+            own = record["own_text_oracle_ceiling"]
+            results[name]["own_text_oracle_ceiling"] = {f"{t:g}": own.ceiling(block_size, t) for t in own.thresholds}
         if "threshold" in record:
             results[name]["threshold"] = record["threshold"]
             results[name]["oracle_ceiling"] = ceiling.ceiling(block_size, record["threshold"]) if ceiling else None
@@ -388,7 +456,7 @@ def _cell(value, digits: int = 3) -> str:
 
 def format_table(report: dict[str, Any]) -> str:
     """A fixed-width text table of :func:`evaluate_model`'s results (one row per system)."""
-    header = ("system", "pass@1", "NLL/tok", "top1-agr", "tok/fwd", "tokens", "tok/s")
+    header = ("system", "pass@1", "NLL/tok", "top1-agr", "tok/fwd", "out-of-order", "tokens", "tok/s")
     lines = [header]
     for name, metrics in report["results"].items():
         lines.append(
@@ -398,6 +466,7 @@ def format_table(report: dict[str, Any]) -> str:
                 _cell(metrics["teacher_nll_per_token"]),
                 _cell(metrics["top1_agreement"]),
                 _cell(metrics["tokens_per_forward"], 2),
+                _cell(metrics.get("out_of_order_rate")),
                 str(metrics["completion_tokens"]),
                 _cell(metrics["tokens_per_second"], 1),
             )
@@ -459,6 +528,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="Skip the confidence-by-frontier-offset report (no logit records).",
     )
     parser.add_argument("--decodings", nargs="+", default=list(DECODINGS), choices=DECODINGS)
+    parser.add_argument(
+        "--commit-orders",
+        nargs="+",
+        default=list(COMMIT_ORDERS),
+        choices=COMMIT_ORDERS,
+        help="Commit orders to run every student decoding with (default: both): 'confidence' (most confident "
+        "anywhere in the block) and 'left_to_right' (from the block's frontier); each row reports its "
+        "out-of-order commit rate.",
+    )
     parser.add_argument("--no-teacher-generate", action="store_true", help="Do not decode the teacher itself.")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--timeout", type=float, default=10.0, help="Seconds per HumanEval test run.")
@@ -511,6 +589,7 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
         chat_template_kwargs=args.chat_template_kwargs,
         thresholds=args.thresholds,
         confidence=not args.no_confidence,
+        commit_orders=args.commit_orders,
     )
     print(f"{report['num_prompts']} prompts, {report['settings']['max_new_tokens']} new tokens, greedy")
     print(format_table(report))

@@ -1,8 +1,10 @@
 """Parallel-decoding diagnostics: how much parallelism is reachable, and what the student does.
 
-Three views, reported by ``opdlm-eval`` (``docs/evaluation.md``):
+Four views, reported by ``opdlm-eval`` (``docs/evaluation.md``):
 
-* **Oracle ceiling** (a conservative chain bound): on the teacher's own greedy text, a position ``j``
+* **Oracle ceiling** (a conservative chain bound): on a greedy text (the teacher's own; and, beside it,
+  each student row's own output: how much parallelism the text the student actually writes allows),
+  a position ``j``
   whose left neighbours ``i..j-1`` in its block are still masked can be predicted by a perfectly
   distilled student with confidence at least ``prod_{k=i..j} p_T(x_k | x_<k)``: its prediction is
   the teacher's marginal over the unknown neighbours, a sum in which the greedy path is one term.
@@ -14,6 +16,9 @@ Three views, reported by ``opdlm-eval`` (``docs/evaluation.md``):
 * **Confidence by offset**: the student's top-1 probability at a masked position ``d`` places right
   of its block's frontier (first still-masked position), beside the teacher's max probability there.
   A student stuck at ~1 token per forward is confident at ``d = 0`` only.
+* **Out-of-order commits**: the fraction of the student's commits made while a position to their left
+  in the block was still masked (:func:`out_of_order_commits`); OPD's targets condition on the left
+  only, so these are the commits its training never checks. ``0`` for ``commit_order="left_to_right"``.
 * **Threshold sweep**: dynamic decoding at several thresholds, quality vs tokens per forward beside
   the AR teacher and the oracle ceiling (:func:`threshold_sweep`, :func:`plot_sweep`).
 
@@ -34,6 +39,7 @@ from ..modeling import suppress_mask_logit
 
 __all__ = [
     "CEILING_NOTE",
+    "OWN_TEXT_NOTE",
     "DEFAULT_SWEEP",
     "HISTOGRAM_BINS",
     "OffsetConfidence",
@@ -43,6 +49,7 @@ __all__ = [
     "offset_confidence_metrics",
     "offset_confidence_sums",
     "oracle_ceiling",
+    "out_of_order_commits",
     "plot_sweep",
     "sweep_rows",
     "sweep_system",
@@ -59,6 +66,7 @@ CEILING_NOTE = (
     "conservative chain bound: tokens/forward of a student that commits, on the teacher's own greedy text, "
     "every position whose chain probability prod_{k=i..j} p_T(x_k | x_<k) from the frontier i reaches the threshold"
 )
+OWN_TEXT_NOTE = CEILING_NOTE.replace("on the teacher's own greedy text", "on this student row's own output")
 
 
 def _check_threshold(threshold: float) -> None:
@@ -121,20 +129,24 @@ def oracle_ceiling(
 
 
 class OracleCeiling:
-    """Pools the chain bound over batches for several block sizes and thresholds (tokens / steps)."""
+    """Pools the chain bound over batches for several block sizes and thresholds (tokens / steps).
 
-    def __init__(self, block_sizes: Iterable[int | None], thresholds: Iterable[float]):
+    ``note`` says whose text was scored (the teacher's greedy text by default; :data:`OWN_TEXT_NOTE` for a
+    student's own output)."""
+
+    def __init__(self, block_sizes: Iterable[int | None], thresholds: Iterable[float], note: str = CEILING_NOTE):
         self.block_sizes = list(dict.fromkeys(block_sizes))
         self.thresholds = sorted(set(float(t) for t in thresholds))
         for block_size in self.block_sizes:
             _check_block_size(block_size)
         for threshold in self.thresholds:
             _check_threshold(threshold)
+        self.note = note
         self.tokens = 0
         self.steps = {(b, t): 0 for b in self.block_sizes for t in self.thresholds}
 
     def add(self, token_logprobs: torch.Tensor, mask: torch.Tensor) -> None:
-        """Add a teacher-scored batch of the teacher's own greedy completions."""
+        """Add a teacher-scored batch of greedy completions (``token_logprobs``: the teacher's, of that text)."""
         self.tokens += int(mask.bool().sum())
         for block_size, threshold in self.steps:
             self.steps[block_size, threshold] += int(
@@ -149,7 +161,7 @@ class OracleCeiling:
         """JSON-ready ``{"tokens", "note", "by_block": {block: {threshold: ceiling}}}`` (string keys)."""
         return {
             "tokens": self.tokens,
-            "note": CEILING_NOTE,
+            "note": self.note,
             "by_block": {str(b): {f"{t:g}": self.ceiling(b, t) for t in self.thresholds} for b in self.block_sizes},
         }
 
@@ -185,6 +197,32 @@ def teacher_oracle_ceiling(
         targets = scorer.score(prompt_ids, prompt_mask, completion_ids, completion_mask, 1)
         tally.add(targets.token_logprobs.cpu(), targets.mask.cpu())
     return tally
+
+
+# ------------------------------------------------------------------------------------ out-of-order commits
+
+
+def out_of_order_commits(step_map: torch.Tensor, mask: torch.Tensor, block_size: int) -> tuple[int, int]:
+    """``(out-of-order commits, commits)`` of a decoded batch, counted over ``mask``'s positions.
+
+    ``step_map`` ``(B, C)``: the block-local step at which each position was committed (``-1`` never,
+    :attr:`opdlm_trl.sampling.Rollout.step_map`), ``C`` a multiple of ``block_size``; ``mask``: the
+    positions to count (the real tokens, through the stop). A commit at step ``s`` is out of order when
+    a position to its left in the same block was still masked after step ``s`` (committed later, or
+    never): after such a step the committed tokens are not a prefix of the block.
+    """
+    _check_block_size(block_size)
+    if step_map.shape != mask.shape or step_map.dim() != 2 or step_map.shape[1] % block_size:
+        raise ValueError(
+            f"step_map {tuple(step_map.shape)} and mask {tuple(mask.shape)} must be the same (B, C) shape with C a "
+            f"multiple of block_size={block_size}."
+        )
+    never = torch.iinfo(torch.long).max
+    steps = step_map.long().masked_fill(step_map < 0, never).view(step_map.shape[0], -1, block_size)
+    left_latest = torch.nn.functional.pad(steps.cummax(-1).values[..., :-1], (1, 0), value=-1)
+    committed = (steps != never) & mask.bool().view_as(steps)
+    out_of_order = committed & (left_latest > steps)
+    return int(out_of_order.sum()), int(committed.sum())
 
 
 # ------------------------------------------------------------------------------------ confidence by offset
@@ -341,28 +379,34 @@ class OffsetConfidence:
 # ------------------------------------------------------------------------------------------ threshold sweep
 
 
-def sweep_system(threshold: float) -> str:
-    """Result-row name of dynamic decoding at ``threshold`` in a sweep (``student_dynamic@0.9``)."""
-    return f"student_dynamic@{threshold:g}"
+def sweep_system(threshold: float, commit_order: str = "confidence") -> str:
+    """Result-row name of dynamic decoding at ``threshold`` in a sweep (``student_dynamic@0.9``; with the
+    left-to-right commit order ``student_dynamic_left_to_right@0.9``)."""
+    order = "" if commit_order == "confidence" else f"_{commit_order}"
+    return f"student_dynamic{order}@{threshold:g}"
 
 
 def sweep_rows(report: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """One row per dynamic-decoding threshold of an :func:`opdlm_trl.eval.evaluate_model` report, ascending.
+    """One row per dynamic-decoding (commit order, threshold) of an :func:`opdlm_trl.eval.evaluate_model` report.
 
-    Each row: ``threshold``, ``system`` and the row's ``tokens_per_forward``, ``teacher_nll_per_token``,
-    ``top1_agreement``, ``pass_at_1``, ``tokens_per_second`` and ``oracle_ceiling`` (None without an AR
-    teacher run).
+    Sorted by commit order, then threshold. Each row: ``threshold``, ``commit_order``, ``system`` and the
+    row's ``tokens_per_forward``, ``teacher_nll_per_token``, ``top1_agreement``, ``pass_at_1``,
+    ``tokens_per_second``, ``out_of_order_rate``, ``oracle_ceiling`` (None without an AR teacher run) and
+    ``own_text_ceiling`` (the chain bound on the row's own text at its threshold; None without a teacher).
     """
     keys = ("tokens_per_forward", "teacher_nll_per_token", "top1_agreement", "pass_at_1", "tokens_per_second")
     rows = []
     for name, metrics in report["results"].items():
         if "threshold" not in metrics:
             continue
-        row = {"threshold": metrics["threshold"], "system": name}
+        row = {"threshold": metrics["threshold"], "commit_order": metrics.get("commit_order", "confidence")}
+        row["system"] = name
         row.update({key: metrics.get(key) for key in keys})
+        row["out_of_order_rate"] = metrics.get("out_of_order_rate")
         row["oracle_ceiling"] = metrics.get("oracle_ceiling")
+        row["own_text_ceiling"] = (metrics.get("own_text_oracle_ceiling") or {}).get(f"{metrics['threshold']:g}")
         rows.append(row)
-    return sorted(rows, key=lambda row: row["threshold"])
+    return sorted(rows, key=lambda row: (row["commit_order"], row["threshold"]))
 
 
 def _cell(value, digits: int = 3) -> str:
@@ -372,17 +416,25 @@ def _cell(value, digits: int = 3) -> str:
 
 
 def format_sweep(report: Mapping[str, Any]) -> str:
-    """Fixed-width table of the sweep (one line per threshold) with the AR teacher's tokens/s below."""
-    header = ("threshold", "tok/fwd", "oracle", "NLL/tok", "top1-agr", "pass@1", "tok/s")
+    """Fixed-width table of the sweep (one line per commit order and threshold) with the AR teacher's row below.
+
+    ``oracle``: the chain bound on the teacher's text; ``own-text``: the same bound on the row's own output;
+    ``out-of-order``: the fraction of the row's commits made right of a still-masked position.
+    """
+    header = ("order", "threshold", "tok/fwd", "oracle", "own-text", "NLL/tok", "top1-agr", "out-of-order", "pass@1")
+    header += ("tok/s",)
     lines = [header]
     for row in report.get("sweep", []):
         lines.append(
             (
+                row.get("commit_order", "confidence"),
                 f"{row['threshold']:g}",
                 _cell(row["tokens_per_forward"], 2),
                 _cell(row["oracle_ceiling"], 2),
+                _cell(row.get("own_text_ceiling"), 2),
                 _cell(row["teacher_nll_per_token"]),
                 _cell(row["top1_agreement"]),
+                _cell(row.get("out_of_order_rate")),
                 _cell(row["pass_at_1"]),
                 _cell(row["tokens_per_second"], 1),
             )
@@ -392,10 +444,13 @@ def format_sweep(report: Mapping[str, Any]) -> str:
         lines.append(
             (
                 "teacher_ar",
+                "-",
                 _cell(teacher["tokens_per_forward"], 2),
+                "-",
                 "-",
                 _cell(teacher["teacher_nll_per_token"]),
                 _cell(teacher["top1_agreement"]),
+                "-",
                 _cell(teacher["pass_at_1"]),
                 _cell(teacher["tokens_per_second"], 1),
             )
@@ -428,14 +483,20 @@ def plot_sweep(report: Mapping[str, Any], path: str) -> str:
         ("top1_agreement", "top-1 agreement"),
     )
     for axis, (key, label) in zip(axes, panels, strict=True):
-        points = [(r["tokens_per_forward"], r[key], r["threshold"]) for r in rows if r[key] is not None]
-        if points:
-            axis.plot([p[0] for p in points], [p[1] for p in points], "o-", label="student (dynamic)")
-            for x, y, threshold in points:
-                axis.annotate(f"{threshold:g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        for order in dict.fromkeys(r.get("commit_order", "confidence") for r in rows):
+            points = [
+                (r["tokens_per_forward"], r[key], r["threshold"])
+                for r in rows
+                if r[key] is not None and r.get("commit_order", "confidence") == order
+            ]
+            if points:
+                axis.plot([p[0] for p in points], [p[1] for p in points], "o-", label=f"student (dynamic, {order})")
+                for x, y, threshold in points:
+                    axis.annotate(f"{threshold:g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
         if teacher is not None and teacher.get(key) is not None:
             axis.plot([1.0], [teacher[key]], "k*", markersize=12, label="AR teacher")
-            oracle = [(r["oracle_ceiling"], r["threshold"]) for r in rows if r["oracle_ceiling"] is not None]
+            oracle = {r["threshold"]: r["oracle_ceiling"] for r in rows if r["oracle_ceiling"] is not None}
+            oracle = [(value, threshold) for threshold, value in oracle.items()]
             if oracle:
                 axis.plot([o[0] for o in oracle], [teacher[key]] * len(oracle), "s--", color="gray",
                           label="oracle ceiling (chain bound)")  # fmt: skip
