@@ -23,7 +23,14 @@ from tqdm.auto import tqdm
 
 from opdlm_trl import load_diffusion_model
 from opdlm_trl.data import parse_chat_template_kwargs, render_prompts
-from opdlm_trl.sampling import CONFIDENCE, REMASKING, DiffusionSampler, SamplerConfig, default_stop_token_ids
+from opdlm_trl.sampling import (
+    COMMIT_ORDERS,
+    CONFIDENCE,
+    REMASKING,
+    DiffusionSampler,
+    SamplerConfig,
+    default_stop_token_ids,
+)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -44,6 +51,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--block-size", type=int, default=None, help="default: the model's block size")
     parser.add_argument("--steps-per-block", type=int, default=None, help="default: block size (1 token/step)")
     parser.add_argument("--remasking", choices=REMASKING, default="static")
+    parser.add_argument(
+        "--commit-order", choices=COMMIT_ORDERS, default="confidence", help="left_to_right: from the block's frontier"
+    )
     parser.add_argument("--threshold", type=float, default=0.9)
     parser.add_argument("--confidence", choices=CONFIDENCE, default="prob")
     parser.add_argument("--temperature", type=float, default=0.0)

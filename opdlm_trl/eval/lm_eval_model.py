@@ -6,7 +6,7 @@ Importing this module registers the model name, so either pass an instance to
 (the plain ``lm_eval`` command does not know this model: it never imports this module).
 
 Sampler settings are model arguments (``block_size``, ``max_new_tokens``, ``steps_per_block``,
-``remasking``, ``threshold``, ``confidence``, ``temperature``, ``top_p``, ``top_k``); a task's
+``remasking``, ``commit_order``, ``threshold``, ``confidence``, ``temperature``, ``top_p``, ``top_k``); a task's
 ``max_gen_toks`` and ``temperature`` / ``do_sample`` override them per request group. The sampler stops
 a row at EOS / end-of-turn tokens; the task's ``until`` strings are applied to the decoded text
 (everything from the first stop string on is cut), because a block commits several tokens at once and
@@ -89,7 +89,7 @@ class OPDLMEvalModel(LM):
         max_length: prompt + completion limit; prompts are truncated on the left to fit.
         add_bos_token: prepend the tokenizer's BOS to every context (off by default, like lm-eval's
             ``hf`` model; an empty context always gets one so there is something to condition on).
-        block_size, max_new_tokens, steps_per_block, remasking, threshold, confidence, temperature,
+        block_size, max_new_tokens, steps_per_block, remasking, commit_order, threshold, confidence, temperature,
         top_p, top_k: :class:`opdlm_trl.sampling.SamplerConfig` fields.
         seed: seeds sampling when ``temperature > 0``.
         chat_template_kwargs: chat-template variables used with ``--apply_chat_template`` (a dict or a
@@ -112,6 +112,7 @@ class OPDLMEvalModel(LM):
         max_new_tokens: int = 256,
         steps_per_block: int | None = None,
         remasking: str = "static",
+        commit_order: str = "confidence",
         threshold: float = 0.9,
         confidence: str = "prob",
         temperature: float = 0.0,
@@ -149,6 +150,7 @@ class OPDLMEvalModel(LM):
             "max_new_tokens": int(max_new_tokens),
             "steps_per_block": None if steps_per_block in (None, "None", "") else int(steps_per_block),
             "remasking": str(remasking),
+            "commit_order": str(commit_order),
             "threshold": float(threshold),
             "confidence": str(confidence),
             "temperature": float(temperature),
