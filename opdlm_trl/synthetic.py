@@ -16,24 +16,33 @@ a counter token, a fixed phrase selected by the previous choice, then a new choi
 phrase, odd ones a 4-word phrase followed by a copy of the prompt's keys, so units are 4 or 8 tokens long. The
 completion starts on a block boundary (the sampler pads prompts to whole blocks) and every unit is a whole number of
 block-4 blocks, so each random choice sits at the last offset of a block: a block-4 student that commits every
-deterministic token can finish a short unit in 2 steps and a long one in 3 (chain-bound ceiling 12 / 5 = 2.4 tokens
-per forward at threshold 0.9 on the teacher's greedy text, which alternates short and long units).
+deterministic token can finish a short unit in 2 steps and a long one in 3: 12 tokens in 5 steps on the teacher's
+greedy text, which alternates short and long units (its chain-bound ceiling at threshold 0.9 on 32-token
+completions measures 2.46 tokens per forward, the cut last unit included).
 
 :func:`train_teacher` fits a tiny Llama (:func:`opdlm_trl.tiny.tiny_model`) to the language by plain next-token
 cross-entropy on CPU; :func:`phrase_chain_tokenizer` is its word-level tokenizer (with a ``<mask>`` token for the
-student). Used by ``tests/test_synthetic_opd.py`` and ``benchmarks/synthetic_curve.py``.
+student). :data:`RECIPE` / :func:`opd_config` are the conversion settings and :func:`evaluate_student` the
+measurement shared by ``tests/test_synthetic_opd.py`` and ``benchmarks/synthetic_curve.py``.
 """
 
 from __future__ import annotations
 
-import math
 import random
 import tempfile
 from dataclasses import dataclass, field
 
 import torch
 
-__all__ = ["PhraseChain", "phrase_chain_tokenizer", "train_teacher"]
+__all__ = [
+    "RECIPE",
+    "PhraseChain",
+    "evaluate_student",
+    "opd_config",
+    "phrase_chain_tokenizer",
+    "prompt_dataset",
+    "train_teacher",
+]
 
 SPECIAL_TOKENS = ("<pad>", "<s>", "<eos>", "<mask>")  # ids 0..3, in this order
 _TOKENIZER_CACHE: dict[tuple, str] = {}
@@ -123,15 +132,6 @@ class PhraseChain:
             prompt = self.prompt(rng)
             out.append(prompt + self.completion(prompt, length, rng))
         return out
-
-    def entropy_per_token(self, unit_lengths: tuple[int, int] = (4, 8)) -> float:
-        """The language's entropy rate in nats per completion token, with short and long units alternating.
-
-        One choice per unit carries all the randomness: what a perfect teacher's NLL per token on sampled text is.
-        """
-        others = (1.0 - self.p_top) / (self.choices - 1)
-        choice_entropy = -self.p_top * math.log(self.p_top) - (self.choices - 1) * others * math.log(others)
-        return 2 * choice_entropy / sum(unit_lengths)
 
 
 # ------------------------------------------------------------------------------------------------ tokenizer
@@ -241,15 +241,24 @@ def prompt_dataset(language: PhraseChain, count: int, seed: int):
     return Dataset.from_list([{"prompt": prompt} for prompt in language.prompts(count, seed)])
 
 
-def evaluate_student(student, teacher, tokenizer, prompts, max_new_tokens: int = 32, threshold: float = EVAL_THRESHOLD):
+def evaluate_student(
+    student,
+    teacher,
+    tokenizer,
+    prompts,
+    max_new_tokens: int = 32,
+    threshold: float = EVAL_THRESHOLD,
+    commit_order: str = "confidence",
+):
     """What the end-to-end check asserts, from one :func:`opdlm_trl.eval.evaluate_model` run.
 
-    Returns ``tokens_per_forward`` (dynamic greedy decoding at ``threshold``), ``ceiling`` (the chain-bound oracle
-    on the teacher's greedy text at the same threshold, block ``4``), and teacher NLL per token of the student's
-    static and dynamic greedy output beside the teacher's own greedy text (``static_nll``, ``dynamic_nll``,
-    ``teacher_nll``).
+    Returns ``tokens_per_forward`` (dynamic greedy decoding at ``threshold`` with ``commit_order``), ``ceiling``
+    (the chain-bound oracle on the teacher's greedy text at the same threshold and the student's block size),
+    teacher NLL per token of the student's static and dynamic greedy output beside the teacher's own greedy text
+    (``static_nll``, ``dynamic_nll``, ``teacher_nll``) and the dynamic decoding's ``out_of_order_rate``.
     """
     from .eval import evaluate_model
+    from .eval.cli import student_system
     from .modeling import diffusion_settings
 
     report = evaluate_model(
@@ -261,13 +270,16 @@ def evaluate_student(student, teacher, tokenizer, prompts, max_new_tokens: int =
         threshold=threshold,
         batch_size=len(prompts),
         keep_samples=False,
+        commit_orders=(commit_order,),
     )
     results = report["results"]
+    static, dynamic = (results[student_system(decoding, commit_order)] for decoding in ("static", "dynamic"))
     block = str(diffusion_settings(student).block_size)
     return {
-        "tokens_per_forward": results["student_dynamic"]["tokens_per_forward"],
+        "tokens_per_forward": dynamic["tokens_per_forward"],
         "ceiling": report["oracle_ceiling"]["by_block"][block][f"{threshold:g}"],
-        "static_nll": results["student_static"]["teacher_nll_per_token"],
-        "dynamic_nll": results["student_dynamic"]["teacher_nll_per_token"],
+        "static_nll": static["teacher_nll_per_token"],
+        "dynamic_nll": dynamic["teacher_nll_per_token"],
         "teacher_nll": results["teacher_ar"]["teacher_nll_per_token"],
+        "out_of_order_rate": dynamic["out_of_order_rate"],
     }

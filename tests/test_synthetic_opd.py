@@ -20,6 +20,7 @@ fastest on one thread, so the module pins torch to one thread and restores the s
 from __future__ import annotations
 
 import copy
+import random
 from dataclasses import fields, replace
 
 import pytest
@@ -30,13 +31,14 @@ from opdlm_trl.synthetic import PhraseChain, evaluate_student, opd_config, phras
 from opdlm_trl.synthetic import train_teacher as fit_teacher
 from opdlm_trl.teachers import TeacherTargets, build_teacher
 
-pytestmark = pytest.mark.slow
-
-STEPS = 120  # optimizer steps of each conversion (32 rollouts of 32 tokens: ~123k rollout tokens)
+STEPS = 120  # optimizer steps of each conversion (32 rollouts of 32 tokens a step: ~123k rollout tokens)
 SHARE_OF_CEILING = 0.9  # the good run's tokens per forward at 0.9, as a share of the oracle ceiling
-NLL_MARGIN = 0.1  # nats per token the student's static greedy text may lose against the teacher's own
-BROKEN_SHARE = 0.8  # a broken run's tokens per forward stays below this share of the ceiling ...
-BROKEN_NLL = 0.5  # ... or its static text costs the teacher at least this many nats per token more
+# nats per token the student's static greedy text may lose against the teacher's own (0.06). Measured at 100-120
+# steps over 9 runs (3 seeds, both rollout commit orders): +0.003 to +0.14 (it fluctuates from one evaluation to the
+# next); before training +1.09; with a broken signal +5.7 or more.
+NLL_MARGIN = 0.2
+BROKEN_SHARE = 0.75  # a broken run's tokens per forward stays below this share of the ceiling ...
+BROKEN_NLL = 1.0  # ... and its static text costs the teacher at least this many nats per token more
 EVAL_PROMPTS = 64
 
 
@@ -106,7 +108,9 @@ def convert(teacher, tokenizer, language, output_dir, corruption: str | None = N
     else:
         student, student_tokenizer = to_diffusion(student, tokenizer, block_size=args.block_size, shift=args.shift)
         signal = CorruptedTeacher(build_teacher("local", student=student, model=copy.deepcopy(teacher)), corruption)
-        trainer = OPDTrainer(student, args=args, train_dataset=prompts, processing_class=student_tokenizer, teacher=signal)
+        trainer = OPDTrainer(
+            student, args=args, train_dataset=prompts, processing_class=student_tokenizer, teacher=signal
+        )
     trainer.train()
     return trainer
 
@@ -118,12 +122,47 @@ def before(teacher, tokenizer, eval_prompts):
     return evaluate_student(student, teacher, student_tokenizer, eval_prompts)
 
 
+# ------------------------------------------------------------------------------------------------- the language
+def test_units_put_every_random_choice_on_the_last_offset_of_a_block(language):
+    """The design the ceiling rests on: units of 4 or 8 tokens, a choice token exactly at each block's offset 3."""
+    for tokens in language.sequences(32, 40, seed=3):
+        completion = tokens[4:]
+        choices = [i for i, token in enumerate(completion) if token.startswith("r")]
+        assert choices and all(i % 4 == 3 for i in choices)
+        assert all(b - a in (4, 8) for a, b in zip([-1, *choices], choices, strict=False))
+        assert completion[0] == "c0" and tokens[0] == "<s>"
+
+
+def test_deterministic_tokens_follow_from_the_prefix(language):
+    """Counter, phrase and key copies are fixed by what came before; only the choices differ between samples."""
+    prompt = ["<s>", "w1", "w2", "r1"]
+    modal = language.completion(prompt, 40, rng=None)
+    assert modal[:8] == ["c0", *language.phrases[1], "w1", "w2", "r2"]
+    sampled = language.completion(prompt, 40, rng=random.Random(0))
+    assert sampled[:7] == modal[:7]  # the first unit's body depends only on the prompt
+
+
+def test_tokenizer_round_trips_the_language(language, tokenizer):
+    text = " ".join(language.sequences(1, 16, seed=0)[0])
+    ids = tokenizer(text)["input_ids"]
+    assert tokenizer.decode(ids) == text and tokenizer.unk_token_id not in ids[1:]
+    assert [tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.mask_token_id] == [
+        0,
+        1,
+        2,
+        3,
+    ]
+
+
+# ------------------------------------------------------------------------------------------------- conversion
+@pytest.mark.slow
 def test_teacher_allows_parallel_decoding(before):
     """The language is learned: >= 2 tokens per forward reachable at 0.9, at a small NLL (one choice per unit)."""
     assert before["ceiling"] >= 2.0, before
     assert before["teacher_nll"] < 0.2, before
 
 
+@pytest.mark.slow
 def test_opd_reaches_the_ceiling_at_the_teachers_quality(teacher, tokenizer, language, eval_prompts, before, tmp_path):
     trainer = convert(teacher, tokenizer, language, tmp_path)
     after = evaluate_student(trainer.model, teacher, trainer.processing_class, eval_prompts)
@@ -132,11 +171,16 @@ def test_opd_reaches_the_ceiling_at_the_teachers_quality(teacher, tokenizer, lan
     assert after["tokens_per_forward"] > before["tokens_per_forward"] + 0.5, (before, after)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("corruption", ["shift", "shuffle"])
 def test_a_broken_signal_fails(teacher, tokenizer, language, eval_prompts, corruption, tmp_path):
-    """Same run, corrupted targets: parallelism or quality stays clearly outside what the good run passes."""
+    """Same run, corrupted targets: both parallelism and quality stay clearly outside what the good run passes.
+
+    Measured (seed 0, 120 steps): both corruptions end at 1.0 token per forward (41% of the 2.46 ceiling) with a
+    static teacher NLL of 5.8-6.6 nats per token (the teacher's own: 0.06): the student commits one token per step
+    and writes text the teacher finds very unlikely.
+    """
     trainer = convert(teacher, tokenizer, language, tmp_path, corruption=corruption)
     after = evaluate_student(trainer.model, teacher, trainer.processing_class, eval_prompts)
-    slow = after["tokens_per_forward"] < BROKEN_SHARE * after["ceiling"]
-    wrong = after["static_nll"] >= after["teacher_nll"] + BROKEN_NLL
-    assert slow or wrong, after
+    assert after["tokens_per_forward"] < BROKEN_SHARE * after["ceiling"], after
+    assert after["static_nll"] >= after["teacher_nll"] + BROKEN_NLL, after
