@@ -45,14 +45,21 @@ EVAL_PROMPTS = 64
 class CorruptedTeacher:
     """A teacher whose targets are moved before the trainer sees them: ``"shift"`` or ``"shuffle"``.
 
-    ``shift``: completion position ``i`` receives position ``i + 1``'s targets (its right neighbour's next-token
-    distribution). ``shuffle``: row ``b`` receives row ``b + 1``'s targets (cyclically), so no row is trained on its
-    own text. A position keeps its own target where the moved one would come from padding (a padded row's zeros
-    are not a distribution), so only the alignment is broken, never the targets' validity.
+    Every per-position tensor moves (log-probs, top-k, or the teacher hidden states a local teacher returns for
+    full-vocabulary targets). ``shift``: completion position ``i`` receives position ``i + 1``'s targets (its right
+    neighbour's next-token distribution). ``shuffle``: row ``b`` receives row ``b + 1``'s targets (cyclically), so
+    no row is trained on its own text. A position keeps its own target where the moved one would come from padding
+    (a padded row's zeros are not a distribution), so only the alignment is broken, never the targets' validity.
     """
 
     def __init__(self, teacher, corruption: str):
         self.teacher, self.corruption = teacher, corruption
+
+    def __getattr__(self, name):
+        """Everything else is the wrapped teacher's (e.g. the ``head`` the trainer applies to hidden-state targets)."""
+        if name == "teacher":  # not set yet (copy, unpickling): no recursion through this method
+            raise AttributeError(name)
+        return getattr(self.teacher, name)
 
     def move(self, tensor: torch.Tensor) -> torch.Tensor:
         return tensor.roll(-1, dims=1) if self.corruption == "shift" else tensor.roll(1, dims=0)
@@ -63,8 +70,8 @@ class CorruptedTeacher:
         moved = {}
         for field in fields(targets):
             tensor = getattr(targets, field.name)
-            if tensor is None or field.name == "mask":
-                continue
+            if not isinstance(tensor, torch.Tensor) or field.name == "mask":
+                continue  # the mask stays (only the alignment is broken); ``head`` is a module, not a target
             where = movable.view(*movable.shape, *([1] * (tensor.dim() - 2)))
             moved[field.name] = torch.where(where, self.move(tensor), tensor)
         return replace(targets, **moved)
