@@ -279,3 +279,19 @@ def test_memory_benchmark_and_model(tmp_path):
         check=True,
     ).stdout
     assert table.count("| `") == 4 and "GiB" in table
+
+
+def test_synthetic_curve_smoke_records_a_curve_and_skips_complete_seeds(tmp_path):
+    output = tmp_path / "curve.json"
+    _run("synthetic_curve.py", "--out", str(output))
+    report = json.loads(output.read_text())
+    run = report["runs"]["0"]
+    assert run["complete"] and [point["step"] for point in run["points"]] == [0, 1, 2]
+    assert run["points"][-1]["training_tokens"] > 0
+    for point in run["points"]:
+        assert set(point) >= {"confidence", "left_to_right"}
+        assert point["confidence"]["ceiling"] >= 1.0  # a 20-step teacher is not yet sure of anything
+    _assert_finite(report["runs"])
+    rerun = _run("synthetic_curve.py", "--out", str(output))
+    assert "seed 0: complete" in rerun.stdout
+    assert json.loads(output.read_text())["runs"] == report["runs"]
