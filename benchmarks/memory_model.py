@@ -67,16 +67,21 @@ SUPERVISED_SHARE = 0.625
 class Fit:
     """Activation bytes of one training micro-batch (float32 CPU measurements at Qwen3-0.6B's widths):
 
-    ``tokens x (per_layer x layers x hidden/1024 + per_token) + per_position x min(N, loss_chunk_size) x V/151,936``
+    ``tokens x (per_layer x layers + per_token) x hidden/1024 + per_position x min(N, loss_chunk_size) x V/151,936``
 
     where ``tokens`` is the micro-batch's ``[prompt | x0 | x_t]`` width and ``N`` its supervised positions: the
     chunked loss holds a few ``(chunk, V)`` float32 tensors at a time, so that term stops growing at the chunk size.
+    ``per_layer`` is not fitted: with gradient checkpointing each layer keeps its float32 input (4 bytes x hidden per
+    token), a cost the measured depths (2 and 4 layers) cannot resolve next to the loss chunk's gigabytes.
+    ``per_token`` (one layer's recomputed activations, embeddings) and ``per_position`` are fitted; both are scaled
+    to another model by its hidden width and vocabulary.
     """
 
     per_layer: float
     per_token: float
     per_position: float
     chunk: int = 1024
+    CHECKPOINTED_INPUT = 4 * 1024  # bytes per token per layer at hidden 1,024 (float32 residual stream)
 
     @classmethod
     def from_measurements(cls, cells: list[dict], chunk: int = 1024) -> Fit:
@@ -94,16 +99,17 @@ class Fit:
             positions = (
                 min(cell.get("supervised_positions", cell["length"]), chunk) * shape.get("vocab", 151936) / 151936
             )
-            rows.append([tokens * cell["layers"] * shape["hidden_size"] / 1024, tokens, positions])
-            values.append(peak * 2**20)
+            width = shape["hidden_size"] / 1024
+            rows.append([tokens * width, positions])
+            values.append(peak * 2**20 - tokens * cls.CHECKPOINTED_INPUT * cell["layers"] * width)
         if len(rows) < 3:
             raise ValueError("need >= 3 measured cells (two depths) to fit the activation model")
-        solution = np.linalg.lstsq(np.array(rows), np.array(values), rcond=None)[0]
-        return cls(*(max(float(v), 0.0) for v in solution), chunk=chunk)
+        per_token, per_position = np.linalg.lstsq(np.array(rows), np.array(values), rcond=None)[0]
+        return cls(cls.CHECKPOINTED_INPUT, max(float(per_token), 0.0), max(float(per_position), 0.0), chunk=chunk)
 
     def bytes(self, tokens: int, layers: int, hidden: int, supervised: int | None = None, vocab: int = 151936):
         positions = min(self.chunk if supervised is None else supervised, self.chunk) * vocab / 151936
-        return tokens * (self.per_layer * layers * hidden / 1024 + self.per_token) + self.per_position * positions
+        return tokens * (self.per_layer * layers + self.per_token) * hidden / 1024 + self.per_position * positions
 
 
 def predict(config: dict, shape: Shape, gpus: int, zero: int, fit: Fit) -> dict[str, float]:
