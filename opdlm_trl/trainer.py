@@ -41,7 +41,13 @@ from .collectives import chunk_bounds
 from .config import OPDConfig
 from .curriculum import completion_length, rollout_threshold
 from .data import render_prompts
-from .eval.diagnostics import offset_confidence_metrics, offset_confidence_sums, teacher_top1_logprob, top1_probability
+from .eval.diagnostics import (
+    offset_confidence_metrics,
+    offset_confidence_sums,
+    out_of_order_commits,
+    teacher_top1_logprob,
+    top1_probability,
+)
 from .grouping import merge_groups, plan_groups
 from .heads import OutputHead
 from .masks import frontier_offsets, shown_at, training_layout
@@ -489,6 +495,11 @@ class OPDTrainer(DistillationTrainer):
         metrics["rollout/nfe"].append(nfe)  # mean over processes
         stopped = torch.tensor([r == "stop" for r in rollout.finish_reason], device=device, dtype=torch.float32)
         metrics["rollout/stopped_ratio"].append(self.accelerator.gather(stopped).mean().item())  # all processes' rows
+        # commits made while a position to their left in the block was still masked (all processes' rows): what the
+        # left-to-right commit order rules out (docs/sampling.md)
+        late, commits = out_of_order_commits(rollout.step_map, rollout.completion_mask, self.settings.block_size)
+        late, commits = self.accelerator.gather(torch.tensor([[late, commits]], device=device)).sum(0).tolist()
+        metrics["rollout/out_of_order_rate"].append(late / max(commits, 1))
         metrics["supervised_per_row"].append(supervised.mean().item())
         metrics["curriculum/length"].append(float(self.current_completion_length()))
         metrics["curriculum/threshold"].append(self.current_rollout_threshold())

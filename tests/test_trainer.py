@@ -574,6 +574,7 @@ def test_exclude_stop_token_leaves_rollouts_that_stop_at_once_nothing_to_train(t
     trainer.train()
     (logs,) = [entry for entry in trainer.state.log_history if "loss" in entry]
     assert logs["rollout/length"] == 1.0 and logs["rollout/stopped_ratio"] == 1.0
+    assert logs["rollout/out_of_order_rate"] == 0.0  # one token per row: nothing to its left
     moved = [name for name, p in trainer.model.named_parameters() if not torch.equal(p, initial[name])]
     if exclude_stop_token:
         assert logs["supervised_per_row"] == 0.0 and logs["loss"] == 0.0 and not moved
