@@ -107,8 +107,7 @@ def score_causal_lm(
             top_ids.append(indices)
 
     if top_k is None:
-        targets = empty_targets(completion_mask, None, None, hidden_size=predictors.shape[-1])
-        targets.hidden = targets.hidden.to(predictors.dtype)
+        targets = empty_targets(completion_mask, None, None, predictors.shape[-1], predictors.dtype)
         targets.hidden[where] = predictors
     else:
         targets = empty_targets(completion_mask, top_k, vocab_size)

@@ -189,14 +189,18 @@ def check_batch(prompt_mask: torch.Tensor, completion_ids: torch.Tensor, complet
 
 
 def empty_targets(
-    completion_mask: torch.Tensor, top_k: int | None, vocab_size: int | None, hidden_size: int | None = None
+    completion_mask: torch.Tensor,
+    top_k: int | None,
+    vocab_size: int | None,
+    hidden_size: int | None = None,
+    hidden_dtype: torch.dtype = torch.float32,
 ) -> TeacherTargets:
     """Zero targets of the right shapes: top-k, full-vocabulary, or (``hidden_size`` given) hidden states."""
     batch, length = completion_mask.shape
     device = completion_mask.device
     zeros = torch.zeros((batch, length), dtype=torch.float32, device=device)
     if top_k is None and hidden_size is not None:
-        hidden = torch.zeros((batch, length, hidden_size), dtype=torch.float32, device=device)
+        hidden = torch.zeros((batch, length, hidden_size), dtype=hidden_dtype, device=device)
         return TeacherTargets(zeros, None, None, None, completion_mask.bool(), hidden=hidden)
     if top_k is None:
         if vocab_size is None:
