@@ -15,7 +15,9 @@
 # threshold 0.9 -> 0.7 over the run (reference code's cosine shape); completion_128 trains 128-token rollouts at half
 # the batch (the same tokens a step); short_prompts trains on one-sentence prompts (benchmarks/short_prompts.py) and is
 # evaluated on the usual full prompts; stdlib_prompts trains on the 64 problems plus ~950 HumanEval-shaped stubs of
-# standard-library functions (benchmarks/stdlib_prompts.py), so no prompt repeats within the budget. OUT_DIR must not
+# standard-library functions (benchmarks/stdlib_prompts.py), so no prompt repeats within the budget; left_to_right
+# commits rollouts from each block's frontier only (issue 20's rule comparison; every cell is evaluated in both
+# commit orders). OUT_DIR must not
 # contain spaces. Training precision: bf16 autocast where the CPU has bf16 instructions (avx512_bf16 / amx_bf16 /
 # aarch64 bf16; the published cells ran so), float32 where it has none (bf16 is emulated there: 10x slower steps);
 # BF16=true|false overrides (opdlm_trl/precision.py decides the default).
@@ -35,12 +37,13 @@ declare -A CELLS=(
   [completion_128]="--min_completion_length 128 --max_completion_length 128 --per_device_train_batch_size 4"
   [short_prompts]="--dataset_name $out/short_prompts.jsonl"
   [stdlib_prompts]="--dataset_name $out/stdlib_prompts.jsonl"
+  [left_to_right]="--commit_order left_to_right"
 )
 # cells that train on a prompt file of their own: OUT_DIR/CELL.jsonl, written once by this script
 declare -A PROMPT_SETS=([short_prompts]=benchmarks/short_prompts.py [stdlib_prompts]=benchmarks/stdlib_prompts.py)
 cells=("$@")
 [[ ${#cells[@]} -gt 0 ]] || cells=(plain every_step rollout_threshold_0.7 token_normalisation train_block_8
-  rollout_temperature_0.7 threshold_ramp_0.7 completion_128 short_prompts stdlib_prompts)
+  rollout_temperature_0.7 threshold_ramp_0.7 completion_128 short_prompts stdlib_prompts left_to_right)
 python=${PYTHON:-python}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 bf16=${BF16:-$("$python" -m opdlm_trl.precision --use-cpu)}
