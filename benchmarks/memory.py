@@ -33,6 +33,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+# Qwen3-0.6B's widths, written out rather than taken from opdlm_trl.tiny.qwen3_config: --previous-code runs this
+# script against older checkouts of the package, which may predate that helper (a test checks the two agree).
 QWEN3_0_6B = dict(hidden_size=1024, intermediate_size=3072, heads=16, kv_heads=8, head_dim=128, vocab=151936)
 SMOKE = dict(hidden_size=64, intermediate_size=128, heads=4, kv_heads=2, head_dim=16, vocab=4096)
 GENERATION_BATCH, MICRO_BATCH, PROMPT_TOKENS, BLOCK = 8, 2, 128, 4

@@ -27,29 +27,34 @@ from pathlib import Path
 
 import yaml
 
+from opdlm_trl.tiny import parameter_count, qwen3_config
+
 ROOT = Path(__file__).resolve().parents[1]
 GIB = 2**30
 CUDA_CONTEXT_GIB = 0.5
+MEASURED_VOCAB = 151_936  # the vocabulary of the measurements the fit scales from (Qwen3-0.6B widths)
 
 
 @dataclass(frozen=True)
 class Shape:
-    """A Qwen3 model's shape (from the published configs)."""
+    """What a Qwen3 model's memory depends on, from its published config (``opdlm_trl.tiny.QWEN3_ARCHITECTURES``)."""
 
     params: float
     layers: int
     hidden: int
     kv_heads: int
     head_dim: int
-    vocab: int = 151936
+    vocab: int
+
+    @classmethod
+    def of(cls, name: str) -> Shape:
+        config = qwen3_config(name)
+        return cls(
+            parameter_count(config), config.num_hidden_layers, config.hidden_size, config.num_key_value_heads,
+            config.head_dim, config.vocab_size,
+        )  # fmt: skip
 
 
-QWEN3 = {
-    "Qwen/Qwen3-0.6B": Shape(0.596e9, 28, 1024, 8, 128),
-    "Qwen/Qwen3-1.7B": Shape(1.72e9, 28, 2048, 8, 128),
-    "Qwen/Qwen3-4B": Shape(4.02e9, 36, 2560, 8, 128),
-    "Qwen/Qwen3-8B": Shape(8.19e9, 36, 4096, 8, 128),
-}
 # How each shipped config is launched (docs/multi-gpu.md): GPUs per run and ZeRO stage of the accelerate config.
 LAUNCH = {
     "qwen3_0.6b_full.yaml": (1, 0),
@@ -97,7 +102,9 @@ class Fit:
             tokens = 2 * (128 + 2 * cell["length"])  # micro-batch 2 x [prompt | x0 | x_t]
             shape = cell["shape"]
             positions = (
-                min(cell.get("supervised_positions", cell["length"]), chunk) * shape.get("vocab", 151936) / 151936
+                min(cell.get("supervised_positions", cell["length"]), chunk)
+                * shape.get("vocab", MEASURED_VOCAB)
+                / MEASURED_VOCAB
             )
             width = shape["hidden_size"] / 1024
             rows.append([tokens * width, positions])
@@ -107,8 +114,8 @@ class Fit:
         per_token, per_position = np.linalg.lstsq(np.array(rows), np.array(values), rcond=None)[0]
         return cls(cls.CHECKPOINTED_INPUT, max(float(per_token), 0.0), max(float(per_position), 0.0), chunk=chunk)
 
-    def bytes(self, tokens: int, layers: int, hidden: int, supervised: int | None = None, vocab: int = 151936):
-        positions = min(self.chunk if supervised is None else supervised, self.chunk) * vocab / 151936
+    def bytes(self, tokens: int, layers: int, hidden: int, supervised: int | None = None, vocab: int = MEASURED_VOCAB):
+        positions = min(self.chunk if supervised is None else supervised, self.chunk) * vocab / MEASURED_VOCAB
         return tokens * (self.per_layer * layers + self.per_token) * hidden / 1024 + self.per_position * positions
 
 
@@ -165,7 +172,7 @@ def table(measurements: Path) -> str:
     ]
     for name, (gpus, zero) in LAUNCH.items():
         config = yaml.safe_load((ROOT / "examples" / "configs" / name).read_text())
-        p = predict(config, QWEN3[config["model_name_or_path"]], gpus, zero, fit)
+        p = predict(config, Shape.of(config["model_name_or_path"]), gpus, zero, fit)
         fits = "yes" if p["peak"] <= 0.9 * GPU_GIB else "NO"
         lines.append(
             f"| `{name}` | {gpus}{' ZeRO-3' if zero == 3 else ''} | {p['student weights']:.1f} | "

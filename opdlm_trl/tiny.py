@@ -13,7 +13,16 @@ import tempfile
 
 import torch
 
-__all__ = ["ARCHITECTURES", "CHAT_TEMPLATE", "smollm2_shaped_model", "tiny_model", "tiny_tokenizer"]
+__all__ = [
+    "ARCHITECTURES",
+    "CHAT_TEMPLATE",
+    "QWEN3_ARCHITECTURES",
+    "parameter_count",
+    "qwen3_config",
+    "smollm2_shaped_model",
+    "tiny_model",
+    "tiny_tokenizer",
+]
 
 ARCHITECTURES = ("llama", "qwen2", "qwen3", "mistral")
 
@@ -146,6 +155,52 @@ def smollm2_shaped_model(seed: int = 0, max_position_embeddings: int = 8192):
     )
     torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=torch.float32).eval()
+
+
+# The published Qwen3 architectures (each checkpoint's config.json), by hub name: what the shipped GPU recipes
+# convert. Benchmarks build random models of these widths (the real vocabulary, a reduced depth) to reproduce
+# GPU-scale memory on a CPU, and the memory model sizes its predictions by them; a shape needs no hub access.
+QWEN3_ARCHITECTURES = {
+    "Qwen/Qwen3-0.6B": dict(hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16),
+    "Qwen/Qwen3-1.7B": dict(hidden_size=2048, intermediate_size=6144, num_hidden_layers=28, num_attention_heads=16),
+    "Qwen/Qwen3-4B": dict(hidden_size=2560, intermediate_size=9728, num_hidden_layers=36, num_attention_heads=32),
+    "Qwen/Qwen3-8B": dict(
+        hidden_size=4096,
+        intermediate_size=12288,
+        num_hidden_layers=36,
+        num_attention_heads=32,
+        tie_word_embeddings=False,
+    ),
+}
+_QWEN3_COMMON = dict(
+    vocab_size=151_936,  # embedding rows of every Qwen3 checkpoint (the tokenizer has 151,669 tokens)
+    num_key_value_heads=8,
+    head_dim=128,
+    max_position_embeddings=40_960,
+    rope_theta=1_000_000.0,
+    rms_norm_eps=1e-6,
+    tie_word_embeddings=True,
+    bos_token_id=151_643,
+    eos_token_id=151_645,
+)
+
+
+def qwen3_config(name: str = "Qwen/Qwen3-0.6B", **overrides):
+    """The published ``Qwen3Config`` of ``name``, with ``overrides`` (fewer layers, a narrower width for a smoke run)."""
+    from transformers import Qwen3Config
+
+    if name not in QWEN3_ARCHITECTURES:
+        raise ValueError(f"Unknown Qwen3 architecture {name!r}; choose from {sorted(QWEN3_ARCHITECTURES)}.")
+    return Qwen3Config(**{**_QWEN3_COMMON, **QWEN3_ARCHITECTURES[name], **overrides})
+
+
+def parameter_count(config) -> int:
+    """Parameters of the causal LM ``config`` describes (tied embeddings once), counted on the meta device: no memory."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return sum(parameter.numel() for parameter in model.parameters())
 
 
 def save_tiny_pair(directory: str | os.PathLike, architecture: str = "llama", **kwargs) -> str:

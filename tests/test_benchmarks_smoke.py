@@ -295,3 +295,24 @@ def test_synthetic_curve_smoke_records_a_curve_and_skips_complete_seeds(tmp_path
     rerun = _run("synthetic_curve.py", "--out", str(output))
     assert "seed 0: complete" in rerun.stdout
     assert json.loads(output.read_text())["runs"] == report["runs"]
+
+
+def test_memory_benchmark_writes_out_the_published_qwen3_widths():
+    """benchmarks/memory.py spells Qwen3-0.6B's widths out (``--previous-code`` runs it against checkouts that may
+    predate ``opdlm_trl.tiny.qwen3_config``); they must stay the published shape the memory model predicts from."""
+    import importlib.util
+
+    from opdlm_trl.tiny import qwen3_config
+
+    spec = importlib.util.spec_from_file_location("opdlm_memory", BENCHMARKS / "memory.py")
+    memory = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(memory)
+    config = qwen3_config("Qwen/Qwen3-0.6B")
+    assert memory.QWEN3_0_6B == dict(
+        hidden_size=config.hidden_size,
+        intermediate_size=config.intermediate_size,
+        heads=config.num_attention_heads,
+        kv_heads=config.num_key_value_heads,
+        head_dim=config.head_dim,
+        vocab=config.vocab_size,
+    )

@@ -431,3 +431,20 @@ def test_adapter_dir_without_settings_is_refused(tmp_path):
     peft_model.save_pretrained(tmp_path / "adapter")
     with pytest.raises(ValueError, match="opdlm.json"):
         load_diffusion_model(str(tmp_path / "adapter"))
+
+
+def test_published_qwen3_shapes_have_their_published_parameter_counts():
+    """``opdlm_trl.tiny.qwen3_config`` + ``parameter_count`` (meta device): the model cards' sizes, tied embeddings
+    counted once (the 8B is the one Qwen3 with an untied head)."""
+    from opdlm_trl.tiny import QWEN3_ARCHITECTURES, parameter_count, qwen3_config
+
+    counts = {name: parameter_count(qwen3_config(name)) for name in QWEN3_ARCHITECTURES}
+    assert counts == {
+        "Qwen/Qwen3-0.6B": 596_049_920,
+        "Qwen/Qwen3-1.7B": 1_720_574_976,
+        "Qwen/Qwen3-4B": 4_022_468_096,
+        "Qwen/Qwen3-8B": 8_190_735_360,
+    }
+    assert parameter_count(qwen3_config("Qwen/Qwen3-0.6B", num_hidden_layers=2)) < counts["Qwen/Qwen3-0.6B"]
+    with pytest.raises(ValueError, match="choose from"):
+        qwen3_config("Qwen/Qwen3-0.5B")
