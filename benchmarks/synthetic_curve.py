@@ -1,6 +1,6 @@
 """Tokens per forward vs training tokens on the synthetic language: where OPD levers are compared in minutes.
 
-The larger run of ``tests/test_synthetic_opd.py``: a tiny teacher trained from scratch on
+The larger run of ``tests/unit/test_synthetic_opd.py``: a tiny teacher trained from scratch on
 :class:`opdlm_trl.synthetic.PhraseChain` (chain-bound ceiling 2.46 tokens per forward at 0.9, block 4), converted by
 OPD through the public API for ``--steps`` optimizer steps per seed; every ``--eval-every`` steps the student is
 decoded on held-out prompts (:func:`opdlm_trl.synthetic.evaluate_student`: dynamic decoding at 0.9 with the project's

@@ -13,7 +13,7 @@ half-written ones are skipped with a warning) or with a checkpoint path (refused
 Chat-template variables (Qwen3's non-thinking mode: `chat_template_kwargs: {enable_thinking: false}` in the YAML, or
 `--chat_template_kwargs '{"enable_thinking": false}'`) reach the training rollouts and the before/after report alike.
 
-`parse_args` -> `build_trainer` -> `run` is the whole script; tests/test_example_configs.py drives every
+`parse_args` -> `build_trainer` -> `run` is the whole script; tests/integration/test_example_configs.py drives every
 `examples/configs/*.yaml` through exactly these functions.
 """
 

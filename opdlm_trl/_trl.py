@@ -1,9 +1,9 @@
-"""The TRL / transformers surface opdlm_trl relies on, in one place (checked by tests/test_trl_contract.py).
+"""The TRL / transformers surface opdlm_trl relies on, in one place (checked by tests/unit/test_trl_contract.py).
 
 OPDTrainer is TRL's ``DistillationTrainer`` with its generation and loss hooks replaced, so it depends on names
 TRL does not promise to keep: private methods, private attributes, helpers in ``trl.*.utils``. Every one of them
 is imported or named here, with why it is needed, so that a TRL upgrade that moves one fails in
-``tests/test_trl_contract.py`` with a message saying what moved, instead of deep inside a training step.
+``tests/unit/test_trl_contract.py`` with a message saying what moved, instead of deep inside a training step.
 
 Imported (use these, not the TRL paths):
 
@@ -19,7 +19,7 @@ Imported (use these, not the TRL paths):
 
 Named (not importable, so listed): :data:`HOOKS` (methods we override), :data:`CLASS_ATTRIBUTES` (class attributes
 we override), :data:`TRAINER_ATTRIBUTES` (state we read or write) and :data:`BATCH_CONTRACT` (what TRL does with the
-generation hook's dict). The lists cannot drift from the code: ``tests/test_trl_contract.py`` derives from the
+generation hook's dict). The lists cannot drift from the code: ``tests/unit/test_trl_contract.py`` derives from the
 trainers' own source every private base-class name they override or read and fails on one missing here.
 """
 

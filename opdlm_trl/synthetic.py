@@ -23,7 +23,7 @@ completions measures 2.46 tokens per forward, the cut last unit included).
 :func:`train_teacher` fits a tiny Llama (:func:`opdlm_trl.tiny.tiny_model`) to the language by plain next-token
 cross-entropy on CPU; :func:`phrase_chain_tokenizer` is its word-level tokenizer (with a ``<mask>`` token for the
 student). :data:`RECIPE` / :func:`opd_config` are the conversion settings and :func:`evaluate_student` the
-measurement shared by ``tests/test_synthetic_opd.py`` and ``benchmarks/synthetic_curve.py``.
+measurement shared by ``tests/unit/test_synthetic_opd.py`` and ``benchmarks/synthetic_curve.py``.
 """
 
 from __future__ import annotations

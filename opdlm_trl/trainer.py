@@ -551,7 +551,7 @@ class OPDTrainer(DistillationTrainer):
                 f"{self._nonfinite_hint}"
             )
         # One row per process: plain gather. gather_for_metrics would cut the rows to the dataset's sample
-        # remainder on an epoch's last batch and drop whole processes (tests/test_distributed.py).
+        # remainder on an epoch's last batch and drop whole processes (tests/integration/test_distributed.py).
         sums = self.accelerator.gather(sums.unsqueeze(0)).sum(0)
         self._log_metric_sums(sums, batch, mode)
         return (loss, None) if return_outputs else loss

@@ -14,7 +14,7 @@
 #                                                check failed). < 10 minutes on one GPU.
 #   bash scripts/gpu_check.sh size BUNDLE        the bundle's size; fails over the budget
 #   bash scripts/gpu_check.sh dry-run [ARGS...]  the check on CPU with tiny shapes, in this checkout's .venv (CI runs
-#                                                it through tests/test_gpu_check.py)
+#                                                it through tests/integration/test_gpu_check.py)
 #
 # The GPU machine must have numpy, pyarrow and pandas (too large to bundle: benchmarks/gpu_check_bundle.py).
 # Device runs carry the bundle: `carry: [.cache/gpu_check_bundle]`, command

@@ -1,4 +1,4 @@
-"""A short OPD run on a tiny model that kills itself with SIGKILL at a chosen point; ``tests/test_checkpoints.py``
+"""A short OPD run on a tiny model that kills itself with SIGKILL at a chosen point; ``tests/integration/test_checkpoints.py``
 runs it in a subprocess and resumes what it left behind.
 
 ``build_trainer`` is also imported by the test, so the killed run, the resumed run and the uninterrupted reference

@@ -1,4 +1,4 @@
-"""One OPD optimisation step on a tiny model, run by every process that ``tests/test_distributed.py`` launches.
+"""One OPD optimisation step on a tiny model, run by every process that ``tests/integration/test_distributed.py`` launches.
 
 The same script runs as one process (the reference) and under ``accelerate launch`` as two gloo processes (DDP,
 DeepSpeed ZeRO-2 or ZeRO-3, chosen by the launcher's config). It trains one step per loss normalisation, each from the same fresh

@@ -7,8 +7,8 @@ a timeout: on NCCL, a hang). Rank 0's rows stop at their first token (every id i
 ``--new-tokens``. Rank 1 writes its completion to ``--out``; ``--single`` decodes rank 1's prompt in one process
 without any collective (the reference).
 
-    python -m torch.distributed.run --nproc_per_node 2 tests/synced_sampler_worker.py --out OUT [--unsynced]
-    python tests/synced_sampler_worker.py --single --out OUT
+    python -m torch.distributed.run --nproc_per_node 2 tests/integration/synced_sampler_worker.py --out OUT [--unsynced]
+    python tests/integration/synced_sampler_worker.py --single --out OUT
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Interrupted runs lose nothing: which checkpoints count as complete, and a killed run resumes bit-exactly.
 
-The end-to-end tests kill a real training run (``tests/checkpoint_worker.py``, in a subprocess, SIGKILL) once between
+The end-to-end tests kill a real training run (``tests/integration/checkpoint_worker.py``, in a subprocess, SIGKILL) once between
 two checkpoints and once in the middle of writing one, resume it in this process with
 ``train(resume_from_checkpoint=...)`` and compare the final parameters with an uninterrupted run of the same seed:
 they must be bitwise equal on CPU. That holds only because transformers restores the global RNG state (rollouts
@@ -32,8 +32,8 @@ from opdlm_trl.checkpoints import (
     resolve_resume_checkpoint,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
-WORKER_PATH = ROOT / "tests" / "checkpoint_worker.py"
+ROOT = Path(__file__).resolve().parents[2]
+WORKER_PATH = ROOT / "tests" / "integration" / "checkpoint_worker.py"
 _spec = importlib.util.spec_from_file_location("opdlm_checkpoint_worker", WORKER_PATH)
 worker = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(worker)

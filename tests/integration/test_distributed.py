@@ -2,7 +2,7 @@
 
 DDP, ZeRO-2 and ZeRO-3 must give the single-process step, number for number.
 
-``tests/distributed_worker.py`` trains one OPD step on a tiny model, once per loss normalisation, with a fixed
+``tests/integration/distributed_worker.py`` trains one OPD step on a tiny model, once per loss normalisation, with a fixed
 global batch of 4 prompts: here as one process with batch 4 (the reference), and under ``accelerate launch`` as two
 gloo processes with batch 2 each, launched with the shipped accelerate configs (``examples/configs/accelerate``,
 overridden to 2 processes and no mixed precision). The worker's rollouts are greedy and stop at uneven lengths, so
@@ -28,8 +28,8 @@ import pytest
 import torch
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
-WORKER = ROOT / "tests" / "distributed_worker.py"
+ROOT = Path(__file__).resolve().parents[2]
+WORKER = ROOT / "tests" / "integration" / "distributed_worker.py"
 ACCELERATE_CONFIGS = ROOT / "examples" / "configs" / "accelerate"
 LAUNCHERS = {"ddp": "multi_gpu.yaml", "zero2": "deepspeed_zero2.yaml", "zero3": "deepspeed_zero3.yaml"}
 EXPECTED_TYPE = {"ddp": "MULTI_CPU", "zero2": "DEEPSPEED", "zero3": "DEEPSPEED"}
@@ -175,7 +175,7 @@ def test_zero3_with_uneven_rollouts_and_chunked_teacher_matches_single_process(t
     assert _max_difference(multi.params["sequence"], single.params["sequence"]) <= PARAM_ATOL
 
 
-SYNC_WORKER = ROOT / "tests" / "synced_sampler_worker.py"
+SYNC_WORKER = ROOT / "tests" / "integration" / "synced_sampler_worker.py"
 
 
 def _sampler_run(out: Path, *extra: str, processes: int = 2) -> subprocess.CompletedProcess:

@@ -19,7 +19,7 @@ import pytest
 
 from opdlm_trl.modeling import to_diffusion
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TASK = "opdlm_mc_basics"
 LIMIT = 8
 LAUNCH_TIMEOUT_S = 600

@@ -23,7 +23,7 @@ Every config also runs the way its header says it runs:
 * the ZeRO-3 recipe under ``accelerate launch`` with its own DeepSpeed file
   (``examples/configs/accelerate/deepspeed_zero3.yaml``) as 2 CPU processes (gloo) for 2 optimizer steps, with
   ``--num_processes 2 --mixed_precision no`` on the launcher and ``--save_steps 2`` (so that the DeepSpeed
-  checkpoint is written and checked) as the only further changes; ``tests/convert_launcher.py`` runs
+  checkpoint is written and checked) as the only further changes; ``tests/integration/convert_launcher.py`` runs
   ``examples/convert.py`` without building DeepSpeed's optional shared-memory kernel (minutes of JIT compile);
 * the vLLM-server recipe against the real vLLM CPU server scripts/test.sh starts, with the model replaced by the
   directory the server serves (``OPDLM_VLLM_MODEL_DIR``, a tiny Llama: the student must be converted from the
@@ -47,7 +47,7 @@ import yaml
 
 from opdlm_trl import OPDConfig, diffusion_settings, load_diffusion_model
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = sorted(path.stem for path in (ROOT / "examples" / "configs").glob("*.yaml"))
 NOT_TRAINED = {"vllm_server_teacher": "needs a vLLM server: test_vllm_server_config_trains_two_steps"}
 IN_CI = os.environ.get("CI", "").lower() == "true"
@@ -232,7 +232,7 @@ def test_zero3_config_trains_two_steps_on_two_deepspeed_processes(qwen3_dir, pro
         "HF_HUB_OFFLINE": "1",
         "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
     }
-    command = [*launcher, str(ROOT / "tests" / "convert_launcher.py"), *arguments]
+    command = [*launcher, str(ROOT / "tests" / "integration" / "convert_launcher.py"), *arguments]
     proc = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S)
     assert proc.returncode == 0, f"{' '.join(command)} failed:\n{(proc.stdout + proc.stderr)[-6000:]}"
 
@@ -266,7 +266,9 @@ def vllm_server() -> tuple[str, str]:
 @pytest.mark.vllm
 def test_vllm_server_config_trains_two_steps(convert, vllm_server, prompt_file, tmp_path):
     """The vLLM-teacher recipe against the real server, the student converted from the weights it serves."""
-    spec = importlib.util.spec_from_file_location("opdlm_vllm_worker", ROOT / "tests" / "vllm_training_worker.py")
+    spec = importlib.util.spec_from_file_location(
+        "opdlm_vllm_worker", ROOT / "tests" / "integration" / "vllm_training_worker.py"
+    )
     worker = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(worker)
     url, model_dir = vllm_server

@@ -13,7 +13,7 @@ from opdlm_trl import load_diffusion_model, to_diffusion
 from opdlm_trl.sampling import generate
 from opdlm_trl.tiny import tiny_model, tiny_tokenizer
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

@@ -30,7 +30,7 @@ from safetensors.torch import load_file
 
 from opdlm_trl.checkpoints import last_complete_checkpoint
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "benchmarks" / "token_efficiency.py"
 CELL = "opd|shift=1|seed=0"
 CELL_DIR = Path("runs") / "opd-shift1-seed0"

@@ -1,12 +1,12 @@
 """OPD training whose teacher is the real vLLM CPU server that scripts/test.sh starts, in one and in two processes.
 
-``tests/vllm_training_worker.py`` converts the very model the server serves (``OPDLM_VLLM_MODEL_DIR``), trains
+``tests/integration/vllm_training_worker.py`` converts the very model the server serves (``OPDLM_VLLM_MODEL_DIR``), trains
 2 optimizer steps with ``teacher_backend="vllm_server"`` (top-4 targets, 8-token rollouts) and records every
 scoring call. The tests check that training did something (finite losses, parameters moved), that the server
 saw exactly the scoring traffic the processes sent (its ``/metrics`` counters of finished sequences and prompt
 tokens, read before and after training, against the rows the processes recorded), and that each rank's targets
 are a float32 ``LocalTeacher``'s on that rank's own rows (top-k log-probs within 1e-4). Two processes share the
-one server under ``accelerate launch`` with the DDP config (gloo), as tests/test_distributed.py runs them.
+one server under ``accelerate launch`` with the DDP config (gloo), as tests/integration/test_distributed.py runs them.
 
 Without ``OPDLM_VLLM_URL`` the tests skip with a reason, except under ``CI=true`` where they fail (scripts/test.sh
 always sets it). Wall time with the server already up: ~25 s (one process) and ~45 s (two) on 2 cores.
@@ -24,11 +24,11 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-WORKER = ROOT / "tests" / "vllm_training_worker.py"
+ROOT = Path(__file__).resolve().parents[2]
+WORKER = ROOT / "tests" / "integration" / "vllm_training_worker.py"
 DDP_CONFIG = ROOT / "examples" / "configs" / "accelerate" / "multi_gpu.yaml"
 IN_CI = os.environ.get("CI", "").lower() == "true"
-TOLERANCE = 1e-4  # float32 vLLM vs float32 HF on the same weights; measured 4.8e-7 in tests/test_teachers.py
+TOLERANCE = 1e-4  # float32 vLLM vs float32 HF on the same weights; measured 4.8e-7 in tests/unit/test_teachers.py
 LAUNCH_TIMEOUT_S = 400
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]

@@ -1,4 +1,4 @@
-"""A few OPD steps whose teacher is a real vLLM server; run by ``tests/test_vllm_training.py`` as one process and,
+"""A few OPD steps whose teacher is a real vLLM server; run by ``tests/integration/test_vllm_training.py`` as one process and,
 under ``accelerate launch``, as two gloo processes sharing the one server.
 
 Every process converts the model the server serves (``--model-dir``, i.e. ``OPDLM_VLLM_MODEL_DIR``) and trains

@@ -9,7 +9,6 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from test_trainer import eval_loss, fixed_batch, make_trainer, roll_out
 
 from opdlm_trl.eval import cli as eval_cli
 from opdlm_trl.eval.diagnostics import (
@@ -25,6 +24,7 @@ from opdlm_trl.eval.diagnostics import (
 from opdlm_trl.masks import frontier_offsets
 from opdlm_trl.modeling import to_diffusion
 from opdlm_trl.sampling import StepRecord
+from tests.integration.test_trainer import eval_loss, fixed_batch, make_trainer, roll_out
 
 # ------------------------------------------------------------------ oracle ceiling (chain bound)
 

@@ -274,7 +274,7 @@ def test_lm_eval_generate_until_end_to_end(tmp_path, tiny_pair):
 
 # ------------------------------------------------------------------ lm-eval log-likelihood requests
 
-MC_TASKS = Path(__file__).resolve().parents[1] / "examples" / "lm_eval_tasks"
+MC_TASKS = Path(__file__).resolve().parents[2] / "examples" / "lm_eval_tasks"
 MC_TASK = "opdlm_mc_basics"
 
 

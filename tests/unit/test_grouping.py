@@ -12,7 +12,7 @@ from opdlm_trl.sampling import DiffusionSampler
 from opdlm_trl.states import select_states
 from opdlm_trl.tiny import tiny_model, tiny_tokenizer
 from opdlm_trl.trainer import OPDTrainer
-from tests.test_trainer import opd_config
+from tests.integration.test_trainer import opd_config
 
 # prompts of very different lengths, so groups really cut padding
 MIXED_PROMPTS = [

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_trainer import PROMPTS, fixed_batch, make_trainer, opd_config, roll_out, snapshot
 
 from opdlm_trl import losses as L
 from opdlm_trl.batch import SupervisedRows, TrainingBatch
 from opdlm_trl.teachers import TEACHERS, TeacherBackend, TeacherTargets, register_teacher
 from opdlm_trl.teachers.targets import empty_targets
+from tests.integration.test_trainer import PROMPTS, fixed_batch, make_trainer, opd_config, roll_out, snapshot
 
 TOY_LOSS = "toy_double_forward_kl"
 TOY_TEACHER = "toy_constant"

@@ -40,7 +40,7 @@ from opdlm_trl.teachers import (
 from opdlm_trl.teachers.vllm import split_by_tokens
 from opdlm_trl.tiny import tiny_tokenizer
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 IN_CI = os.environ.get("CI", "").lower() == "true"
 PROMPT_LENGTHS = (5, 9, 3, 1)
 COMPLETION_LENGTHS = (7, 4, 0, 2)  # ragged, one row without completion
