@@ -41,8 +41,8 @@ bash scripts/vllm_server.sh fixture "$WORK/vllm_model" >/dev/null
 bash scripts/vllm_server.sh start "$WORK/vllm_model" "$PORT" "$WORK/vllm_server.log" >"$WORK/server.pid" &
 SERVER_START=$!
 
-ruff check opdlm_trl tests examples benchmarks
-ruff format --check opdlm_trl tests examples benchmarks
+ruff check opdlm_trl tests examples benchmarks experiments
+ruff format --check opdlm_trl tests examples benchmarks experiments
 
 if ! wait "$SERVER_START"; then
     tail -50 "$WORK/vllm_server.log"; echo "vLLM server failed to start" >&2; exit 1

@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# Levers for parallel decoding (docs/results.md, "Levers"): every cell is the long CPU OPD recipe
+# Levers for parallel decoding (this folder's README.md): every cell is the long CPU OPD recipe
 # (examples/configs/cpu_long_opd.yaml, trained with bf16 autocast on a bf16 CPU) plus ONE change, trained for the same number of
 # optimizer steps (= the same rollout-token budget, +-2%) from the same start and seed, then evaluated in float32 on
 # the first 24 held-out HumanEval prompts (64 new tokens, decoding block 4, static + dynamic at each threshold).
 #
-#   bash benchmarks/levers.sh OUT_DIR [STEPS] [CELL ...]       # default: 26 steps (~12.5k tokens), every cell
-#   bash benchmarks/levers.sh OUT_DIR 26 plain@1 plain@2      # CELL@N: the same cell with training seed N (default 0)
+#   bash experiments/levers/levers.sh OUT_DIR [STEPS] [CELL ...]    # default: 26 steps (~12.5k tokens), every cell
+#   bash experiments/levers/levers.sh OUT_DIR 26 plain@1 plain@2   # CELL@N: the same cell with training seed N (default 0)
 #
 # Resumable: a cell with its report.json is skipped, a trained cell without one is only evaluated, and a killed
 # cell resumes from its newest complete checkpoint (every 13 steps). One torch thread per process: run two lanes
@@ -13,16 +13,16 @@
 # up to 4 state rows per rollout: the same 8 rollouts per optimizer step, their up to 32 state rows in 4 accumulation
 # chunks (the same step's gradient; 32 rows in one forward ran out of 24 GB). threshold_ramp_0.7 ramps the rollout
 # threshold 0.9 -> 0.7 over the run (reference code's cosine shape); completion_128 trains 128-token rollouts at half
-# the batch (the same tokens a step); short_prompts trains on one-sentence prompts (benchmarks/short_prompts.py) and is
+# the batch (the same tokens a step); short_prompts trains on one-sentence prompts (short_prompts.py) and is
 # evaluated on the usual full prompts; stdlib_prompts trains on the 64 problems plus ~950 HumanEval-shaped stubs of
-# standard-library functions (benchmarks/stdlib_prompts.py), so no prompt repeats within the budget; left_to_right
+# standard-library functions (stdlib_prompts.py), so no prompt repeats within the budget; left_to_right
 # commits rollouts from each block's frontier only (issue 20's rule comparison; every cell is evaluated in both
-# commit orders). OUT_DIR must not
-# contain spaces. Training precision: bf16 autocast where the CPU has bf16 instructions (avx512_bf16 / amx_bf16 /
-# aarch64 bf16; the published cells ran so), float32 where it has none (bf16 is emulated there: 10x slower steps);
-# BF16=true|false overrides (opdlm_trl/precision.py decides the default).
+# commit orders). OUT_DIR is relative to the current directory (the script finds the repository from its own
+# path) and must not contain spaces. Training precision: bf16 autocast where the CPU has bf16 instructions
+# (avx512_bf16 / amx_bf16 / aarch64 bf16; the published cells ran so), float32 where it has none (bf16 is emulated
+# there: 10x slower steps); BF16=true|false overrides (opdlm_trl/precision.py decides the default).
 set -euo pipefail
-out="${1:?usage: bash benchmarks/levers.sh OUT_DIR [STEPS] [CELL ...]}"
+out="${1:?usage: bash experiments/levers/levers.sh OUT_DIR [STEPS] [CELL ...]}"
 steps="${2:-26}"
 shift $(($# < 2 ? $# : 2))
 
@@ -40,7 +40,9 @@ declare -A CELLS=(
   [left_to_right]="--commit_order left_to_right"
 )
 # cells that train on a prompt file of their own: OUT_DIR/CELL.jsonl, written once by this script
-declare -A PROMPT_SETS=([short_prompts]=benchmarks/short_prompts.py [stdlib_prompts]=benchmarks/stdlib_prompts.py)
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+root="$(cd "$here/../.." && pwd)"
+declare -A PROMPT_SETS=([short_prompts]="$here/short_prompts.py" [stdlib_prompts]="$here/stdlib_prompts.py")
 cells=("$@")
 [[ ${#cells[@]} -gt 0 ]] || cells=(plain every_step rollout_threshold_0.7 token_normalisation train_block_8
   rollout_temperature_0.7 threshold_ramp_0.7 completion_128 short_prompts stdlib_prompts left_to_right)
@@ -66,7 +68,7 @@ for spec in "${cells[@]}"; do
     resume=()
     compgen -G "$dir/checkpoint-*" >/dev/null && resume=(--resume_from_checkpoint true)
     # shellcheck disable=SC2086  # the cell's override is a list of arguments
-    "$python" examples/convert.py --config examples/configs/cpu_long_opd.yaml --output_dir "$dir" \
+    "$python" "$root/examples/convert.py" --config "$root/examples/configs/cpu_long_opd.yaml" --output_dir "$dir" \
       --max_steps "$steps" --save_steps 13 --save_total_limit 1 --bf16 "$bf16" --report_prompts 0 --seed "$seed" ${CELLS[$cell]} "${resume[@]}" \
       >>"$dir/train.log" 2>&1
   fi

@@ -1,8 +1,8 @@
-"""The lever table of docs/results.md from the cells `benchmarks/levers.sh` wrote: one row per cell and seed, and the
-mean and standard deviation over the seeds of a cell (CELL, CELL@1, CELL@2, ...).
+"""The lever tables of experiments/levers/README.md from the cells `levers.sh` wrote: one row per cell and seed, and
+the mean and standard deviation over the seeds of a cell (CELL, CELL@1, CELL@2, ...).
 
-    python benchmarks/levers_table.py OUT_DIR [CELL ...]          # markdown rows on stdout (default: every cell)
-    python benchmarks/levers_table.py OUT_DIR --json summary.json  # also the numbers as JSON
+    python experiments/levers/levers_table.py OUT_DIR [CELL ...]          # markdown rows on stdout (default: every cell)
+    python experiments/levers/levers_table.py OUT_DIR --json summary.json  # also the numbers as JSON
 
 Each cell directory holds `report.json` (opdlm-eval: static and dynamic at 0.9 / 0.5) and `opd_report.json` (the
 training run: tokens and log history, for the training rollouts' tokens per step over the last logged steps).
@@ -81,7 +81,7 @@ def markdown_summary(cell: str, summary: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("out", type=Path, help="The OUT_DIR of benchmarks/levers.sh.")
+    parser.add_argument("out", type=Path, help="The OUT_DIR of experiments/levers/levers.sh.")
     parser.add_argument("cells", nargs="*", help="Cell names without @seed (default: every evaluated cell).")
     parser.add_argument("--json", type=Path, help="Also write the rows and per-cell summaries here.")
     args = parser.parse_args()
@@ -92,7 +92,9 @@ def main() -> None:
     for cell in cells:
         directories = seed_dirs(args.out, cell)
         if not directories:
-            raise SystemExit(f"Cell {cell!r} has no evaluated directory under {args.out}: run benchmarks/levers.sh.")
+            raise SystemExit(
+                f"Cell {cell!r} has no evaluated directory under {args.out}: run experiments/levers/levers.sh."
+            )
         rows = [cell_row(directory) for directory in directories]
         document[cell] = {"rows": rows, "summary": summarise(rows)}
         for row in rows:

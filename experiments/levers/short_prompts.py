@@ -1,12 +1,12 @@
-"""A short-prompt version of the HumanEval training prompts: the "shorter prompts" lever of docs/results.md.
+"""A short-prompt version of the HumanEval training prompts: the "shorter prompts" lever (README.md here).
 
 The training prompts (chat template + instruction + signature + full docstring with examples) are ~150-250 tokens,
 so the prompt dominates the cost of an OPD step on 64-token rollouts. This writes the same training problems as one
 sentence each: "Write a Python function `SIGNATURE` that SUMMARY." (the docstring's first sentence), so the rollout
 budget goes to completions. Held-out evaluation stays on the full prompts (the student must still serve them).
 
-    python benchmarks/short_prompts.py OUT.jsonl [--heldout-size 100]   # a prompt file for convert.py --dataset_name
-    python benchmarks/short_prompts.py --smoke OUT.jsonl                 # the same, plus token lengths on stdout (CI)
+    python experiments/levers/short_prompts.py OUT.jsonl [--heldout-size 100]   # a prompt file for convert.py --dataset_name
+    python experiments/levers/short_prompts.py --smoke OUT.jsonl                 # the same, plus token lengths on stdout (CI)
 """
 
 from __future__ import annotations

@@ -7,8 +7,8 @@ the standard-library modules below (~950), after the 64 HumanEval training probl
 a given Python version. The student writes its own completions (on-policy), so only the prompts matter: they need no
 reference solution.
 
-    python benchmarks/stdlib_prompts.py OUT.jsonl [--max-docstring-chars 600]   # a prompt file for --dataset_name
-    python benchmarks/stdlib_prompts.py --smoke OUT.jsonl                       # also the mean prompt length (CI)
+    python experiments/levers/stdlib_prompts.py OUT.jsonl [--max-docstring-chars 600]   # a prompt file for --dataset_name
+    python experiments/levers/stdlib_prompts.py --smoke OUT.jsonl                       # also the mean prompt length (CI)
 """
 
 from __future__ import annotations

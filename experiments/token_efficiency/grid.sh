@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
-# The token-efficiency grid of docs/results.md on a 2-core CPU machine: independent jobs (each with its
-# own --out-dir, one torch thread), PARALLEL_JOBS at a time, then merged into one results.json / PNG /
-# table. Resumable: rerunning skips finished cells (each job resumes from its own results.json).
+# The token-efficiency grid of this folder's README.md on a 2-core CPU machine: independent jobs of
+# benchmarks/token_efficiency.py (each with its own --out-dir, one torch thread), PARALLEL_JOBS at a time, then
+# merged into one results.json / PNG / table. Resumable: rerunning skips finished cells (each job resumes from its
+# own results.json).
 # Memory: an OPD job holds student + teacher + AdamW state of SmolLM2-135M, ~5.5 GB RSS.
 #
-#   bash benchmarks/token_efficiency_grid.sh [OUT_DIR] [PARALLEL_JOBS]
+#   bash experiments/token_efficiency/grid.sh [OUT_DIR] [PARALLEL_JOBS]   # OUT_DIR relative to the repository root
 set -euo pipefail
-cd "$(dirname "$0")/.."
-OUT=${1:-benchmarks/out/token_efficiency_grid}
+cd "$(dirname "$0")/../.."
+OUT=${1:-experiments/token_efficiency/out}
 PARALLEL=${2:-3}
 mkdir -p "$OUT"
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false

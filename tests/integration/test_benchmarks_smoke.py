@@ -1,4 +1,5 @@
-"""CI smoke of the benchmark scripts: each ``--smoke`` run (tiny local models) writes JSON with finite numbers.
+"""CI smoke of the benchmark scripts (``benchmarks/``) and of the experiments' own scripts (``experiments/<name>/``):
+each ``--smoke`` run (tiny local models) writes JSON with finite numbers.
 
 The scripts run as subprocesses exactly as a user starts them, so argument parsing, output writing and
 imports are covered, not only the functions behind them.
@@ -17,6 +18,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 BENCHMARKS = ROOT / "benchmarks"
+LEVERS = ROOT / "experiments" / "levers"
 
 
 def _numbers(value, path: str = ""):
@@ -31,10 +33,10 @@ def _numbers(value, path: str = ""):
         yield path, value
 
 
-def _run(script: str, *arguments: str, timeout: int = 300) -> subprocess.CompletedProcess:
+def _run(script: str, *arguments: str, folder: Path = BENCHMARKS, timeout: int = 300) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false"}
     result = subprocess.run(
-        [sys.executable, str(BENCHMARKS / script), "--smoke", *arguments],
+        [sys.executable, str(folder / script), "--smoke", *arguments],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -188,7 +190,7 @@ def test_short_prompts_writes_the_training_problems_as_short_prompts(tmp_path):
     """The short-prompt lever's file: the 64 training problems, each one sentence naming its entry function, and
     the rendered prompts well under half the long ones' tokens."""
     out = tmp_path / "short.jsonl"
-    summary = json.loads(_run("short_prompts.py", str(out)).stdout.strip().splitlines()[-1])
+    summary = json.loads(_run("short_prompts.py", str(out), folder=LEVERS).stdout.strip().splitlines()[-1])
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert summary["rows"] == len(rows) == 64
     first = rows[0]["prompt"][0]["content"]
@@ -202,7 +204,7 @@ def test_stdlib_prompts_are_humaneval_shaped_compilable_stubs(tmp_path):
     import ast
 
     out = tmp_path / "stdlib.jsonl"
-    summary = json.loads(_run("stdlib_prompts.py", "--smoke", str(out)).stdout.strip().splitlines()[-1])
+    summary = json.loads(_run("stdlib_prompts.py", "--smoke", str(out), folder=LEVERS).stdout.strip().splitlines()[-1])
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert summary["rows"] == len(rows) > 500 + 64
     assert [row["task_id"].startswith("HumanEval/") for row in rows[:65]] == [True] * 64 + [False]
@@ -243,7 +245,7 @@ def test_levers_table_rows_and_mean_over_seeds(tmp_path):
     _lever_cell(tmp_path / "other", 0.5, 1.2)
     summary = tmp_path / "summary.json"
     result = subprocess.run(
-        [sys.executable, str(BENCHMARKS / "levers_table.py"), str(tmp_path), "--json", str(summary)],
+        [sys.executable, str(LEVERS / "levers_table.py"), str(tmp_path), "--json", str(summary)],
         cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
@@ -258,6 +260,39 @@ def test_levers_table_rows_and_mean_over_seeds(tmp_path):
     plain = json.loads(summary.read_text())["plain"]["summary"]
     assert plain["seeds"] == 2 and plain["static_nll"]["mean"] == pytest.approx(0.7)
     assert plain["tpf@0.5"]["sd"] == pytest.approx(0.1414, abs=1e-4)
+
+
+_FAKE_PYTHON = """#!/usr/bin/env bash
+printf '%s\\n' "$*" >> "$FAKE_PYTHON_LOG"
+previous=""
+for argument in "$@"; do [[ $previous == --output ]] && echo '{}' > "$argument"; previous=$argument; done
+[[ " $* " == *" --use-cpu "* ]] && echo false
+exit 0
+"""
+
+
+def test_levers_script_finds_the_repository_from_any_directory(tmp_path):
+    """levers.sh started outside the repository (training and evaluation replaced by a recording stand-in for
+    python): it runs the repository's convert.py, config and prompt-set scripts, writes each cell under OUT_DIR
+    relative to where it was started, and refuses an unknown cell by name."""
+    fake, log = tmp_path / "python", tmp_path / "calls.log"
+    fake.write_text(_FAKE_PYTHON)
+    fake.chmod(0o755)
+    env = {**os.environ, "PYTHON": str(fake), "FAKE_PYTHON_LOG": str(log)}
+    env.pop("BF16", None)
+    command = ["bash", str(LEVERS / "levers.sh"), "out", "2", "plain", "short_prompts@1"]
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "training precision: bf16=false" in result.stdout
+    assert (tmp_path / "out" / "plain" / "report.json").exists()
+    assert (tmp_path / "out" / "short_prompts@1" / "report.json").exists()
+    calls = log.read_text().splitlines()
+    scripts = [argument for call in calls for argument in call.split() if argument.endswith((".py", ".yaml"))]
+    assert str(ROOT / "examples" / "convert.py") in scripts and str(LEVERS / "short_prompts.py") in scripts
+    assert all(Path(script).is_file() for script in scripts), scripts
+    assert any("--seed 1" in call and "--dataset_name out/short_prompts.jsonl" in call for call in calls)
+    unknown = subprocess.run(command[:4] + ["no_such_cell"], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert unknown.returncode == 2 and "unknown cell no_such_cell" in unknown.stderr
 
 
 def test_memory_benchmark_and_model(tmp_path):
