@@ -97,8 +97,8 @@ def cpu_bf16_support(cpuinfo_path: str = "/proc/cpuinfo") -> CpuBf16Support:
 
 def bf16_is_fast_here(use_cpu: bool = False) -> bool:
     """Should a run on this machine train with bf16 autocast? On CUDA when the GPU supports bf16; on a CPU-only run
-    when the CPU has bf16 instructions. Scripts (benchmarks/levers.sh via ``python -m opdlm_trl.precision``) pick
-    their precision with it."""
+    when the CPU has bf16 instructions. Scripts (experiments/levers/levers.sh via ``python -m opdlm_trl.precision``)
+    pick their precision with it."""
     if not use_cpu and torch.cuda.is_available():
         return torch.cuda.is_bf16_supported()
     return cpu_bf16_support().fast
