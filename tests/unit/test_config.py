@@ -106,3 +106,24 @@ def test_teacher_backends_are_auto_plus_the_teacher_kinds():
 def test_a_threshold_ramp_that_cannot_run_fails_when_the_config_is_made(overrides, message):
     with pytest.raises(ValueError, match=message):
         _config(**overrides)
+
+
+def test_docs_config_page_is_the_generated_field_reference():
+    """docs/config.md is `python -m opdlm_trl.config --markdown` verbatim: every OPDConfig field with its help, so the
+    reference cannot drift from the code. Run in a fresh interpreter: the help lists the registries as imported, not
+    as other tests extended them."""
+    import inspect
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = next(folder for folder in Path(__file__).resolve().parents if (folder / "pyproject.toml").exists())
+    command = [sys.executable, "-m", "opdlm_trl.config", "--markdown"]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    generated = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, check=True, timeout=300)
+    committed = (root / "docs" / "config.md").read_text()
+    assert committed == generated.stdout, (
+        "docs/config.md is stale: python -m opdlm_trl.config --markdown > docs/config.md"
+    )
+    assert all(f"| `{name}` |" in committed for name in inspect.get_annotations(OPDConfig))  # every field OPD declares
