@@ -371,16 +371,18 @@ class OPDConfig(DistillationConfig):
 
 
 def fields_markdown() -> str:
-    """docs/config.md: the fields `OPDConfig` declares (new ones and TRL defaults it changes), their defaults and their
-    `help` text, the same text `--help` prints.
+    """docs/config.md: the fields `OPDConfig` adds to TRL's `DistillationConfig` (new ones and TRL fields whose default
+    or help it changes), their defaults and their `help` text, the same text `--help` prints.
 
     Generated rather than written, so the reference cannot drift from the code (a test compares the committed page
     with this function's output): ``python -m opdlm_trl.config --markdown > docs/config.md``.
     """
-    declared = inspect.get_annotations(OPDConfig)  # this class's own fields, not those inherited from TRL
+    trl_fields = {item.name: item for item in fields(DistillationConfig)}
     rows = []
     for item in fields(OPDConfig):
-        if item.name in declared:
+        trl_field = trl_fields.get(item.name)
+        ours = trl_field is None or (item.default, item.metadata) != (trl_field.default, trl_field.metadata)
+        if ours:  # TRL's own fields are TRL's to document; fields of package base classes are included
             default = "(computed)" if item.default is MISSING else item.default
             help_text = " ".join(item.metadata.get("help", "").split()).replace("|", "\\|")
             rows.append(f"| `{item.name}` | `{default}` | {help_text} |")
