@@ -17,7 +17,9 @@
 # evaluated on the usual full prompts; stdlib_prompts trains on the 64 problems plus ~950 HumanEval-shaped stubs of
 # standard-library functions (stdlib_prompts.py), so no prompt repeats within the budget; left_to_right
 # commits rollouts from each block's frontier only (issue 20's rule comparison; every cell is evaluated in both
-# commit orders). OUT_DIR is relative to the current directory (the script finds the repository from its own
+# commit orders); cosine_lr decays the learning rate 5e-5 -> 5e-6 over the run (the paper's 1e-5 -> 1e-6 cosine at this
+# recipe's rate) and lora trains rank-16 adapters on every linear layer at 10x the rate with the frozen base as teacher
+# (issue 20's levers against forgetting). OUT_DIR is relative to the current directory (the script finds the repository from its own
 # path) and must not contain spaces. Training precision: bf16 autocast where the CPU has bf16 instructions
 # (avx512_bf16 / amx_bf16 / aarch64 bf16; the published cells ran so), float32 where it has none (bf16 is emulated
 # there: 10x slower steps); BF16=true|false overrides (opdlm_trl/precision.py decides the default).
@@ -38,6 +40,8 @@ declare -A CELLS=(
   [short_prompts]="--dataset_name $out/short_prompts.jsonl"
   [stdlib_prompts]="--dataset_name $out/stdlib_prompts.jsonl"
   [left_to_right]="--commit_order left_to_right"
+  [cosine_lr]="--lr_scheduler_type cosine_with_min_lr --lr_scheduler_kwargs {\"min_lr_rate\":0.1}"
+  [lora]="--use_peft true --lora_r 16 --lora_alpha 32 --lora_target_modules q_proj k_proj v_proj o_proj gate_proj up_proj down_proj --teacher_backend shared --learning_rate 5e-4"
 )
 # cells that train on a prompt file of their own: OUT_DIR/CELL.jsonl, written once by this script
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -45,7 +49,7 @@ root="$(cd "$here/../.." && pwd)"
 declare -A PROMPT_SETS=([short_prompts]="$here/short_prompts.py" [stdlib_prompts]="$here/stdlib_prompts.py")
 cells=("$@")
 [[ ${#cells[@]} -gt 0 ]] || cells=(plain every_step rollout_threshold_0.7 token_normalisation train_block_8
-  rollout_temperature_0.7 threshold_ramp_0.7 completion_128 short_prompts stdlib_prompts left_to_right)
+  rollout_temperature_0.7 threshold_ramp_0.7 completion_128 short_prompts stdlib_prompts left_to_right cosine_lr lora)
 python=${PYTHON:-python}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 bf16=${BF16:-$("$python" -m opdlm_trl.precision --use-cpu)}

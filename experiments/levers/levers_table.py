@@ -19,12 +19,23 @@ THRESHOLDS = (0.9, 0.5)
 AVERAGED = ("static_nll", "tpf@0.9", "nll@0.9", "tpf@0.5", "nll@0.5")
 
 
-def cell_row(directory: Path, tail_steps: int = 6) -> dict:
-    """The numbers of one trained and evaluated cell."""
+def _row_name(decoding: str, commit_order: str, threshold: float | None = None) -> str:
+    """opdlm-eval's result-row name: ``student_static``, ``student_dynamic@0.9``, and with the left-to-right commit
+    order ``student_static_left_to_right``, ``student_dynamic_left_to_right@0.9``."""
+    order = "" if commit_order == "confidence" else f"_{commit_order}"
+    return f"student_{decoding}{order}" + ("" if threshold is None else f"@{threshold:g}")
+
+
+def cell_row(directory: Path, tail_steps: int = 6, commit_order: str = "confidence") -> dict:
+    """The numbers of one trained and evaluated cell, from the rows evaluated in ``commit_order``."""
     results = json.loads((directory / "report.json").read_text())["results"]
+    if _row_name("static", commit_order) not in results:
+        raise SystemExit(
+            f"{directory}/report.json has no {commit_order} rows: evaluate with --commit-orders {commit_order}."
+        )
     training = json.loads((directory / "opd_report.json").read_text())
     rollout_speed = [e["rollout/tokens_per_step"] for e in training["log_history"] if "rollout/tokens_per_step" in e]
-    static = results["student_static"]
+    static = results[_row_name("static", commit_order)]
     row = {
         "cell": directory.name,
         "training_tokens": training["training_tokens"],
@@ -33,11 +44,13 @@ def cell_row(directory: Path, tail_steps: int = 6) -> dict:
         "training_tokens_per_step_tail": [min(rollout_speed[-tail_steps:]), max(rollout_speed[-tail_steps:])],
     }
     for threshold in THRESHOLDS:
-        dynamic = results[f"student_dynamic@{threshold}"]
+        dynamic = results[_row_name("dynamic", commit_order, threshold)]
         row[f"tpf@{threshold}"] = dynamic["tokens_per_forward"]
         row[f"nll@{threshold}"] = dynamic["teacher_nll_per_token"]
         row[f"top1@{threshold}"] = dynamic["top1_agreement"]
-    row["confidence_offsets"] = results[f"student_dynamic@{THRESHOLDS[0]}"]["confidence_by_offset"]["student_mean"]
+    row["confidence_offsets"] = results[_row_name("dynamic", commit_order, THRESHOLDS[0])]["confidence_by_offset"][
+        "student_mean"
+    ]
     return row
 
 
@@ -84,6 +97,11 @@ def main() -> None:
     parser.add_argument("out", type=Path, help="The OUT_DIR of experiments/levers/levers.sh.")
     parser.add_argument("cells", nargs="*", help="Cell names without @seed (default: every evaluated cell).")
     parser.add_argument("--json", type=Path, help="Also write the rows and per-cell summaries here.")
+    parser.add_argument(
+        "--commit-order",
+        default="confidence",
+        help="Which evaluation rows to read: those decoded in this commit order (opdlm-eval --commit-orders).",
+    )
     args = parser.parse_args()
     cells = args.cells or sorted({path.parent.name.split("@")[0] for path in args.out.glob("*/report.json")})
     if not cells:
@@ -95,7 +113,7 @@ def main() -> None:
             raise SystemExit(
                 f"Cell {cell!r} has no evaluated directory under {args.out}: run experiments/levers/levers.sh."
             )
-        rows = [cell_row(directory) for directory in directories]
+        rows = [cell_row(directory, commit_order=args.commit_order) for directory in directories]
         document[cell] = {"rows": rows, "summary": summarise(rows)}
         for row in rows:
             print(markdown_row(row))

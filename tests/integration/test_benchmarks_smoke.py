@@ -233,6 +233,10 @@ def _lever_cell(directory: Path, static_nll: float, tpf_05: float) -> None:
         "student_static": {"teacher_nll_per_token": static_nll, "top1_agreement": 0.9},
         "student_dynamic@0.9": decoding(1.0, static_nll),
         "student_dynamic@0.5": decoding(tpf_05, 2 * static_nll),
+        # the same cell decoded left to right (opdlm-eval's default --commit-orders evaluates both)
+        "student_static_left_to_right": {"teacher_nll_per_token": static_nll / 2, "top1_agreement": 0.9},
+        "student_dynamic_left_to_right@0.9": decoding(1.0, static_nll / 2),
+        "student_dynamic_left_to_right@0.5": decoding(tpf_05 + 1, static_nll),
     }
     (directory / "report.json").write_text(json.dumps({"results": results}))
     history = [{"rollout/tokens_per_step": 1.0 + step / 100} for step in range(8)]
@@ -260,6 +264,14 @@ def test_levers_table_rows_and_mean_over_seeds(tmp_path):
     plain = json.loads(summary.read_text())["plain"]["summary"]
     assert plain["seeds"] == 2 and plain["static_nll"]["mean"] == pytest.approx(0.7)
     assert plain["tpf@0.5"]["sd"] == pytest.approx(0.1414, abs=1e-4)
+    left_to_right = subprocess.run(
+        [sys.executable, str(LEVERS / "levers_table.py"), str(tmp_path), "plain", "--commit-order", "left_to_right",
+         "--json", str(summary)],
+        cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert left_to_right.returncode == 0, left_to_right.stderr
+    plain = json.loads(summary.read_text())["plain"]["summary"]
+    assert plain["static_nll"]["mean"] == pytest.approx(0.35) and plain["tpf@0.5"]["mean"] == pytest.approx(2.2)
 
 
 _FAKE_PYTHON = """#!/usr/bin/env bash
