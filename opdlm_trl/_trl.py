@@ -84,8 +84,8 @@ TRAINER_ATTRIBUTES = {
     "eos_token_ids": "self.eos_token_ids =",
     # The text tokenizer of ``processing_class`` (decoding, pad / EOS ids, the baselines' completion tokens).
     "_tokenizer": "self._tokenizer =",
-    # True: compute_loss divides by the generation batch's ``num_items_in_batch`` itself, so transformers must not
-    # divide by gradient_accumulation_steps again (OPDTrainer.compute_loss relies on it).
+    # True: compute_loss divides by the generation batch's ``normaliser`` itself, so transformers must not divide by
+    # gradient_accumulation_steps again (DiffusionTrainer.compute_loss relies on it).
     "loss_is_scaled_for_ga": "loss_is_scaled_for_ga = True",
     # transformers' cache of kept columns: None until ``_set_signature_columns_if_needed`` fills it.
     "_signature_columns": "self._signature_columns =",
@@ -93,6 +93,6 @@ TRAINER_ATTRIBUTES = {
 
 # What ``_prepare_inputs`` does with the generation hook's dict, and so what that dict must be: every tensor has
 # the generation batch's rows on dim 0 (shuffled in unison, then cut into gradient_accumulation_steps equal slices
-# in order); a 0-d tensor (``num_items_in_batch``, the whole batch's normaliser) is passed whole to every slice; a
+# in order); a 0-d tensor (``normaliser``, the whole batch's divisor) is passed whole to every slice; a
 # ``None`` value (an absent teacher target) stays ``None``.
 BATCH_CONTRACT = "rows on dim 0 split in order; 0-d tensors copied to every slice; None kept"

@@ -8,12 +8,13 @@
   responses with random masks instead of the student's own rollouts (the paper's off-policy KD ablation).
 * :func:`teacher_responses` — greedy answers of the original ARLM (the SFT / KD data) and what they cost.
 
-Both trainers subclass :class:`opdlm_trl.OPDTrainer` and keep its skeleton (generation hook, ``compute_loss``,
-normaliser, finite-loss check, metric gathering). They replace how the batch is made (``_make_batch``): instead of a
-rollout they tokenize ``prompt`` + ``completion`` into the very same ``[prompt | x0 | x_t]``
+Both trainers are a :class:`GivenTextTrainer`, the package's :class:`opdlm_trl.diffusion_trainer.DiffusionTrainer`
+(generation hook, ``compute_loss``, normaliser, finite-loss check, metric gathering) fed with dataset rows instead of
+rollouts: ``prompt`` + ``completion`` become the very same ``[prompt | x0 | x_t]``
 :class:`opdlm_trl.batch.TrainingBatch` (prompt left-padded to a block boundary, completion right-padded to whole
-blocks) and reuse the trainer's block-causal student forward, so the shift convention, masks and logits alignment
-are shared with OPD. MDLM also replaces the per-position loss, its reduction and its metrics.
+blocks), trained by the same block-causal student forward, so the shift convention, masks and logits alignment are
+shared with OPD. MDLM brings its own loss, reduction and metrics; off-policy KD is also a
+:class:`opdlm_trl.trainer.TeacherDistillationTrainer` and trains OPD's divergence to the teacher.
 ``training_tokens`` counts the completion tokens trained on, so budgets compare with OPD's generated tokens.
 """
 
@@ -28,17 +29,20 @@ import torch
 from . import losses as L
 from .autoregressive import autoregressive_greedy
 from .batch import SupervisedRows, TrainingBatch
-from .config import OPDConfig
+from .config import DiffusionTrainingConfig
 from .data import is_conversational, tokenize_prompts
+from .diffusion_trainer import DiffusionTrainer
 from .losses import mdlm_reduce  # noqa: F401  (re-exported: defined in losses.py with the other reductions)
 from .masks import pad_to_blocks
 from .sampling import default_stop_token_ids
 from .states import TrainingStates, mdlm_states
-from .trainer import OPDTrainer
+from .teachers import TeacherTargets
+from .trainer import TeacherDistillationTrainer
 
 __all__ = [
     "FINISHED_COLUMN",
     "GivenTextBatch",
+    "GivenTextTrainer",
     "MDLMConfig",
     "MDLMTrainer",
     "OffPolicyKDTrainer",
@@ -53,12 +57,12 @@ FINISHED_COLUMN = "completion_finished"
 
 
 @dataclass
-class MDLMConfig(OPDConfig):
+class MDLMConfig(DiffusionTrainingConfig):
     r"""Configuration of [`MDLMTrainer`] and [`OffPolicyKDTrainer`]: training on given completions.
 
-    Inherits every field of [`OPDConfig`]; the rollout fields (`threshold`, `temperature`, curriculum, ...)
-    are unused because nothing is decoded during training. `max_completion_length` truncates the given
-    completions (end-of-turn token included).
+    [`DiffusionTrainingConfig`]'s fields (no rollout field: nothing is decoded during training) plus the random
+    masks of the given text. `max_completion_length` truncates the given completions (end-of-turn token included);
+    the teacher fields are read by [`OffPolicyKDTrainer`] only.
     """
 
     mask_weighting: str = field(
@@ -122,8 +126,23 @@ class GivenTextBatch:
     completion_mask: torch.Tensor
 
 
-class _GivenTextMixin:
-    """Turns dataset rows (``prompt`` + ``completion``) into the tensors a rollout would have provided."""
+class GivenTextTrainer(DiffusionTrainer):
+    """A diffusion student trained on *given* completions (dataset rows with ``prompt`` + a completion column).
+
+    Turns the rows into the tensors a rollout would have provided (:meth:`given_text`), masks them at random
+    (:meth:`_random_mask_states`) and builds the training batch (:meth:`training_batch`). Subclasses choose the
+    masking, the targets and the loss in :meth:`_batch_from_examples`.
+
+    Args: as :class:`opdlm_trl.diffusion_trainer.DiffusionTrainer`, with an :class:`MDLMConfig` and datasets holding
+    ``prompt`` and ``completion`` (``MDLMConfig.completion_column``) columns.
+    """
+
+    def __init__(self, model, args: MDLMConfig, train_dataset=None, eval_dataset=None, **kwargs):
+        if not isinstance(args, MDLMConfig):
+            raise TypeError(f"{type(self).__name__} needs an MDLMConfig, got {type(args).__name__}.")
+        self._check_completion_column(train_dataset, "train_dataset", args.completion_column)
+        self._check_completion_column(eval_dataset, "eval_dataset", args.completion_column)
+        super().__init__(model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset, **kwargs)
 
     def _set_signature_columns_if_needed(self):
         if self._signature_columns is None:
@@ -155,15 +174,18 @@ class _GivenTextMixin:
         limit = self.args.max_completion_length
         return [(list(ids) + (end if done else []))[:limit] for ids, done in zip(encoded, finished, strict=True)]
 
-    def _given_text_batch(self, inputs: list[dict]) -> GivenTextBatch:
+    def given_text(self, examples: list[dict]) -> GivenTextBatch:
+        """Dataset rows as a rollout would have laid them out: prompts rendered and left-padded to a block boundary,
+        completions (+ end of turn unless cut off) right-padded to whole blocks."""
         device = self.accelerator.device
         block = self.settings.block_size
         pad = self._tokenizer.pad_token_id
         prompt_ids, prompt_mask = pad_to_blocks(
-            self._prompt_token_lists([x["prompt"] for x in inputs]), block, pad, "left", device
+            self._prompt_token_lists([x["prompt"] for x in examples]), block, pad, "left", device
         )
         completions = self._completion_token_lists(
-            [x[self.args.completion_column] for x in inputs], [bool(x.get(FINISHED_COLUMN, True)) for x in inputs]
+            [x[self.args.completion_column] for x in examples],
+            [bool(x.get(FINISHED_COLUMN, True)) for x in examples],
         )
         completion_ids, completion_mask = right_pad_to_blocks(completions, block, pad, device)
         return GivenTextBatch(prompt_ids, prompt_mask, completion_ids, completion_mask)
@@ -191,9 +213,15 @@ class _GivenTextMixin:
         if mode == "train":
             self._count_training_tokens(lengths)
 
-    def _given_text_training_batch(self, given: GivenTextBatch, states: TrainingStates) -> TrainingBatch:
-        """The trainer's batch for given text: ``x0`` is the given completion, its real tokens are the keys."""
-        return TrainingBatch(
+    def training_batch(
+        self, given: GivenTextBatch, states: TrainingStates, targets: TeacherTargets | None = None
+    ) -> TrainingBatch:
+        """The batch ``compute_loss`` trains on, with its ``normaliser`` (a collective under several processes):
+        ``x0`` is the given completion, its real tokens are the keys; ``targets``: the teacher's, if any.
+
+        Carries each position's masking rate (MDLM's ``1/t``) and each row's completion length (MDLM's divisor).
+        """
+        batch = TrainingBatch(
             prompt_ids=given.prompt_ids,
             prompt_mask=given.prompt_mask,
             clean_ids=given.completion_ids,
@@ -201,50 +229,46 @@ class _GivenTextMixin:
             completion_key_mask=given.completion_mask,  # padding is never attended
             loss_mask=states.loss_mask,
             completion_ids=given.completion_ids,
+            position_rate=states.position_rate,
+            row_tokens=given.completion_mask.sum(1),
         )
+        if targets is not None:
+            batch = batch.with_targets(targets)
+        return self._with_normaliser(batch)
 
 
 # ---------------------------------------------------------------------------------------------- MDLM
 
 
-class MDLMTrainer(_GivenTextMixin, OPDTrainer):
+class MDLMTrainer(GivenTextTrainer):
     """The MDLM / BD3LM conversion objective on given completions: no rollouts, no teacher.
 
-    Args: as :class:`opdlm_trl.OPDTrainer` (``teacher_model`` / ``teacher`` are ignored), with an
-    :class:`MDLMConfig` and datasets holding ``prompt`` and ``completion`` columns.
+    Args: as :class:`GivenTextTrainer` (``model``, ``args``, ``train_dataset``, ``eval_dataset``,
+    ``processing_class``, ``callbacks``, ``optimizers``, ``peft_config``).
     """
 
     _tag_names = ["trl", "opdlm", "diffusion-lm", "mdlm"]
     _name = "MDLM"
-    _needs_teacher = False
-
-    def __init__(self, model, args: MDLMConfig | None = None, train_dataset=None, eval_dataset=None, **kwargs):
-        args = args or MDLMConfig(output_dir="mdlm-output")
-        if not isinstance(args, MDLMConfig):
-            raise TypeError(f"{type(self).__name__} needs an MDLMConfig, got {type(args).__name__}.")
-        kwargs.pop("teacher_model", None)
-        kwargs.pop("teacher", None)
-        self._check_completion_column(train_dataset, "train_dataset", args.completion_column)
-        self._check_completion_column(eval_dataset, "eval_dataset", args.completion_column)
-        super().__init__(model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset, **kwargs)
-
-    def _count_teacher_parameters(self, teacher_model) -> int:
-        return 0
-
     _loss_name = "MDLM"
     _nonfinite_hint = "Raise mask_eps or lower the learning rate."
 
-    def _make_batch(self, inputs: list[dict], mode: str) -> TrainingBatch:
+    def __init__(self, model, args: MDLMConfig | None = None, train_dataset=None, eval_dataset=None, **kwargs):
+        given = sorted({"teacher_model", "teacher"} & set(kwargs))
+        if given:
+            raise TypeError(
+                f"MDLMTrainer trains without a teacher: drop {', '.join(given)} (OffPolicyKDTrainer uses one)."
+            )
+        args = args or MDLMConfig(output_dir="mdlm-output")
+        super().__init__(model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset, **kwargs)
+
+    def _batch_from_examples(self, examples: list[dict], mode: str) -> TrainingBatch:
         """Given completions, randomly masked at rate ``t`` per block (or row): no rollout, no teacher."""
-        given = self._given_text_batch(inputs)
+        given = self.given_text(examples)
         states = self._random_mask_states(given, per_block=self.args.block_masking)
         self._count_tokens(given, states, mode)
-        batch = self._given_text_training_batch(given, states)
-        batch.position_rate = states.position_rate
-        batch.row_tokens = given.completion_mask.sum(1)
-        return batch
+        return self.training_batch(given, states)
 
-    def _items_per_row(self, batch: TrainingBatch) -> torch.Tensor:
+    def _reduction_counts(self, batch: TrainingBatch) -> torch.Tensor:
         """MDLM divides each row by its completion length (:func:`opdlm_trl.losses.mdlm_reduce`)."""
         return batch.row_tokens
 
@@ -271,12 +295,15 @@ class MDLMTrainer(_GivenTextMixin, OPDTrainer):
 # ---------------------------------------------------------------------------------------------- off-policy KD
 
 
-class OffPolicyKDTrainer(_GivenTextMixin, OPDTrainer):
+class OffPolicyKDTrainer(GivenTextTrainer, TeacherDistillationTrainer):
     """OPD's divergence to the teacher on *given* (teacher-generated) responses with random masks.
 
     The teacher scores ``prompt + completion`` exactly as it scores a rollout; the states are OPD's
     ``random_remask`` forward process (one ``t ~ U(eps, 1)`` per row), so the only difference from
     ``OPDTrainer(state_selection="random_remask")`` is where ``x0`` comes from.
+
+    Args: as :class:`GivenTextTrainer`, plus ``teacher_model`` and ``teacher`` as
+    :class:`opdlm_trl.trainer.TeacherDistillationTrainer` takes them.
     """
 
     _tag_names = ["trl", "opdlm", "diffusion-lm", "off-policy-distillation"]
@@ -292,23 +319,24 @@ class OffPolicyKDTrainer(_GivenTextMixin, OPDTrainer):
         **kwargs,
     ):
         args = args or MDLMConfig(output_dir="kd-output")
-        if not isinstance(args, MDLMConfig):
-            raise TypeError(f"{type(self).__name__} needs an MDLMConfig, got {type(args).__name__}.")
-        self._check_completion_column(train_dataset, "train_dataset", args.completion_column)
-        self._check_completion_column(eval_dataset, "eval_dataset", args.completion_column)
         super().__init__(
-            model, teacher_model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset, **kwargs
+            model,
+            teacher_model=teacher_model,
+            args=args,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            **kwargs,
         )
 
-    def _make_batch(self, inputs: list[dict], mode: str) -> TrainingBatch:
+    def _batch_from_examples(self, examples: list[dict], mode: str) -> TrainingBatch:
         """Given completions scored by the teacher, randomly masked at one rate ``t`` per row."""
-        given = self._given_text_batch(inputs)
+        given = self.given_text(examples)
         targets = self._teacher_targets(
             given.prompt_ids, given.prompt_mask, given.completion_ids, given.completion_mask
         )
         states = self._random_mask_states(given, per_block=False)
         self._count_tokens(given, states, mode)
-        return self._given_text_training_batch(given, states).with_targets(targets)
+        return self.training_batch(given, states, targets)
 
 
 # ---------------------------------------------------------------------------------------------- teacher data

@@ -44,8 +44,10 @@ class TrainingBatch:
             4,000-token rollouts.
         position_rate: ``(B, C)`` masking rate ``t`` of each position's row or block (MDLM's ``1/t`` weight).
         row_tokens: ``(B,)`` completion tokens of each row (MDLM's per-row divisor).
-        num_items_in_batch: 0-d count the loss divides by, over the whole generation batch (all accumulation
-            steps, all processes): TRL copies a 0-d tensor whole into every slice.
+        normaliser: 0-d float the loss of every micro-batch divides by in training: what the trainer's reduction
+            averages over, counted over the whole generation batch (all accumulation steps, all processes) and
+            divided by the number of processes (DDP averages their gradients). TRL copies a 0-d tensor whole into
+            every slice. Set by the trainer's ``training_batch`` (``DiffusionTrainer._with_normaliser``).
     """
 
     prompt_ids: torch.Tensor
@@ -62,7 +64,7 @@ class TrainingBatch:
     teacher_hidden: torch.Tensor | None = None
     position_rate: torch.Tensor | None = None
     row_tokens: torch.Tensor | None = None
-    num_items_in_batch: torch.Tensor | None = None
+    normaliser: torch.Tensor | None = None
 
     @classmethod
     def of(cls, inputs: TrainingBatch | dict) -> TrainingBatch:

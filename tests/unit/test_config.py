@@ -1,9 +1,13 @@
-"""OPDConfig / MDLMConfig: choices come from the modules that implement them, sampler fields fail at config time."""
+"""OPDConfig / MDLMConfig (on DiffusionTrainingConfig): choices come from the modules that implement them, sampler
+fields fail at config time."""
+
+from dataclasses import fields
 
 import pytest
 
 from opdlm_trl import OPDConfig
 from opdlm_trl.baselines import MDLMConfig
+from opdlm_trl.config import DiffusionTrainingConfig
 from opdlm_trl.curriculum import RAMPS, SCHEDULES
 from opdlm_trl.losses import DIVERGENCES, NORMALIZATIONS
 from opdlm_trl.sampling import COMMIT_ORDERS, CONFIDENCE, REMASKING, SamplerConfig
@@ -22,11 +26,25 @@ def test_entropy_confidence_takes_a_negative_threshold():
     assert (sampler.confidence, sampler.threshold) == ("entropy", -0.5)
 
 
-@pytest.mark.parametrize("cls", [OPDConfig, MDLMConfig])
-def test_entropy_confidence_with_a_probability_threshold_fails_when_the_config_is_made(cls):
+def test_entropy_confidence_with_a_probability_threshold_fails_when_the_config_is_made():
     # The default threshold 0.9 is unreachable by a negative entropy: refused now, not at the first rollout.
     with pytest.raises(ValueError, match="NEGATIVE entropy.*threshold <= 0"):
-        _config(cls, confidence="entropy")
+        _config(OPDConfig, confidence="entropy")
+
+
+def test_the_given_text_config_has_no_rollout_field():
+    """MDLMConfig shares DiffusionTrainingConfig with OPDConfig and none of OPD's rollout fields (nothing is decoded
+    during training), so a rollout setting on a baseline is refused by name instead of silently ignored."""
+    rollout_fields = {f.name for f in fields(OPDConfig)} - {f.name for f in fields(DiffusionTrainingConfig)}
+    assert {"threshold", "state_selection", "curriculum_steps", "use_kv_cache"} <= rollout_fields
+    assert not rollout_fields & {f.name for f in fields(MDLMConfig)}
+    assert issubclass(MDLMConfig, DiffusionTrainingConfig) and issubclass(OPDConfig, DiffusionTrainingConfig)
+    with pytest.raises(TypeError, match="threshold"):
+        _config(MDLMConfig, threshold=0.5)
+    # the shared fields keep their checks on both
+    for cls in (OPDConfig, MDLMConfig):
+        with pytest.raises(ValueError, match="loss_type='nope' is not one of"):
+            _config(cls, loss_type="nope")
 
 
 @pytest.mark.parametrize(
