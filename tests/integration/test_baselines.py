@@ -19,6 +19,7 @@ from opdlm_trl.baselines import (
 )
 from opdlm_trl.modeling import student_forward, suppress_mask_logit
 from opdlm_trl.tiny import tiny_model, tiny_tokenizer
+from opdlm_trl.trainer import TeacherDistillationTrainer
 
 BLOCK = 4
 SHIFTS = [False, True]
@@ -142,7 +143,7 @@ def test_prompt_never_masked_and_layout(shift):
     lengths = batch["completion_key_mask"].sum(1)
     last = batch["completion_ids"].gather(1, (lengths - 1)[:, None])[:, 0]
     assert (last == tokenizer.eos_token_id).all()  # completions end with the end-of-turn token
-    cut = trainer._given_text_batch([dict(rows[0], completion_finished=False), rows[1]])
+    cut = trainer.given_text([dict(rows[0], completion_finished=False), rows[1]])
     assert cut.completion_mask.sum(1).tolist() == [lengths[0].item() - 1, lengths[1].item()]  # no EOS when cut
 
 
@@ -157,8 +158,8 @@ def test_mdlm_training_reduces_loss_and_counts_completion_tokens():
         after = trainer.compute_loss(trainer.model.eval(), fixed).item()
     assert after < 0.85 * before, (before, after)  # measured: 4.52 -> 3.45
     per_step = int(fixed["completion_key_mask"].sum())
-    assert trainer._progress.training_tokens == 12 * per_step
-    assert trainer.teacher is None
+    assert trainer.training_tokens == 12 * per_step
+    assert not isinstance(trainer, TeacherDistillationTrainer) and not hasattr(trainer, "teacher")
 
 
 @pytest.mark.parametrize("shift", SHIFTS)
@@ -193,7 +194,7 @@ def test_offpolicy_kd_supervises_masked_positions_with_finite_losses(shift):
     trainer.train()
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
-    assert trainer._progress.training_tokens == 3 * int(real.sum())
+    assert trainer.training_tokens == 3 * int(real.sum())
 
 
 def test_missing_completion_column_and_bad_config_fail_early():

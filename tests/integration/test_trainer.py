@@ -35,7 +35,7 @@ from opdlm_trl.sampling import DiffusionSampler, Rollout
 from opdlm_trl.states import SELECTIONS, select_states
 from opdlm_trl.teachers import LocalTeacher, SharedWeightsTeacher
 from opdlm_trl.tiny import tiny_model, tiny_tokenizer
-from opdlm_trl.trainer import OPDTrainer
+from opdlm_trl.trainer import OPDProgress, OPDTrainer
 
 PROMPTS = [[{"role": "user", "content": f"def add{i}(a, b):"}] for i in range(4)]
 LORA_LR = 2e-2
@@ -82,10 +82,7 @@ def roll_out(trainer: OPDTrainer, seed: int = 0, record: bool = False) -> tuple[
     """One rollout of ``PROMPTS`` with the trainer's own sampler settings, seeded (optionally recording logits)."""
     config = trainer.sampler_config(trainer.current_completion_length())
     sampler = DiffusionSampler(config, pad_token_id=trainer._tokenizer.pad_token_id, record_logits=record)
-    with trainer._rollout_mode() as student:
-        rollout = sampler.sample(
-            student, trainer._prompt_token_lists(PROMPTS), generator=torch.Generator().manual_seed(seed)
-        )
+    rollout = trainer.rollout(PROMPTS, sampler=sampler, generator=torch.Generator().manual_seed(seed))
     return rollout, sampler
 
 
@@ -98,7 +95,7 @@ def score(trainer: OPDTrainer, rollout: Rollout, top_k: int | None):
 def fixed_batch(trainer: OPDTrainer, rollout: Rollout, selection: str = "per_block", seed: int = 0, top_k=None):
     """The trainer's training batch for a rollout with seeded state selection; returns ``(batch, states)``."""
     states = select_states(rollout, selection, generator=torch.Generator().manual_seed(seed))
-    return trainer._training_batch(rollout, score(trainer, rollout, top_k), states), states
+    return trainer.training_batch(rollout, score(trainer, rollout, top_k), states).to_dict(), states
 
 
 def eval_loss(trainer: OPDTrainer, batch: dict) -> float:
@@ -146,7 +143,7 @@ class FirstStepProbe(TrainerCallback):
             self.seen = {
                 "global_step": state.global_step,
                 "curriculum": trainer.current_completion_length(),
-                "training_tokens": trainer._progress.training_tokens,
+                "training_tokens": trainer.training_tokens,
                 "optimizer": copy.deepcopy(optimizer.state_dict()),
             }
 
@@ -317,7 +314,7 @@ def test_every_selection_and_loss_gives_a_finite_loss(scored_rollout, loss_type,
         states = select_states(rollout, selection, generator=torch.Generator().manual_seed(5))
         assert not (states.loss_mask & ~states.rows_of(committed)).any()
         assert states.supervised_per_rollout_row(len(committed)).gt(0).all()
-        batch = trainer._training_batch(rollout, targets[top_k], states)
+        batch = trainer.training_batch(rollout, targets[top_k], states).to_dict()
         loss = eval_loss(trainer, batch)
         assert math.isfinite(loss), (selection, loss)
         if loss_type != "token_pg" and top_k is None:
@@ -397,7 +394,7 @@ def test_supervised_positions_on_a_hand_checked_trajectory(scored_rollout):
     mask_id = trainer.settings.mask_token_id
     one = hand_rollout(1, tok.pad_token_id, tok.eos_token_id, mask_id)
     states = select_states(one, "per_block", generator=generator)
-    batch = trainer._training_batch(one, score(trainer, one, None), states)
+    batch = trainer.training_batch(one, score(trainer, one, None), states).to_dict()
     never_committed = torch.tensor([False] * 6 + [True] * 2)
     assert (batch["clean_ids"][0, 6:] == mask_id).all()
     assert torch.equal(batch["noisy_ids"][0] == mask_id, states.loss_mask[0] | never_committed)
@@ -412,7 +409,7 @@ def test_gradient_accumulation_gives_the_single_batch_gradient(tmp_path, monkeyp
     rollout, _ = roll_out(reference, seed=7)
     states = select_states(rollout, "per_block", generator=torch.Generator().manual_seed(7))
     assert len(set(states.loss_mask.sum(1).tolist())) > 1, "rows should differ in supervised counts"
-    monkeypatch.setattr(OPDTrainer, "_roll_out", lambda self, prompts: rollout)
+    monkeypatch.setattr(OPDTrainer, "rollout", lambda self, prompts, sampler=None, generator=None: rollout)
     monkeypatch.setattr(trainer_module, "select_states", lambda rollout, selection, **kwargs: states)
     gradients = {}
     for accumulation, batch_size in ((1, 4), (2, 2)):
@@ -441,7 +438,7 @@ def test_resume_restores_step_curriculum_threshold_optimizer_and_token_counter(c
     checkpoint = output_dir / "checkpoint-2"
     saved_state = json.loads((checkpoint / "trainer_state.json").read_text())
     saved_tokens = saved_state["stateful_callbacks"]["OPDProgress"]["attributes"]["training_tokens"]
-    assert saved_tokens == first._progress.training_tokens > 0
+    assert saved_tokens == first.training_tokens > 0
     holder: list = []
     probe = FirstStepProbe(holder)
     resumed = make_trainer(
@@ -458,7 +455,9 @@ def test_resume_restores_step_curriculum_threshold_optimizer_and_token_counter(c
     assert seen["global_step"] == 2 and resumed.state.global_step == 3
     assert seen["curriculum"] == completion_length(2, 4, 16, 4, "linear", 4) == 12
     assert seen["training_tokens"] == saved_tokens
-    assert resumed._progress in resumed.callback_handler.callbacks
+    # the counter the trainer reports is the attached callback's, not a detached copy (transformers replaces it)
+    (attached,) = [cb for cb in resumed.callback_handler.callbacks if isinstance(cb, OPDProgress)]
+    assert attached.training_tokens == resumed.training_tokens > saved_tokens
     step3 = [entry for entry in resumed.state.log_history if entry.get("step") == 3 and "loss" in entry]
     assert step3 and step3[0]["curriculum/length"] == 12.0
     assert step3[0]["curriculum/threshold"] == pytest.approx(0.7)  # the ramp continues at step 2 of 4

@@ -67,16 +67,12 @@ def _trainer(tmp_path, groups: int) -> OPDTrainer:
 def test_grouped_step_equals_the_single_padded_batch(tmp_path, groups):
     reference, grouped = _trainer(tmp_path, 0), _trainer(tmp_path, groups)
     grouped.model.load_state_dict(reference.model.state_dict())
-    config = reference.sampler_config(16)
-    sampler = DiffusionSampler(config, pad_token_id=reference._tokenizer.pad_token_id)
-    with reference._rollout_mode() as student:
-        rollout = sampler.sample(
-            student, reference._prompt_token_lists(MIXED_PROMPTS), generator=torch.Generator().manual_seed(0)
-        )
+    sampler = DiffusionSampler(reference.sampler_config(16), pad_token_id=reference._tokenizer.pad_token_id)
+    rollout = reference.rollout(MIXED_PROMPTS, sampler=sampler, generator=torch.Generator().manual_seed(0))
     plan = plan_groups(rollout.prompt_mask, rollout.completion_mask, None, groups)
     assert any(g.prompt_start > 0 for g in plan), "the case must actually cut padding"
 
-    targets = [trainer._score(rollout) for trainer in (reference, grouped)]
+    targets = [trainer.score(rollout) for trainer in (reference, grouped)]
     for name in ("token_logprobs", "hidden"):
         torch.testing.assert_close(getattr(targets[1], name), getattr(targets[0], name), atol=1e-5, rtol=1e-5)
     assert torch.equal(targets[1].mask, targets[0].mask)
@@ -84,8 +80,7 @@ def test_grouped_step_equals_the_single_padded_batch(tmp_path, groups):
     states = select_states(rollout, "per_block", generator=torch.Generator().manual_seed(1))
     losses, gradients = [], []
     for trainer in (reference, grouped):
-        batch = trainer._training_batch(rollout, targets[0], states)
-        batch["num_items_in_batch"] = (batch["loss_mask"].sum(1) > 0).sum()
+        batch = trainer.training_batch(rollout, targets[0], states).to_dict()  # with the batch's normaliser
         trainer.model.train()
         trainer.model.zero_grad()
         loss = trainer.compute_loss(trainer.model, batch)

@@ -79,8 +79,7 @@ class ForwardProbe:
 
 def greedy_first_tokens(trainer: OPDTrainer) -> list[int]:
     sampler = DiffusionSampler(trainer.sampler_config(COMPLETION), pad_token_id=trainer._tokenizer.pad_token_id)
-    with trainer._rollout_mode() as student:
-        rollout = sampler.sample(student, trainer._prompt_token_lists(PROMPTS))
+    rollout = trainer.rollout(PROMPTS, sampler=sampler)
     return rollout.completion_ids[:, 0].tolist()
 
 

@@ -93,7 +93,7 @@ def test_chat_template_kwargs_reach_the_training_rollouts(qwen3_pair, tmp_path, 
     """The rollout's prompt carries Qwen3's empty think block exactly when enable_thinking=false is configured."""
     trainer = _trainer(qwen3_pair, tmp_path, chat_template_kwargs=kwargs)
     tokenizer = trainer.processing_class
-    rollout = trainer._roll_out(MESSAGES)
+    rollout = trainer.rollout(MESSAGES)
     texts = _prompt_texts(rollout, tokenizer)
     header = "<|im_start|>assistant\n"
     assert all(text.endswith(header + EMPTY_THINK) for text in texts) == (kwargs is not None)

@@ -192,7 +192,7 @@ def _generation_batch(rows: int = 6) -> dict:
         "loss_mask": torch.arange(rows * 8).view(rows, 8) % 2 == 0,
         "teacher_full_logprobs": torch.randn(rows, 8, 5),
         "teacher_top_ids": None,
-        "num_items_in_batch": torch.tensor(17),
+        "normaliser": torch.tensor(17),
     }
 
 
@@ -204,7 +204,7 @@ def test_split_tensor_dict_keeps_rows_in_order_copies_scalars_and_keeps_none():
         assert torch.equal(chunk["prompt_ids"], batch["prompt_ids"][2 * index : 2 * index + 2])
         assert torch.equal(chunk["teacher_full_logprobs"], batch["teacher_full_logprobs"][2 * index : 2 * index + 2])
         assert chunk["teacher_top_ids"] is None
-        assert chunk["num_items_in_batch"].ndim == 0 and int(chunk["num_items_in_batch"]) == 17
+        assert chunk["normaliser"].ndim == 0 and int(chunk["normaliser"]) == 17
 
 
 def test_shuffle_sequence_dict_permutes_rows_in_unison_and_keeps_scalars():
@@ -215,13 +215,13 @@ def test_shuffle_sequence_dict_permutes_rows_in_unison_and_keeps_scalars():
     assert sorted(order.tolist()) == list(range(6))
     assert torch.equal(shuffled["loss_mask"], batch["loss_mask"][order])
     assert torch.equal(shuffled["teacher_full_logprobs"], batch["teacher_full_logprobs"][order])
-    assert shuffled["teacher_top_ids"] is None and int(shuffled["num_items_in_batch"]) == 17
+    assert shuffled["teacher_top_ids"] is None and int(shuffled["normaliser"]) == 17
 
 
 def test_generation_and_deepspeed_helpers_take_the_arguments_we_pass():
     unwrap = inspect.signature(_trl.unwrap_model_for_generation).parameters
     for name in ("gather_deepspeed3_params", "gradient_checkpointing_kwargs"):
-        assert name in unwrap, f"trl's unwrap_model_for_generation lost `{name}` (used by OPDTrainer._rollout_mode)."
+        assert name in unwrap, f"trl's unwrap_model_for_generation lost `{name}` (used by OPDTrainer.rollout)."
     assert tuple(inspect.signature(_trl.prepare_deepspeed).parameters)[:2] == ("model", "accelerator")
     sampler = inspect.signature(_trl.RepeatSampler.__init__).parameters
     for name in ("data_source", "mini_repeat_count", "batch_size", "repeat_count", "shuffle", "seed"):
