@@ -380,7 +380,7 @@ def train_phase(env: dict, args: argparse.Namespace) -> dict:
         losses_finite=bool(losses) and all(math.isfinite(loss) for loss in losses),
         trainable_dtypes=weights.dtypes,
         weights_changed=weights.changed(unwrap(trainer)),
-        training_tokens=trainer._progress.training_tokens,
+        training_tokens=trainer.training_tokens,
         peak_gib=max((s["peak_gib"] or 0.0 for s in steps if "peak_gib" in s), default=None) if cuda else None,
         prediction=predicted_peak(
             env["config"],

@@ -158,7 +158,9 @@ def run_cell(shape: dict, layers: int, length: int, rollout_tokens: int, threads
         loss_mask=masked.long(),
         completion_ids=completion,
     ).with_targets(targets)
-    batch.num_items_in_batch = torch.tensor(float(GENERATION_BATCH))
+    # the whole generation batch's divisor; a --previous-code checkout may predate the field's current name
+    divisor = "normaliser" if hasattr(batch, "normaliser") else "num_items_in_batch"
+    setattr(batch, divisor, torch.tensor(float(GENERATION_BATCH)))
     micro = {k: (v[:MICRO_BATCH] if v.dim() else v) for k, v in batch.to_dict().items()}
     del targets, batch
     model.train()

@@ -65,7 +65,7 @@ class CurveCallback(TrainerCallback):
             self.record(
                 {
                     "step": state.global_step,
-                    "training_tokens": self.trainer._progress.training_tokens,
+                    "training_tokens": self.trainer.training_tokens,
                     "train_seconds": round(train_seconds, 1),
                     **point,
                 }

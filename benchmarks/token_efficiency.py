@@ -285,7 +285,7 @@ def run_cell(method: str, shift: bool, seed: int, budgets: list[int], args, resu
     class BudgetCallback(TrainerCallback):
         def on_step_end(self, train_args, state, control, **_):
             trainer = holder["trainer"]
-            tokens = trainer._progress.training_tokens
+            tokens = trainer.training_tokens
             while pending and tokens >= pending[0]:
                 budget = pending.pop(0)
                 dynamic = args.dynamic_budgets == "all" or (args.dynamic_budgets == "last" and not pending)

@@ -7,9 +7,9 @@ shifted student, per-block states, full-vocabulary forward KL.
 
 An OPD step is timed in its phases, each with the trainer's own code:
 
-* ``rollout``: ``OPDTrainer._roll_out`` (the diffusion sampler, KV cache, no grad);
-* ``teacher``: ``teacher.score`` (shared weights, adapters off, causal, full-vocabulary log-probs);
-* ``states``: state selection + batch assembly;
+* ``rollout``: ``OPDTrainer.rollout`` (the diffusion sampler, KV cache, no grad);
+* ``teacher``: ``OPDTrainer.score`` (shared weights, adapters off, causal, full-vocabulary log-probs);
+* ``states``: state selection + ``OPDTrainer.training_batch`` (batch assembly and its normaliser);
 * ``student``: ``compute_loss`` (one ``[prompt | x0 | x_t]`` forward) + backward;
 * ``optimizer``: AdamW step + zero_grad.
 
@@ -105,10 +105,8 @@ def _build_trainer(args: argparse.Namespace, output_dir: str):
 
 
 def _loss_batch(trainer, rollout, targets, states) -> dict:
-    """The dict ``compute_loss`` reads, with the normaliser of a one-micro-batch, one-process step."""
-    batch = trainer._training_batch(rollout, targets, states)
-    batch["num_items_in_batch"] = (batch["loss_mask"].sum(1) > 0).sum()
-    return batch
+    """The dict ``compute_loss`` reads: the trainer's batch with its normaliser (a one-micro-batch step)."""
+    return trainer.training_batch(rollout, targets, states).to_dict()
 
 
 def _timed(times: dict, name: str, function, *arguments):
@@ -122,8 +120,8 @@ def _opd_step(trainer, prompts: list, times: dict):
     """One OPD optimisation step, phase by phase (the trainer's code, without TRL's buffering around it)."""
     from opdlm_trl.states import select_states
 
-    rollout = _timed(times, "rollout", trainer._roll_out, prompts)
-    targets = _timed(times, "teacher", trainer._score, rollout)
+    rollout = _timed(times, "rollout", trainer.rollout, prompts)
+    targets = _timed(times, "teacher", trainer.score, rollout)
 
     def assemble():
         return _loss_batch(trainer, rollout, targets, select_states(rollout, trainer.args.state_selection))
@@ -220,10 +218,9 @@ def _full_length_rollout(trainer, prompts: list):
     config = trainer.args.rollout_sampler_config(
         max_new_tokens=trainer.args.max_completion_length, remasking="static", temperature=0.0, stop_token_ids=[]
     )
-    with trainer._rollout_mode() as student, trainer._mixed_precision():
-        return DiffusionSampler(config, pad_token_id=trainer._tokenizer.pad_token_id).sample(
-            student, trainer._prompt_token_lists(prompts)
-        )
+    return trainer.rollout(
+        prompts, sampler=DiffusionSampler(config, pad_token_id=trainer.processing_class.pad_token_id)
+    )
 
 
 def run_paths(args: argparse.Namespace) -> dict:
@@ -249,7 +246,7 @@ def run_paths(args: argparse.Namespace) -> dict:
         for _ in range(args.rounds):
             for groups in args.compare_groups:
                 trainer.args.length_groups = groups
-                targets = _timed_list(times[groups]["teacher"], trainer._score, rollout)
+                targets = _timed_list(times[groups]["teacher"], trainer.score, rollout)
                 batch = _loss_batch(trainer, rollout, targets, states)
 
                 def student(batch=batch):
@@ -310,13 +307,6 @@ def summarise_paths(result: dict) -> dict:
     return {"rollout_seconds_full_length": rollout, "paths": table}
 
 
-def _precision_context(bf16: bool):
-    """What ``OPDTrainer._mixed_precision`` returns under ``bf16=True`` (accelerate's CPU autocast), or nothing."""
-    import contextlib
-
-    return (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
-
-
 def _gradient(trainer, batch) -> tuple[float, torch.Tensor]:
     trainer.model.zero_grad(set_to_none=True)
     loss = trainer.compute_loss(trainer.model, batch)
@@ -339,15 +329,15 @@ def precision_fidelity(trainer, rollouts: dict, targets: dict, states) -> dict:
     t32, t16 = targets[False], targets[True]
     valid = t32.mask.bool()
     p32 = t32.dense_log_probs()[valid]
-    with _precision_context(True)():  # hidden-state targets: the bf16 run applies the teacher's head under autocast
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # hidden-state targets: bf16 applies the teacher's head so
         p16 = t16.dense_log_probs()[valid]
     kl = (p32.exp() * (p32 - p16)).sum(-1)
     argmax_agreement = (p32.argmax(-1) == p16.argmax(-1)).float().mean().item()
     batch = _loss_batch(trainer, reference, t32, states)
     losses, grads = {}, {}
     for bf16 in (False, True):
-        trainer._mixed_precision = _precision_context(bf16)
-        losses[bf16], grads[bf16] = _gradient(trainer, batch)
+        with trainer.precision(bf16):
+            losses[bf16], grads[bf16] = _gradient(trainer, batch)
     cosine = torch.nn.functional.cosine_similarity(grads[False], grads[True], dim=0).item()
     return {
         "rollout_same_token_share": same_tokens,
@@ -363,8 +353,7 @@ def precision_fidelity(trainer, rollouts: dict, targets: dict, states) -> dict:
 
 def run_precisions(args: argparse.Namespace) -> dict:
     """float32 against bf16 autocast, every phase of a step, interleaved ``--rounds`` times in ONE process on
-    full-length rollouts (the trainer built with ``bf16=True``; the float32 path swaps its ``_mixed_precision`` for
-    a null context), and the fidelity of bf16 on the same tokens (:func:`precision_fidelity`)."""
+    full-length rollouts (one trainer, each path under ``trainer.precision(bf16)``), and the fidelity of bf16 on the same tokens (:func:`precision_fidelity`)."""
     from opdlm_trl.data import humaneval_prompt_dataset
     from opdlm_trl.states import select_states
 
@@ -382,22 +371,21 @@ def run_precisions(args: argparse.Namespace) -> dict:
         rollouts, targets = {}, {}
         for _ in range(args.rounds):
             for bf16, name in names.items():
-                trainer._mixed_precision = _precision_context(bf16)
-                rollouts[bf16] = _timed_list(times[name]["rollout"], _full_length_rollout, trainer, prompts)
-                targets[bf16] = _timed_list(times[name]["teacher"], trainer._score, rollouts[bf16])
-                states = select_states(rollouts[bf16], "per_block", generator=torch.Generator().manual_seed(0))
-                batch = _loss_batch(trainer, rollouts[bf16], targets[bf16], states)
+                with trainer.precision(bf16):
+                    rollouts[bf16] = _timed_list(times[name]["rollout"], _full_length_rollout, trainer, prompts)
+                    targets[bf16] = _timed_list(times[name]["teacher"], trainer.score, rollouts[bf16])
+                    states = select_states(rollouts[bf16], "per_block", generator=torch.Generator().manual_seed(0))
+                    batch = _loss_batch(trainer, rollouts[bf16], targets[bf16], states)
 
-                def student(batch=batch):
-                    trainer.model.zero_grad(set_to_none=True)
-                    trainer.compute_loss(trainer.model, batch).backward()
+                    def student(batch=batch):
+                        trainer.model.zero_grad(set_to_none=True)
+                        trainer.compute_loss(trainer.model, batch).backward()
 
-                _timed_list(times[name]["student"], student)
+                    _timed_list(times[name]["student"], student)
         # both precisions' targets of the float32 tokens: the same positions, compared one to one
-        trainer._mixed_precision = _precision_context(True)
-        targets[True] = trainer._score(rollouts[False])
-        trainer._mixed_precision = _precision_context(False)
-        targets[False] = trainer._score(rollouts[False])
+        for bf16 in (True, False):
+            with trainer.precision(bf16):
+                targets[bf16] = trainer.score(rollouts[False])
         states = select_states(rollouts[False], "per_block", generator=torch.Generator().manual_seed(0))
         fidelity = precision_fidelity(trainer, rollouts, targets, states)
         once: dict[str, float] = {}

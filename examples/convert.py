@@ -265,7 +265,7 @@ def run(script_args: ConvertArguments, training_args: OPDConfig, model_args: Mod
     if trainer.accelerator.is_main_process:
         tokenizer.save_pretrained(training_args.output_dir)
         summary = {
-            "training_tokens": trainer._progress.training_tokens,
+            "training_tokens": trainer.training_tokens,
             "before": before,
             "after": after,
             "log_history": trainer.state.log_history,
