@@ -371,7 +371,7 @@ def train_phase(env: dict, args: argparse.Namespace) -> dict:
             result["oom"] = {"step": steps[-1] if steps else None, "error": str(error).splitlines()[0]}
         result["seconds"] = time.perf_counter() - began
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
-    prompt_tokens = max(len(ids) for ids in trainer._prompt_token_lists([row["prompt"] for row in dataset]))
+    prompt_tokens = max(len(ids) for ids in trainer.prompt_token_lists([row["prompt"] for row in dataset]))
     result.update(
         teacher=type(trainer.teacher).__name__,
         steps=steps,

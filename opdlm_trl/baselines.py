@@ -181,7 +181,7 @@ class GivenTextTrainer(DiffusionTrainer):
         block = self.settings.block_size
         pad = self._tokenizer.pad_token_id
         prompt_ids, prompt_mask = pad_to_blocks(
-            self._prompt_token_lists([x["prompt"] for x in examples]), block, pad, "left", device
+            self.prompt_token_lists([x["prompt"] for x in examples]), block, pad, "left", device
         )
         completions = self._completion_token_lists(
             [x[self.args.completion_column] for x in examples],

@@ -249,9 +249,13 @@ class DiffusionTrainer(DistillationTrainer):
         return contextlib.nullcontext()
 
     # ----------------------------------------------------------------------------------------------- the batch
-    def _prompt_token_lists(self, prompts: list) -> list[list[int]]:
-        # The package's one prompt renderer (TRL's rule, with args.chat_template_kwargs), shared with generate,
-        # opdlm-eval and every trainer so a prompt is the same token sequence wherever it is decoded.
+    def prompt_token_lists(self, prompts: list) -> list[list[int]]:
+        """The token lists the trainer decodes / trains ``prompts`` (text or chat messages) as.
+
+        The package's one prompt renderer (TRL's rule, with ``args.chat_template_kwargs``), shared with generate,
+        opdlm-eval and every trainer so a prompt is the same token sequence wherever it is decoded; then
+        ``max_prompt_length`` as ``prompt_truncation`` says.
+        """
         prompt_ids = render_prompts(prompts, self.processing_class, self.chat_template_kwargs)
         limit = self.args.max_prompt_length
         if limit is None:
@@ -420,12 +424,12 @@ class DiffusionTrainer(DistillationTrainer):
         inverse[positions] = torch.arange(positions.numel(), device=positions.device)
         return torch.cat(parts)[inverse]
 
-    def _student_logits(self, model, inputs: TrainingBatch | dict) -> torch.Tensor:
-        """``(N, V)`` float32 student logits at the supervised positions (``[MASK]`` suppressed).
+    def student_logits(self, batch: TrainingBatch | dict) -> torch.Tensor:
+        """``(N, V)`` float32 student logits at the supervised positions of ``batch`` (``[MASK]`` suppressed).
 
         What the loss sees, materialised at once: for tests and tools on small batches; training never builds it.
         """
-        return self._student_head.logits(self._student_hidden(model, inputs))
+        return self._student_head.logits(self._student_hidden(self.model, batch))
 
     def _group_hidden(self, model, batch: TrainingBatch, rows, prompt_start, completion_end, selected) -> torch.Tensor:
         """One forward of ``rows`` over prompt columns ``[prompt_start:]`` and completion columns ``[:end]``.

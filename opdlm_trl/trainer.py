@@ -355,7 +355,7 @@ class OPDTrainer(TeacherDistillationTrainer):
                 self.sampler_config(self.current_completion_length()), pad_token_id=self._tokenizer.pad_token_id
             )
         with self._rollout_mode() as student, self._autocast():
-            return sampler.sample(student, self._prompt_token_lists(prompts), generator=generator)
+            return sampler.sample(student, self.prompt_token_lists(prompts), generator=generator)
 
     def score(self, rollout: Rollout) -> TeacherTargets:
         """The teacher's targets for the rollout's completions, on the student's device, in the run's precision.

@@ -108,7 +108,7 @@ def skip_deepspeed_shm_kernel() -> None:
 def add_uneven_stops(trainer: OPDTrainer, stop_at: dict[int, int]) -> None:
     """Make the tokens the untrained student writes at ``stop_at`` extra stop ids (same choice on every rank)."""
     sampler = DiffusionSampler(trainer.sampler_config(COMPLETION_LENGTH), pad_token_id=trainer._tokenizer.pad_token_id)
-    rollout = sampler.sample(trainer.model, trainer._prompt_token_lists(list(PROMPTS)))
+    rollout = sampler.sample(trainer.model, trainer.prompt_token_lists(list(PROMPTS)))
     extra = {int(rollout.completion_ids[row, position]) for row, position in stop_at.items()}
     trainer.eos_token_ids = [*trainer.eos_token_ids, *sorted(extra - set(trainer.eos_token_ids))]
 

@@ -106,7 +106,7 @@ def test_inverse_t_weight_per_sequence_and_per_block(block_masking):
     model = trainer.model.eval()
     with torch.no_grad():
         loss = trainer.compute_loss(model, batch).item()
-        logits = trainer._student_logits(model, batch)
+        logits = trainer.student_logits(batch)
     selected = batch["loss_mask"].bool()
     nll = -torch.log_softmax(logits.float(), -1).gather(1, batch["completion_ids"][selected][:, None])[:, 0]
     weighted = torch.zeros(rate.shape[0]).index_add(0, selected.nonzero()[:, 0], nll / rate[selected])
@@ -136,7 +136,7 @@ def test_prompt_never_masked_and_layout(shift):
         real = batch["completion_key_mask"].bool()
         assert torch.equal(batch["loss_mask"], (batch["noisy_ids"] == mask_id) & real)
         assert bool(batch["loss_mask"].any(1).all())  # at least one supervised token per row
-    prompt_lists = trainer._prompt_token_lists(list(rows["prompt"]))
+    prompt_lists = trainer.prompt_token_lists(list(rows["prompt"]))
     for row, ids in enumerate(prompt_lists):  # left-padded: the prompt ends on the block boundary
         assert batch["prompt_ids"][row, -len(ids) :].tolist() == ids
         assert batch["prompt_mask"][row].sum().item() == len(ids)

@@ -285,7 +285,7 @@ def test_training_forward_reproduces_the_sampler_logits_at_every_supervised_stat
     expected = suppress_mask_logit(torch.stack(expected), trainer.settings.mask_token_id)
     trainer.model.eval()
     with torch.no_grad():
-        actual = trainer._student_logits(trainer.model, batch)
+        actual = trainer.student_logits(batch)
     assert actual.shape == expected.shape and actual.shape[0] >= 8
     steps_used = {int(s) for s in states.state_step[states.state_step >= 0]}
     assert len(steps_used) > 1, "the check should cover several denoising steps"
@@ -335,7 +335,7 @@ def test_sequence_loss_is_the_mean_of_per_row_mean_forward_kl(scored_rollout):
     batch, _ = fixed_batch(trainer, rollout, seed=6)
     trainer.model.eval()
     with torch.no_grad():
-        student = torch.log_softmax(trainer._student_logits(trainer.model, batch), -1)
+        student = torch.log_softmax(trainer.student_logits(batch), -1)
     teacher = trainer.teacher.head.log_probs(batch["teacher_hidden"][batch["loss_mask"]])
     vocab = teacher.shape[-1]
     kl = (teacher.exp() * (teacher - student[:, :vocab])).sum(-1)
@@ -509,14 +509,14 @@ def test_dataset_without_prompt_column_is_refused_with_a_hint(tmp_path):
 
 
 def test_prompt_longer_than_max_prompt_length_errors_or_is_left_truncated(tmp_path):
-    full = make_trainer(tmp_path, max_prompt_length=None)._prompt_token_lists(PROMPTS)
+    full = make_trainer(tmp_path, max_prompt_length=None).prompt_token_lists(PROMPTS)
     limit = min(len(ids) for ids in full) - 3
     strict = make_trainer(tmp_path, max_prompt_length=limit)
     with pytest.raises(ValueError, match=rf"exceed max_prompt_length={limit}.*prompt_truncation='left'"):
-        strict._prompt_token_lists(PROMPTS)
+        strict.prompt_token_lists(PROMPTS)
     with pytest.raises(ValueError, match="exceed max_prompt_length"):
         strict.train()
-    truncated = make_trainer(tmp_path, max_prompt_length=limit, prompt_truncation="left")._prompt_token_lists(PROMPTS)
+    truncated = make_trainer(tmp_path, max_prompt_length=limit, prompt_truncation="left").prompt_token_lists(PROMPTS)
     assert truncated == [ids[-limit:] for ids in full] and all(len(ids) == limit for ids in truncated)
 
 
@@ -711,12 +711,7 @@ def test_teacher_targets_from_another_device_reach_the_loss_on_the_students(tmp_
     """Issue 19: whatever device a teacher answers on, the trainer moves its targets to the student's device."""
     trainer = make_trainer(tmp_path, max_steps=1, teacher_top_k=top_k)
     trainer.teacher = ElsewhereTeacher(trainer.teacher)
-    targets = trainer._teacher_targets(*score_inputs(trainer))
+    targets = trainer.score(roll_out(trainer)[0])
     assert all(type(t) is torch.Tensor for t in (targets.token_logprobs, targets.mask))
     trainer.train()
     assert math.isfinite(trainer.state.log_history[-1]["train_loss"])
-
-
-def score_inputs(trainer: OPDTrainer) -> tuple[torch.Tensor, ...]:
-    rollout, _ = roll_out(trainer)
-    return rollout.prompt_ids, rollout.prompt_mask, rollout.completion_ids, rollout.completion_mask

@@ -163,7 +163,7 @@ def test_trainer_logs_confidence_by_offset(tmp_path):
     assert {"confidence/student_offset0", "confidence/teacher_offset0"} <= set(logged)
     # the logged student value is the mean top-1 probability at the frontier positions of this batch
     with torch.no_grad():
-        logits = trainer._student_logits(trainer.model, batch)
+        logits = trainer.student_logits(batch)
     loss_mask = batch["loss_mask"].bool()
     at_frontier = frontier_offsets(loss_mask, trainer.settings.block_size)[loss_mask] == 0
     expected = logits.softmax(-1).amax(-1)[at_frontier].mean().item()

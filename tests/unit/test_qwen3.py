@@ -102,7 +102,7 @@ def test_chat_template_kwargs_reach_the_training_rollouts(qwen3_pair, tmp_path, 
     # The package renders exactly as TRL's own training path does, for chat and plain-text prompts.
     for prompts in (MESSAGES, ["def add(a, b):", "The quick brown fox"]):
         trl_ids, _, _ = trainer._tokenize_prompts(prompts)
-        assert trainer._prompt_token_lists(prompts) == [list(ids) for ids in trl_ids]
+        assert trainer.prompt_token_lists(prompts) == [list(ids) for ids in trl_ids]
 
 
 def test_one_stop_rule_for_training_generation_and_evaluation(qwen3_pair, tmp_path):

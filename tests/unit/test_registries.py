@@ -109,9 +109,7 @@ def test_a_registered_teacher_is_built_from_the_config_and_trains_the_student_to
     trainer.model.eval()
     with torch.no_grad():
         loss = trainer.compute_loss(trainer.model, batch)
-        nll = -L.student_token_log_probs(
-            trainer._student_logits(trainer.model, batch), torch.full_like(view.row_index, teacher.token)
-        )
+        nll = -L.student_token_log_probs(trainer.student_logits(batch), torch.full_like(view.row_index, teacher.token))
     expected = L.reduce_loss(nll, view.row_index, view.loss_mask.shape[0], "sequence")
     assert torch.allclose(loss, expected, rtol=1e-5), (loss, expected)
 
