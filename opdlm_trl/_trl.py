@@ -1,13 +1,15 @@
 """The TRL / transformers surface opdlm_trl relies on, in one place (checked by tests/unit/test_trl_contract.py).
 
-OPDTrainer is TRL's ``DistillationTrainer`` with its generation and loss hooks replaced, so it depends on names
-TRL does not promise to keep: private methods, private attributes, helpers in ``trl.*.utils``. Every one of them
-is imported or named here, with why it is needed, so that a TRL upgrade that moves one fails in
-``tests/unit/test_trl_contract.py`` with a message saying what moved, instead of deep inside a training step.
+Every trainer of the package is TRL's ``DistillationTrainer`` with its generation and loss hooks replaced
+(:class:`opdlm_trl.diffusion_trainer.DiffusionTrainer`), so it depends on names TRL does not promise to keep:
+private methods, private attributes, helpers in ``trl.*.utils``. Every one of them is imported or named here, with
+why it is needed, so that a TRL upgrade that moves one fails in ``tests/unit/test_trl_contract.py`` with a message
+saying what moved, instead of deep inside a training step.
 
 Imported (use these, not the TRL paths):
 
-* ``DistillationConfig`` / ``DistillationTrainer``: the base classes of ``OPDConfig`` / ``OPDTrainer``.
+* ``DistillationConfig`` / ``DistillationTrainer``: the base classes of ``DiffusionTrainingConfig`` /
+  ``DiffusionTrainer``.
 * ``prepare_deepspeed(model, accelerator)``: wraps a local teacher for ZeRO inference (no optimizer state).
 * ``unwrap_model_for_generation(model, accelerator, gather_deepspeed3_params=..., gradient_checkpointing_kwargs=...)``:
   the student decodes rollouts with gathered ZeRO-3 weights and gradient checkpointing off.
@@ -15,7 +17,7 @@ Imported (use these, not the TRL paths):
   runs them on the dict our generation hook returns (see :data:`BATCH_CONTRACT`).
 * ``RepeatSampler``: TRL's training sampler, which :mod:`opdlm_trl.checkpoints` makes resumable.
 * ``create_model_from_path(model_id, architecture=None, **kwargs)``: TRL's model loading (``dtype`` strings, its
-  transformers-version fixes); :func:`opdlm_trl.trainer.load_pretrained` calls it the way TRL's trainers do.
+  transformers-version fixes); :func:`opdlm_trl.diffusion_trainer.load_pretrained` calls it the way TRL's trainers do.
 
 Named (not importable, so listed): :data:`HOOKS` (methods we override), :data:`CLASS_ATTRIBUTES` (class attributes
 we override), :data:`TRAINER_ATTRIBUTES` (state we read or write) and :data:`BATCH_CONTRACT` (what TRL does with the
