@@ -137,9 +137,10 @@ class GivenTextTrainer(DiffusionTrainer):
     ``prompt`` and ``completion`` (``MDLMConfig.completion_column``) columns.
     """
 
-    def __init__(self, model, args: MDLMConfig, train_dataset=None, eval_dataset=None, **kwargs):
-        if not isinstance(args, MDLMConfig):
-            raise TypeError(f"{type(self).__name__} needs an MDLMConfig, got {type(args).__name__}.")
+    config_class = MDLMConfig
+
+    def __init__(self, model, args: MDLMConfig | None = None, train_dataset=None, eval_dataset=None, **kwargs):
+        args = self._checked_config(args)
         self._check_completion_column(train_dataset, "train_dataset", args.completion_column)
         self._check_completion_column(eval_dataset, "eval_dataset", args.completion_column)
         super().__init__(model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset, **kwargs)
@@ -249,6 +250,7 @@ class MDLMTrainer(GivenTextTrainer):
 
     _tag_names = ["trl", "opdlm", "diffusion-lm", "mdlm"]
     _name = "MDLM"
+    _default_output_dir = "mdlm-output"
     _loss_name = "MDLM"
     _nonfinite_hint = "Raise mask_eps or lower the learning rate."
 
@@ -258,7 +260,6 @@ class MDLMTrainer(GivenTextTrainer):
             raise TypeError(
                 f"MDLMTrainer trains without a teacher: drop {', '.join(given)} (OffPolicyKDTrainer uses one)."
             )
-        args = args or MDLMConfig(output_dir="mdlm-output")
         super().__init__(model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset, **kwargs)
 
     def _batch_from_examples(self, examples: list[dict], mode: str) -> TrainingBatch:
@@ -308,6 +309,7 @@ class OffPolicyKDTrainer(GivenTextTrainer, TeacherDistillationTrainer):
 
     _tag_names = ["trl", "opdlm", "diffusion-lm", "off-policy-distillation"]
     _name = "OffPolicyKD"
+    _default_output_dir = "kd-output"
 
     def __init__(
         self,
@@ -318,7 +320,6 @@ class OffPolicyKDTrainer(GivenTextTrainer, TeacherDistillationTrainer):
         eval_dataset=None,
         **kwargs,
     ):
-        args = args or MDLMConfig(output_dir="kd-output")
         super().__init__(
             model,
             teacher_model=teacher_model,

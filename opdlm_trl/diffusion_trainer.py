@@ -158,6 +158,9 @@ class DiffusionTrainer(DistillationTrainer):
         "id": "2606.06712",
         "citation": _OPDLM_CITATION,
     }
+    # The config a trainer needs (a subclass names its own) and where a default one writes.
+    config_class: type[DiffusionTrainingConfig] = DiffusionTrainingConfig
+    _default_output_dir = "diffusion-output"
     # The loss's name in errors and what a non-finite loss most likely means (each trainer says its own).
     _loss_name = "training"
     _nonfinite_hint = "Lower the learning rate, or train in float32/bf16 rather than fp16."
@@ -165,7 +168,7 @@ class DiffusionTrainer(DistillationTrainer):
     def __init__(
         self,
         model,
-        args: DiffusionTrainingConfig,
+        args: DiffusionTrainingConfig | None = None,
         train_dataset=None,
         eval_dataset=None,
         processing_class=None,
@@ -173,8 +176,7 @@ class DiffusionTrainer(DistillationTrainer):
         optimizers=(None, None),
         peft_config=None,
     ):
-        if not isinstance(args, DiffusionTrainingConfig):
-            raise TypeError(f"{type(self).__name__} needs a DiffusionTrainingConfig, got {type(args).__name__}.")
+        args = self._checked_config(args)
         _check_prompt_dataset(train_dataset, "train_dataset")
         _check_prompt_dataset(eval_dataset, "eval_dataset")
         model, processing_class = load_student(model, args, processing_class)
@@ -202,6 +204,14 @@ class DiffusionTrainer(DistillationTrainer):
         # TRL stops on the tokenizer's and generation_config's EOS; generation and evaluation use the same rule
         # (plus end-of-turn tokens), so training stops rollouts exactly where the student will be stopped later.
         self.eos_token_ids = default_stop_token_ids(self._tokenizer, self.model)
+
+    @classmethod
+    def _checked_config(cls, args: DiffusionTrainingConfig | None) -> DiffusionTrainingConfig:
+        """``args``, or the trainer's default config, refused unless it is the trainer's ``config_class``."""
+        args = args or cls.config_class(output_dir=cls._default_output_dir)
+        if not isinstance(args, cls.config_class):
+            raise TypeError(f"{cls.__name__} needs an {cls.config_class.__name__}, got {type(args).__name__}.")
+        return args
 
     def _check_precision(self) -> None:
         """float32 master weights (or DeepSpeed's, or the user's explicit opt-in), and a warning where bf16 autocast

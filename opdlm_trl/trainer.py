@@ -80,6 +80,7 @@ class TeacherDistillationTrainer(DiffusionTrainer):
         peft_config=None,
         teacher=None,
     ):
+        args = self._checked_config(args)
         model, processing_class = load_student(model, args, processing_class)
         if isinstance(teacher_model, str):
             teacher_model = load_pretrained(teacher_model, args.teacher_model_init_kwargs, args.trust_remote_code)
@@ -104,7 +105,9 @@ class TeacherDistillationTrainer(DiffusionTrainer):
         if teacher_model is not None:
             self._check_teacher_vocab(teacher_model)
         self.teacher = teacher or self._build_teacher(teacher_model)
+        # the step's FLOPs metric: 2 per teacher parameter and 6 per student parameter per token
         self._teacher_params = self._count_teacher_parameters(teacher_model)
+        self._student_params = sum(p.numel() for p in unwrap_model(self.model).parameters())
 
     # ----------------------------------------------------------------------------------------------- setup
     @staticmethod
@@ -258,36 +261,8 @@ class OPDTrainer(TeacherDistillationTrainer):
 
     _tag_names = ["trl", "opdlm", "diffusion-lm", "on-policy-distillation"]
     _name = "OPD"
-
-    def __init__(
-        self,
-        model,
-        teacher_model=None,
-        args: OPDConfig | None = None,
-        train_dataset=None,
-        eval_dataset=None,
-        processing_class=None,
-        callbacks=None,
-        optimizers=(None, None),
-        peft_config=None,
-        teacher=None,
-    ):
-        args = args or OPDConfig(output_dir="opd-output")
-        if not isinstance(args, OPDConfig):
-            raise TypeError(f"OPDTrainer needs an OPDConfig, got {type(args).__name__}.")
-        super().__init__(
-            model,
-            teacher_model,
-            args=args,
-            train_dataset=train_dataset,
-            eval_dataset=eval_dataset,
-            processing_class=processing_class,
-            callbacks=callbacks,
-            optimizers=optimizers,
-            peft_config=peft_config,
-            teacher=teacher,
-        )
-        self._student_params = sum(p.numel() for p in unwrap_model(self.model).parameters())
+    config_class = OPDConfig
+    _default_output_dir = "opd-output"
 
     # ----------------------------------------------------------------------------------------------- schedules
     def current_completion_length(self) -> int:
