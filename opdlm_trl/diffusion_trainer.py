@@ -210,7 +210,9 @@ class DiffusionTrainer(DistillationTrainer):
         """``args``, or the trainer's default config, refused unless it is the trainer's ``config_class``."""
         args = args or cls.config_class(output_dir=cls._default_output_dir)
         if not isinstance(args, cls.config_class):
-            raise TypeError(f"{cls.__name__} needs an {cls.config_class.__name__}, got {type(args).__name__}.")
+            raise TypeError(
+                f"{cls.__name__} needs args of type {cls.config_class.__name__}, got {type(args).__name__}."
+            )
         return args
 
     def _check_precision(self) -> None:

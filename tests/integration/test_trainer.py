@@ -27,9 +27,10 @@ import opdlm_trl.trainer as trainer_module
 from opdlm_trl import load_diffusion_model
 from opdlm_trl import losses as L
 from opdlm_trl.batch import TrainingBatch
-from opdlm_trl.config import OPDConfig
+from opdlm_trl.config import DiffusionTrainingConfig, OPDConfig
 from opdlm_trl.curriculum import completion_length
-from opdlm_trl.masks import training_layout
+from opdlm_trl.diffusion_trainer import DiffusionTrainer
+from opdlm_trl.masks import pad_to_blocks, training_layout
 from opdlm_trl.modeling import student_forward, suppress_mask_logit, unwrap_model
 from opdlm_trl.sampling import DiffusionSampler, Rollout
 from opdlm_trl.states import SELECTIONS, select_states
@@ -46,25 +47,26 @@ def prompt_dataset(n: int = 4) -> Dataset:
     return Dataset.from_list([{"prompt": PROMPTS[i % len(PROMPTS)]} for i in range(n)])
 
 
+# A CPU, float32, no-logging run of a few steps (any trainer's config)
+OPD_TEST_VALUES = dict(
+    use_cpu=True,
+    bf16=False,
+    report_to="none",
+    gradient_checkpointing=False,
+    per_device_train_batch_size=4,
+    max_steps=2,
+    logging_steps=1,
+    max_completion_length=8,
+    learning_rate=1e-3,
+    save_strategy="no",
+    disable_tqdm=True,
+    seed=0,
+)
+
+
 def opd_config(output_dir, **overrides) -> OPDConfig:
-    """A CPU, float32, no-logging config of a few steps; ``overrides`` win."""
-    values = dict(
-        output_dir=str(output_dir),
-        use_cpu=True,
-        bf16=False,
-        report_to="none",
-        gradient_checkpointing=False,
-        per_device_train_batch_size=4,
-        max_steps=2,
-        logging_steps=1,
-        max_completion_length=8,
-        learning_rate=1e-3,
-        save_strategy="no",
-        disable_tqdm=True,
-        seed=0,
-    )
-    values.update(overrides)
-    return OPDConfig(**values)
+    """:data:`OPD_TEST_VALUES` in ``output_dir``; ``overrides`` win."""
+    return OPDConfig(**{**OPD_TEST_VALUES, "output_dir": str(output_dir), **overrides})
 
 
 def make_trainer(output_dir, model=None, peft_config=None, dataset=None, teacher_model=None, **overrides):
@@ -321,6 +323,26 @@ def test_every_selection_and_loss_gives_a_finite_loss(scored_rollout, loss_type,
             assert loss > 0, (selection, loss)  # a full-vocabulary divergence between different distributions
 
 
+@pytest.mark.parametrize("normalization", ["sequence", "token"])
+def test_the_training_batch_carries_the_normaliser_of_its_reduction(scored_rollout, normalization):
+    """One process, one micro-batch: the batch's normaliser is what its own reduction would divide by, so the training
+    loss (normaliser) equals the evaluation loss (the batch reduced on its own)."""
+    trainer, rollout, targets = scored_rollout
+    use_full_forward_kl(trainer)
+    trainer.args.loss_normalization = normalization  # a copy of the shared args, reset by the next test's call
+    states = select_states(rollout, "every_step", generator=torch.Generator().manual_seed(3))
+    batch = trainer.training_batch(rollout, targets[None], states)
+    per_row = states.loss_mask.sum(1)
+    assert batch.normaliser.ndim == 0
+    assert batch.normaliser.item() == (per_row.sum() if normalization == "token" else (per_row > 0).sum()).item()
+    losses = {}
+    for training in (True, False):
+        trainer.model.train(training)
+        with torch.no_grad():
+            losses[training] = trainer.compute_loss(trainer.model, batch.to_dict()).item()
+    assert losses[True] == pytest.approx(losses[False], rel=1e-6) and losses[True] > 0
+
+
 def use_full_forward_kl(trainer: OPDTrainer) -> None:
     """Reset the shared grid trainer to the default objective (the grid test changes it)."""
     args = copy.copy(trainer.args)
@@ -399,6 +421,63 @@ def test_supervised_positions_on_a_hand_checked_trajectory(scored_rollout):
     assert (batch["clean_ids"][0, 6:] == mask_id).all()
     assert torch.equal(batch["noisy_ids"][0] == mask_id, states.loss_mask[0] | never_committed)
     assert math.isfinite(eval_loss(trainer, batch))
+
+
+# ------------------------------------------------------------------------------------------------- a trainer on the base
+class FixedAnswerTrainer(DiffusionTrainer):
+    """A trainer written outside the package on the base class (docs/trainer.md "Writing a trainer"): every prompt's
+    completion is one fixed text, wholly masked, trained by the student's NLL of it. Five methods, nothing switched
+    off."""
+
+    ANSWER = "return a + b"
+
+    def _batch_from_examples(self, examples, mode):
+        tokenizer, device, block = self.processing_class, self.accelerator.device, self.settings.block_size
+        answer = tokenizer(self.ANSWER, add_special_tokens=False)["input_ids"]
+        prompts = self.prompt_token_lists([example["prompt"] for example in examples])
+        prompt_ids, prompt_mask = pad_to_blocks(prompts, block, tokenizer.pad_token_id, "left", device)
+        ids, mask = pad_to_blocks([answer] * len(examples), block, tokenizer.pad_token_id, "right", device)
+        if mode == "train":
+            self._count_training_tokens(mask.sum(1).float())
+        noisy = ids.masked_fill(mask.bool(), self.settings.mask_token_id)
+        batch = TrainingBatch(prompt_ids, prompt_mask, ids, noisy, mask, loss_mask=mask.bool(), completion_ids=ids)
+        return self._with_normaliser(batch)
+
+    def _per_position_loss(self, student_logits, rows):
+        return -torch.log_softmax(student_logits, -1).gather(1, rows.tokens[:, None])[:, 0]
+
+    def _reduction_counts(self, batch):
+        return batch.loss_mask.sum(1)
+
+    def _reduce(self, per_position, batch, normaliser):
+        rows = batch.loss_mask.shape[0]
+        norm = self.args.loss_normalization
+        return L.reduce_loss(per_position, batch.row_index, rows, norm, normaliser, normaliser)
+
+    def _metric_sums(self, student_logits, per_position, rows):
+        return per_position.sum().reshape(1)
+
+    def _log_metric_sums(self, sums, batch, mode):
+        self._metrics[mode]["answer_nll_sum"].append(sums[0].item())
+
+
+def test_a_trainer_written_on_the_base_class_trains(tmp_path):
+    """The base brings conversion, forward, loss plumbing, normaliser, token count and logging: the toy trainer's
+    loss falls, its metric is logged and its tokens counted, with no teacher and no rollout."""
+    values = {**OPD_TEST_VALUES, "max_steps": 8, "learning_rate": 1e-2, "lr_scheduler_type": "constant"}
+    args = DiffusionTrainingConfig(**{**values, "output_dir": str(tmp_path)})
+    trainer = FixedAnswerTrainer(
+        tiny_model("llama"), args=args, train_dataset=prompt_dataset(), processing_class=tiny_tokenizer()
+    )
+    assert not hasattr(trainer, "teacher") and not hasattr(trainer, "rollout")
+    trainer.train()
+    logged = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert len(logged) == 8 and logged[-1]["loss"] < 0.5 * logged[0]["loss"]
+    assert all("answer_nll_sum" in entry for entry in logged)
+    answer = len(tiny_tokenizer()(FixedAnswerTrainer.ANSWER, add_special_tokens=False)["input_ids"])
+    assert trainer.training_tokens == 8 * len(PROMPTS) * answer
+    with pytest.raises(TypeError, match="FixedAnswerTrainer needs args of type DiffusionTrainingConfig, got str"):
+        FixedAnswerTrainer(tiny_model("llama"), args="nope")
 
 
 # ------------------------------------------------------------------------------------------------- gradient accumulation

@@ -24,6 +24,7 @@ from opdlm_trl import OPDConfig, OPDTrainer, precision
 from opdlm_trl.modeling import unwrap_model
 from opdlm_trl.precision import check_master_weights
 from opdlm_trl.sampling import DiffusionSampler
+from opdlm_trl.states import select_states
 from opdlm_trl.tiny import tiny_model, tiny_tokenizer
 
 PROMPTS = [[{"role": "user", "content": f"def add{i}(a, b):"}] for i in range(4)]
@@ -161,6 +162,29 @@ def test_bf16_mixed_precision_reaches_every_forward_of_a_step(tmp_path, bf16):
     assert student.dtypes[True] == expected  # the training forward
     assert scorer.dtypes[False] == expected and not scorer.dtypes[True]  # the frozen teacher, never with grad
     assert 0 < result.training_loss < float("inf")
+
+
+@pytest.mark.parametrize("configured", [False, True], ids=["fp32-config", "bf16-config"])
+def test_the_precision_setting_overrides_the_config_for_one_block(tmp_path, configured):
+    """``trainer.precision(bf16)`` sets the autocast of the rollout, the teacher's scoring and the loss forward for the
+    block, then the config's precision is back (how benchmarks/train_step.py compares both on one trainer)."""
+    trainer = make_trainer(tmp_path, tiny_model("llama"), bf16=configured)
+    student, scorer = LinearOutputDtypes(trainer.model), LinearOutputDtypes(trainer.teacher.model)
+
+    def step_dtypes() -> tuple[set, set, set]:
+        for probe in (student, scorer):
+            probe.dtypes = {True: set(), False: set()}
+        rollout = trainer.rollout(PROMPTS)
+        targets = trainer.score(rollout)
+        batch = trainer.training_batch(rollout, targets, select_states(rollout, "per_block"))
+        trainer.model.train()
+        trainer.compute_loss(trainer.model, batch.to_dict()).backward()
+        return student.dtypes[False], scorer.dtypes[False], student.dtypes[True]
+
+    dtype = {True: {torch.bfloat16}, False: {torch.float32}}
+    with trainer.precision(not configured):
+        assert step_dtypes() == (dtype[not configured],) * 3  # rollout, teacher, loss forward
+    assert step_dtypes() == (dtype[configured],) * 3
 
 
 @pytest.mark.parametrize(
