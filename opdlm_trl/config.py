@@ -262,7 +262,8 @@ class OPDConfig(DiffusionTrainingConfig):
     `temperature`, `top_p`, `top_k` control the student's *rollout* sampler (the loss always compares distributions
     at temperature 1, as the method prescribes), `max_completion_length` is the final rollout length of the length
     curriculum, and `beta` is the JSD interpolation when `loss_type="jsd"` (TRL convention: 0 = forward KL,
-    1 = reverse KL).
+    1 = reverse KL). `use_vllm` (student generation with vLLM) is refused: the student decodes with the diffusion
+    sampler. The *teacher* can be vLLM-served (`teacher_backend`).
 
     Defaults follow the paper's training recipe (docs/method.md §7): block 4, dynamic decoding at threshold 0.9 and
     temperature 1.0, one state per block, full-vocabulary forward KL, per-sequence normalisation.
