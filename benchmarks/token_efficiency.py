@@ -207,7 +207,6 @@ def build_trainer(method: str, shift: bool, seed: int, args: argparse.Namespace,
         max_completion_length=args.new_tokens,
         max_prompt_length=args.max_prompt_length,
         prompt_truncation="left",
-        threshold=args.threshold,
         temperature=1.0,
     )
     peft_config = None
@@ -218,7 +217,8 @@ def build_trainer(method: str, shift: bool, seed: int, args: argparse.Namespace,
     kwargs = dict(processing_class=tokenizer, callbacks=[callback], peft_config=peft_config)
     teacher_model = None if peft_config is not None else teacher
     if method in ("opd", "opd_random_remask"):
-        config = OPDConfig(**common, state_selection="per_block" if method == "opd" else "random_remask")
+        selection = "per_block" if method == "opd" else "random_remask"
+        config = OPDConfig(**common, threshold=args.threshold, state_selection=selection)  # rollouts: OPD's only
         return OPDTrainer(student, teacher_model, args=config, train_dataset=train_prompts(args), **kwargs), teacher
     data = raw_data(args) if method == "mdlm_raw" else teacher_data(args, results)
     config = MDLMConfig(**common, block_masking=True)
