@@ -2,7 +2,7 @@
 
 The layout follows the method: conversion (:mod:`.modeling`, :mod:`.masks`) -> sampling (:mod:`.sampling`) ->
 teachers (:mod:`.teachers`) -> training states and losses (:mod:`.states`, :mod:`.losses`, :mod:`.curriculum`)
--> trainer and config (:mod:`.trainer`, :mod:`.config`, :mod:`.baselines`). The trainer-side names import TRL,
+-> trainers and configs (:mod:`.diffusion_trainer`, :mod:`.trainer`, :mod:`.config`, :mod:`.baselines`). The trainer-side names import TRL,
 so they are loaded lazily: ``import opdlm_trl`` stays light for inference.
 """
 
@@ -14,6 +14,8 @@ from .sampling import DiffusionSampler, Rollout, SamplerConfig, generate
 __version__ = "0.1.0"
 
 _LAZY = {
+    "DiffusionTrainingConfig": ".config",
+    "DiffusionTrainer": ".diffusion_trainer",
     "OPDConfig": ".config",
     "OPDTrainer": ".trainer",
     "MDLMConfig": ".baselines",
