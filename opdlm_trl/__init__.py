@@ -2,8 +2,8 @@
 
 The layout follows the method: conversion (:mod:`.modeling`, :mod:`.masks`) -> sampling (:mod:`.sampling`) ->
 teachers (:mod:`.teachers`) -> training states and losses (:mod:`.states`, :mod:`.losses`, :mod:`.curriculum`)
--> trainers and configs (:mod:`.diffusion_trainer`, :mod:`.trainer`, :mod:`.config`, :mod:`.baselines`). The trainer-side names import TRL,
-so they are loaded lazily: ``import opdlm_trl`` stays light for inference.
+-> trainers and configs (:mod:`.diffusion_trainer`, :mod:`.trainer`, :mod:`.config`, :mod:`.baselines`). The
+trainer-side names import TRL, so they are loaded lazily: ``import opdlm_trl`` stays light for inference.
 """
 
 from importlib import import_module
