@@ -31,7 +31,7 @@ import torch
 from transformers import TrainerCallback
 
 from opdlm_trl import OPDTrainer, to_diffusion
-from opdlm_trl.sampling import COMMIT_ORDERS
+from opdlm_trl.sampling import COMMIT_RULES
 from opdlm_trl.synthetic import PhraseChain, evaluate_student, opd_config, phrase_chain_tokenizer, prompt_dataset
 from opdlm_trl.synthetic import train_teacher as fit_teacher
 
@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--eval-prompts", type=int, default=64)
     parser.add_argument("--teacher-steps", type=int, default=300)
     parser.add_argument("--teacher-dir", default=None, help="where the teacher is kept (default: OUT with .teacher)")
-    parser.add_argument("--eval-orders", nargs="+", choices=COMMIT_ORDERS, default=list(COMMIT_ORDERS),
+    parser.add_argument("--eval-orders", nargs="+", choices=tuple(COMMIT_RULES), default=list(COMMIT_RULES),
                         help="commit orders every evaluation decodes with (each gets its own metrics)")  # fmt: skip
     parser.add_argument("--threads", type=int, default=1, help="torch threads (a tiny model runs fastest on one)")
     parser.add_argument("--smoke", action="store_true", help="CI: 2 steps of one seed, a 20-step teacher, 4 prompts")

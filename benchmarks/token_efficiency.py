@@ -158,7 +158,7 @@ def evaluate(
     out["sample"] = report["samples"][0]["outputs"] if report["samples"] else {}
     if teacher_generate:
         out["teacher_ar"] = {m: report["results"]["teacher_ar"][m] for m in (*METRICS, "mean_completion_tokens")}
-        # the chain-bound ceiling of parallel decoding on the teacher's own greedy text (opdlm_trl.eval.diagnostics)
+        # the chain-bound ceiling of parallel decoding on the teacher's own greedy text (opdlm_trl.diagnostics)
         out["teacher_ar"]["oracle_ceiling"] = report.get("oracle_ceiling")
     if "dynamic" in decodings:
         out["dynamic"]["oracle_ceiling"] = report["results"]["student_dynamic"].get("oracle_ceiling")

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from opdlm_trl import load_diffusion_model
 from opdlm_trl.data import parse_chat_template_kwargs, render_prompts
 from opdlm_trl.sampling import (
-    COMMIT_ORDERS,
+    COMMIT_RULES,
     CONFIDENCE,
     REMASKING,
     DiffusionSampler,
@@ -52,7 +52,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps-per-block", type=int, default=None, help="default: block size (1 token/step)")
     parser.add_argument("--remasking", choices=REMASKING, default="static")
     parser.add_argument(
-        "--commit-order", choices=COMMIT_ORDERS, default="confidence", help="left_to_right: from the block's frontier"
+        "--commit-order",
+        choices=tuple(COMMIT_RULES),
+        default="confidence",
+        help="left_to_right: from the block's frontier",
     )
     parser.add_argument("--threshold", type=float, default=0.9)
     parser.add_argument("--confidence", choices=CONFIDENCE, default="prob")

@@ -15,16 +15,16 @@ from typing import Any
 from ._trl import DistillationConfig
 from .curriculum import RAMPS, SCHEDULES
 from .losses import DIVERGENCES, NORMALIZATIONS
-from .sampling import SamplerConfig
+from .sampling import COMMIT_RULES, SamplerConfig
 from .states import SELECTIONS
 from .teachers.factory import AUTO, TEACHERS, teacher_class
 
 __all__ = ["DiffusionTrainingConfig", "OPDConfig"]
 
 # Each choice lives in the module that implements it; "auto" is the trainer's own (it resolves to a teacher kind
-# from peft_config / teacher_model). Losses and teacher backends are registries (losses.DIVERGENCES,
-# teachers.TEACHERS): the check below reads them when a config is made, the help text lists them at import. The
-# sampler's choices are checked by SamplerConfig itself (__post_init__).
+# from peft_config / teacher_model). Losses, teacher backends and commit rules are registries (losses.DIVERGENCES,
+# teachers.TEACHERS, sampling.COMMIT_RULES): the checks read them when a config is made, the help text lists them at
+# import. The sampler's choices (commit_order among them) are checked by SamplerConfig itself (__post_init__).
 _PROMPT_TRUNCATIONS = ("error", "left")
 
 
@@ -41,6 +41,10 @@ def _registered(registry: dict[str, Any]) -> str:
 _LOSS_TYPE_HELP = (
     "Per-position loss, a name registered in opdlm_trl.losses.DIVERGENCES (add one with register_divergence): "
     f"{_registered(DIVERGENCES)}."
+)
+_COMMIT_ORDER_HELP = (
+    "Which masked positions a rollout step commits, a rule registered in opdlm_trl.sampling.COMMIT_RULES (add one "
+    f"with register_commit_rule): {_registered(COMMIT_RULES)}."
 )
 _TEACHER_BACKEND_HELP = (
     f"'{AUTO}' (shared with peft and no teacher model, local otherwise) or a kind registered in "
@@ -284,15 +288,7 @@ class OPDConfig(DiffusionTrainingConfig):
             "least the static count) or 'static' (a fixed number per step)."
         },
     )
-    commit_order: str = field(
-        default="confidence",
-        metadata={
-            "help": "Which masked positions a rollout step commits: 'confidence' (the most confident anywhere in "
-            "the block) or 'left_to_right' (the frontier, then each next masked position while it clears the "
-            "threshold, so committed tokens always form a prefix of the block: every commit is conditioned "
-            "only on its left, as the teacher's target is)."
-        },
-    )
+    commit_order: str = field(default="confidence", metadata={"help": _COMMIT_ORDER_HELP})
     threshold: float = field(
         default=0.9,
         metadata={

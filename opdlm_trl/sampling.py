@@ -3,9 +3,10 @@
 The student decodes the completion block by block, left to right. Inside the current block every
 position starts as ``[MASK]``; each denoising step predicts all masked positions, draws a candidate
 per position and commits some of them (``static``: a fixed number per step; ``dynamic``: everything
-above a threshold, never fewer than the static schedule), either the most confident ones anywhere in the
-block (``commit_order="confidence"``) or in reading order from the block's frontier
-(``"left_to_right"``, so committed tokens always form a prefix of the block). Earlier blocks are final, so
+above a threshold, never fewer than the static schedule), chosen by a commit rule registered in
+:data:`COMMIT_RULES` (``commit_order``): the most confident ones anywhere in the block (``"confidence"``) or in
+reading order from the block's frontier (``"left_to_right"``, so committed tokens always form a prefix of the
+block); :func:`register_commit_rule` adds one. Earlier blocks are final, so
 with block-causal attention their keys/values are cached exactly: the prompt is prefilled once,
 each step forwards only the current block against the cache and crops the cache back, and the
 clean block is committed to the cache by the first forward of the next block (one forward of
@@ -22,7 +23,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
 
 import torch
@@ -42,7 +43,8 @@ from .masks import (
 from .modeling import diffusion_settings, restrict_to_teacher_vocab, student_forward, unwrap_model
 
 __all__ = [
-    "COMMIT_ORDERS",
+    "COMMIT_RULES",
+    "CommitRule",
     "DEFAULT_STOP_TOKENS",
     "DiffusionSampler",
     "Rollout",
@@ -50,12 +52,48 @@ __all__ = [
     "StepRecord",
     "default_stop_token_ids",
     "generate",
+    "register_commit_rule",
 ]
 
 DEFAULT_STOP_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end_of_text|>")
 REMASKING = ("static", "dynamic")
 CONFIDENCE = ("prob", "margin", "entropy")
-COMMIT_ORDERS = ("confidence", "left_to_right")
+
+# A commit rule picks which masked positions of a block a denoising step commits:
+#   rule(confidence (A, K) float, masked (A, K) bool, count (A,) long, config: SamplerConfig) -> (A, K) bool
+# ``count`` is the static schedule's number for this step (``block_size // steps_per_block``, everything left at the
+# block's last step); a rule returns a subset of ``masked`` with at least ``count`` positions per row (the sampler
+# checks), and may take more (dynamic decoding: ``config.remasking`` / ``config.threshold``).
+CommitRule = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, "SamplerConfig"], torch.Tensor]
+
+# name -> rule. SamplerConfig checks ``commit_order`` against it (so OPDConfig does, when a config is made),
+# ``opdlm-eval --commit-orders`` offers its names and OPDConfig's help lists it: a rule registered here, from any
+# module, needs no other change.
+COMMIT_RULES: dict[str, CommitRule] = {}
+
+
+def register_commit_rule(name: str, rule: CommitRule | None = None, *, replace: bool = False):
+    """Make ``name`` a valid ``commit_order`` decided by ``rule`` (a :data:`CommitRule`).
+
+    Call it directly, ``register_commit_rule("mine", rule)``, or as a decorator, ``@register_commit_rule("mine")``;
+    register before the config that names it is made (its check reads the registry). The rule's first docstring
+    line is its summary in ``OPDConfig``'s help. A second rule under a taken name is refused unless
+    ``replace=True``, so two modules cannot silently shadow each other.
+    """
+
+    def add(function: CommitRule) -> CommitRule:
+        if not callable(function):
+            raise TypeError(f"register_commit_rule({name!r}) needs a callable, got {type(function).__name__}.")
+        taken = COMMIT_RULES.get(name)
+        if taken is not None and taken is not function and not replace:
+            raise ValueError(
+                f"A commit rule named {name!r} is already registered ({taken.__module__}.{taken.__qualname__}); "
+                "choose another name or pass replace=True."
+            )
+        COMMIT_RULES[name] = function
+        return function
+
+    return add if rule is None else add(rule)
 
 
 @dataclass
@@ -75,13 +113,14 @@ class SamplerConfig:
             position whose confidence is >= ``threshold``, at least the static count).
         threshold: confidence threshold of ``dynamic`` remasking (paper / Fast-dLLM: 0.9). In
             ``[0, 1]`` for ``prob`` and ``margin``, ``<= 0`` for ``entropy``.
-        commit_order: which masked positions a step commits. ``"confidence"`` (default): the most confident
-            anywhere in the block. ``"left_to_right"``: the frontier (first masked position) and the static
-            count of positions after it, then (``dynamic``) each next masked position while its confidence
-            reaches ``threshold``; committed tokens always form a prefix of the block. OPD's target at a masked
-            position is the teacher's ``p_T(. | x_<i)``, which conditions on the left only, so a token
-            committed right of the frontier is never trained to agree with what is later filled in to its
-            left; this order never makes such a commit (static with one token a step = AR order).
+        commit_order: which masked positions a step commits: a rule registered in :data:`COMMIT_RULES`
+            (:func:`register_commit_rule` adds one). ``"confidence"`` (default): the most confident anywhere in
+            the block. ``"left_to_right"``: the frontier (first masked position) and the static count of
+            positions after it, then (``dynamic``) each next masked position while its confidence reaches
+            ``threshold``; committed tokens always form a prefix of the block. OPD's target at a masked position
+            is the teacher's ``p_T(. | x_<i)``, which conditions on the left only, so a token committed right of
+            the frontier is never trained to agree with what is later filled in to its left; this order never
+            makes such a commit (static with one token a step = AR order).
         confidence: ranking score of a candidate, from the UNFILTERED softmax of the student's
             logits (temperature 1, before top-k/top-p; ``[MASK]`` and rows beyond the teacher
             vocabulary excluded): ``"prob"`` = probability of the sampled candidate, ``"margin"`` =
@@ -141,10 +180,10 @@ class SamplerConfig:
             )
         if self.remasking not in REMASKING:
             raise ValueError(f"remasking must be one of {REMASKING}, got {self.remasking!r}.")
-        if self.commit_order not in COMMIT_ORDERS:
+        if self.commit_order not in COMMIT_RULES:
             raise ValueError(
-                f"commit_order must be one of {COMMIT_ORDERS} ('confidence': most confident anywhere in the block; "
-                f"'left_to_right': from the block's frontier in reading order), got {self.commit_order!r}."
+                f"commit_order={self.commit_order!r} is not a registered commit rule; registered: "
+                f"{tuple(COMMIT_RULES)} (add one with opdlm_trl.sampling.register_commit_rule)."
             )
         if self.confidence not in CONFIDENCE:
             raise ValueError(f"confidence must be one of {CONFIDENCE}, got {self.confidence!r}.")
@@ -275,32 +314,53 @@ def _commit_mask(
 ) -> torch.Tensor:
     """Which masked positions to commit at this step, ``(A, block_size)`` bool.
 
-    Static: ``block_size // steps`` per step, everything left at the last step. Dynamic: also every
-    position whose confidence is >= threshold. ``config.commit_order`` decides which positions those are:
-    ``"confidence"`` ranks the masked positions of the whole block by confidence (the dynamic count is
-    then the number above threshold, never below the static count); ``"left_to_right"`` takes the static
-    count from the frontier on, then extends the run while the next masked position clears the threshold.
+    The static schedule commits ``block_size // steps`` per step and everything left at the last step; the rule
+    registered as ``config.commit_order`` decides which positions (and, dynamic, how many more). A rule that takes
+    fewer than the schedule would leave the block undecoded, so it is refused here, naming the rule.
     """
     remaining = masked.sum(-1)
     per_step = block_size // steps
     count = remaining if step >= steps - 1 else remaining.clamp(max=per_step)
-    if config.commit_order == "left_to_right":
-        return _commit_left_to_right(confidence, masked, count, config)
+    commit = COMMIT_RULES[config.commit_order](confidence, masked, count, config) & masked
+    if (commit.sum(-1) < count).any():
+        raise ValueError(
+            f"Commit rule {config.commit_order!r} committed fewer masked positions than the step's schedule "
+            "(`count`: block_size // steps_per_block, all that remain at the block's last step); a rule must "
+            "return at least `count` of the `masked` positions per row."
+        )
+    return commit
+
+
+@register_commit_rule("confidence")
+def _commit_by_confidence(
+    confidence: torch.Tensor, masked: torch.Tensor, count: torch.Tensor, config: SamplerConfig
+) -> torch.Tensor:
+    """The most confident masked positions anywhere in the block (dynamic: also every one at or above the threshold).
+
+    The dynamic count is the number of masked positions at or above ``threshold``, never below the static count.
+    """
     score = confidence.masked_fill(~masked, float("-inf"))
     if config.remasking == "dynamic":
         above = ((score >= config.threshold) & masked).sum(-1)
-        count = torch.maximum(count, above).minimum(remaining)
+        count = torch.maximum(count, above).minimum(masked.sum(-1))
     order = torch.sort(score, dim=-1, descending=True, stable=True).indices
-    rank = torch.empty_like(order).scatter_(-1, order, torch.arange(block_size, device=order.device).expand_as(order))
+    ranks = torch.arange(masked.shape[-1], device=order.device).expand_as(order)
+    rank = torch.empty_like(order).scatter_(-1, order, ranks)
     return (rank < count.unsqueeze(-1)) & masked
 
 
+@register_commit_rule("left_to_right")
 def _commit_left_to_right(
     confidence: torch.Tensor, masked: torch.Tensor, count: torch.Tensor, config: SamplerConfig
 ) -> torch.Tensor:
-    """The first ``count`` masked positions in reading order, then (dynamic) the unbroken run after them whose
+    """From the block's frontier in reading order, so committed tokens always form a prefix of the block.
+
+    The first ``count`` masked positions in reading order, then (dynamic) the unbroken run after them whose
     confidence reaches the threshold. Committed positions are skipped over, so the run is over masked ones;
-    ``count >= 1`` whenever a mask is left, so the frontier is always committed."""
+    ``count >= 1`` whenever a mask is left, so the frontier is always committed. OPD's target at a masked position
+    is the teacher's ``p_T(. | x_<i)``, which conditions on the left only: this order never commits right of a
+    still-masked position, so every commit is one the training checks (static with one token a step = AR order).
+    """
     reading_rank = masked.long().cumsum(-1) - 1  # 0 at the frontier, 1 at the next masked position, ...
     takes = ~masked | (reading_rank < count.unsqueeze(-1))
     if config.remasking == "dynamic":

@@ -258,7 +258,7 @@ def evaluate_student(
     (``static_nll``, ``dynamic_nll``, ``teacher_nll``) and the dynamic decoding's ``out_of_order_rate``.
     """
     from .eval import evaluate_model
-    from .eval.cli import student_system
+    from .eval.report import student_system
     from .modeling import diffusion_settings
 
     report = evaluate_model(

@@ -28,7 +28,7 @@ from .batch import SupervisedRows, TrainingBatch
 from .config import DiffusionTrainingConfig, OPDConfig
 from .curriculum import completion_length, rollout_threshold
 from .diffusion_trainer import DiffusionTrainer, OPDProgress, is_converted, load_pretrained, load_student
-from .eval.diagnostics import (
+from .diagnostics import (
     offset_confidence_metrics,
     offset_confidence_sums,
     out_of_order_commits,

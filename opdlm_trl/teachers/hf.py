@@ -143,6 +143,10 @@ class _CausalLMScorer(TeacherBackend):
             self.model, self.vocab_size, self.exclude_token_ids, base_weights=hasattr(self.model, "peft_config")
         )
 
+    def causal_lm(self) -> contextlib.AbstractContextManager[torch.nn.Module]:
+        """The scored model with its peft adapters off (the original ARLM; a plain model as it is)."""
+        return adapters_disabled(self.model)
+
     def score(self, prompt_ids, prompt_mask, completion_ids, completion_mask, top_k: int | None) -> TeacherTargets:
         return score_causal_lm(
             self.model,

@@ -10,6 +10,7 @@ per-position ``{token id: logprob}`` maps into targets (:func:`targets_from_logp
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
@@ -155,6 +156,9 @@ class TeacherBackend:
       copy of the student before conversion) when none is given.
     * ``option_fields``: ``{build_teacher keyword: OPDConfig field}``, the config fields the backend is built with
       (:meth:`opdlm_trl.OPDConfig.teacher_options`).
+
+    :meth:`causal_lm` says whether the teacher can also *write* (its own greedy answers, the AR reference row of
+    :func:`opdlm_trl.eval.evaluate_model`) or only scores.
     """
 
     scores_padded_batch: ClassVar[bool] = False
@@ -166,6 +170,11 @@ class TeacherBackend:
     def from_context(cls, context: TeacherContext, **options: Any) -> Teacher:
         """Build the backend from what the factory knows and its options (default: ``cls(**options)``)."""
         return cls(**options)
+
+    def causal_lm(self) -> contextlib.AbstractContextManager[torch.nn.Module | None]:
+        """A context yielding the teacher as an HF causal LM that can ``generate`` its own answers, or None (the
+        default) for a backend that only scores, such as a vLLM server."""
+        return contextlib.nullcontext()
 
 
 class TeacherServerError(RuntimeError):

@@ -10,7 +10,7 @@ from opdlm_trl.baselines import MDLMConfig
 from opdlm_trl.config import DiffusionTrainingConfig
 from opdlm_trl.curriculum import RAMPS, SCHEDULES
 from opdlm_trl.losses import DIVERGENCES, NORMALIZATIONS
-from opdlm_trl.sampling import COMMIT_ORDERS, CONFIDENCE, REMASKING, SamplerConfig
+from opdlm_trl.sampling import COMMIT_RULES, CONFIDENCE, REMASKING, SamplerConfig
 from opdlm_trl.states import SELECTIONS
 from opdlm_trl.teachers import TEACHERS
 
@@ -56,7 +56,7 @@ def test_the_given_text_config_has_no_rollout_field():
         ({"top_p": 0.0}, r"top_p must be in \(0, 1\]"),
         ({"remasking": "greedy"}, "remasking must be one of"),
         ({"confidence": "logit"}, "confidence must be one of"),
-        ({"commit_order": "random"}, "commit_order must be one of"),
+        ({"commit_order": "random"}, "commit_order=.random. is not a registered commit rule"),
     ],
 )
 def test_sampler_errors_are_the_samplers_own_at_config_time(overrides, message):
@@ -88,7 +88,7 @@ def test_rollout_sampler_config_maps_the_rollout_fields():
         ("threshold_schedule", RAMPS),
         ("loss_normalization", NORMALIZATIONS),
         ("remasking", REMASKING),
-        ("commit_order", COMMIT_ORDERS),
+        ("commit_order", COMMIT_RULES),
     ],
 )
 def test_every_choice_of_the_owning_module_is_accepted_and_nothing_else(name, choices):

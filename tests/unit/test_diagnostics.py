@@ -10,8 +10,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from opdlm_trl.eval import cli as eval_cli
-from opdlm_trl.eval.diagnostics import (
+from opdlm_trl.diagnostics import (
     OffsetConfidence,
     OracleCeiling,
     chain_bound_steps,
@@ -21,6 +20,8 @@ from opdlm_trl.eval.diagnostics import (
     out_of_order_commits,
     top1_probability,
 )
+from opdlm_trl.eval import evaluate_model
+from opdlm_trl.eval.cli import main as eval_main
 from opdlm_trl.masks import frontier_offsets
 from opdlm_trl.modeling import to_diffusion
 from opdlm_trl.sampling import StepRecord
@@ -187,7 +188,7 @@ def test_threshold_sweep_cli_reports_rows_ceiling_confidence_and_plot(tmp_path, 
     argv = ["--student", str(tmp_path / "student"), "--teacher", str(tmp_path / "teacher"), "--dataset", str(data)]
     argv += ["--max-new-tokens", "8", "--decodings", "dynamic", "--thresholds", "0.9", "0.3"]
     argv += ["--output", str(output), "--plot", str(plot)]
-    assert eval_cli.main(argv) == 0
+    assert eval_main(argv) == 0
 
     report = json.loads(output.read_text())
     dynamic = {"student_dynamic@0.3", "student_dynamic@0.9"}
@@ -228,7 +229,7 @@ def test_own_text_ceiling_is_the_chain_bound_of_the_rows_own_scored_text(make_mo
     teacher = make_model("llama")
     student, student_tokenizer = to_diffusion(copy.deepcopy(teacher), tokenizer, block_size=4, shift=True)
     prompts = Dataset.from_list([{"prompt": "def add(a, b):"}, {"prompt": "for i in range(10):"}])
-    report = eval_cli.evaluate_model(
+    report = evaluate_model(
         student, teacher=teacher, tokenizer=student_tokenizer, dataset=prompts, max_new_tokens=8,
         decodings=("static",), teacher_generate=False, threshold=0.5, commit_orders=("left_to_right",),
     )  # fmt: skip
@@ -251,8 +252,8 @@ def test_own_text_ceiling_is_the_chain_bound_of_the_rows_own_scored_text(make_mo
 
 def test_sweep_input_is_checked_before_any_model_loads():
     with pytest.raises(ValueError, match="commit_orders must be"):
-        eval_cli.evaluate_model("no/such/student", commit_orders=("random",))
+        evaluate_model("no/such/student", commit_orders=("random",))
     with pytest.raises(ValueError, match="include 'dynamic'"):
-        eval_cli.evaluate_model("no/such/student", thresholds=[0.9], decodings=("static",))
+        evaluate_model("no/such/student", thresholds=[0.9], decodings=("static",))
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
-        eval_cli.evaluate_model("no/such/student", thresholds=[0.5, 1.5])
+        evaluate_model("no/such/student", thresholds=[0.5, 1.5])

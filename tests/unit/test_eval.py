@@ -14,7 +14,8 @@ import torch
 from datasets import Dataset
 
 from opdlm_trl.data import humaneval_prompt_dataset
-from opdlm_trl.eval import cli as eval_cli
+from opdlm_trl.eval import evaluate_model, format_table
+from opdlm_trl.eval.cli import main as eval_main
 from opdlm_trl.eval.metrics import (
     check_humaneval,
     exact_match,
@@ -169,7 +170,7 @@ def test_student_nll_of_teacher_text_is_the_teacher_nll_for_a_block_one_student(
     """opdlm-eval's ``student_nll_per_token`` (exact likelihood) is the teacher's own NLL when they are one model."""
     teacher = make_model("llama")
     student, student_tokenizer = to_diffusion(copy.deepcopy(teacher), tokenizer, block_size=1, shift=True)
-    report = eval_cli.evaluate_model(
+    report = evaluate_model(
         student, teacher=teacher, tokenizer=student_tokenizer, dataset=Dataset.from_list(problems[:1]),
         max_new_tokens=4, max_prompt_length=24, decodings=["static"], device="cpu",
     )  # fmt: skip
@@ -180,7 +181,7 @@ def test_student_nll_of_teacher_text_is_the_teacher_nll_for_a_block_one_student(
 def test_evaluate_model_side_by_side(tiny_pair, problems):
     teacher, student, tokenizer = tiny_pair
     dataset = Dataset.from_list(problems)
-    report = eval_cli.evaluate_model(
+    report = evaluate_model(
         student, teacher=teacher, tokenizer=tokenizer, dataset=dataset, max_new_tokens=6, max_prompt_length=40
     )
     assert report["num_prompts"] == 2 and report["settings"]["max_new_tokens"] == 8  # rounded up to blocks
@@ -199,7 +200,7 @@ def test_evaluate_model_side_by_side(tiny_pair, problems):
     assert 0.0 <= static["top1_agreement"] <= 1.0 and 0.0 <= dynamic["top1_agreement"] <= 1.0
     assert [sample["id"] for sample in report["samples"]] == [p["task_id"] for p in problems]
     assert set(report["samples"][0]["passed"]) == set(results)
-    assert "student_static" in eval_cli.format_table(report)
+    assert "student_static" in format_table(report)
 
 
 def test_cli_writes_strict_json(tmp_path, tiny_pair, capsys):
@@ -213,7 +214,7 @@ def test_cli_writes_strict_json(tmp_path, tiny_pair, capsys):
     argv = ["--student", str(tmp_path / "student"), "--teacher", str(tmp_path / "teacher"), "--dataset", str(data)]
     argv += ["--max-new-tokens", "4", "--decodings", "dynamic", "--output", str(output)]
     argv += ["--device", "cpu", "--dtype", "bf16"]
-    assert eval_cli.main(argv) == 0
+    assert eval_main(argv) == 0
     report = json.loads(output.read_text(), parse_constant=lambda name: pytest.fail(f"non-JSON constant {name}"))
     # the CLI runs both commit orders by default
     assert set(report["results"]) == {"student_dynamic", "student_dynamic_left_to_right", "teacher_ar"}

@@ -118,7 +118,7 @@ def test_one_stop_rule_for_training_generation_and_evaluation(qwen3_pair, tmp_pa
 
 def test_generate_eval_and_teacher_answers_render_non_thinking_prompts(qwen3_pair, tmp_path, monkeypatch):
     from opdlm_trl.baselines import teacher_responses
-    from opdlm_trl.eval.cli import evaluate_model
+    from opdlm_trl.eval import evaluate_model
 
     teacher, tokenizer = qwen3_pair()
     student, student_tokenizer = to_diffusion(*qwen3_pair(), block_size=4)

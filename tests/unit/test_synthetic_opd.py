@@ -2,7 +2,7 @@
 
 A tiny Llama is trained from scratch on a synthetic language (:mod:`opdlm_trl.synthetic`) in which most tokens are
 deterministic (a counter, fixed phrases, copies of the prompt) and one token in four to eight is a random choice.
-Its chain-bound oracle ceiling (:mod:`opdlm_trl.eval.diagnostics`) at threshold 0.9, block 4, is >= 2 tokens per
+Its chain-bound oracle ceiling (:mod:`opdlm_trl.diagnostics`) at threshold 0.9, block 4, is >= 2 tokens per
 forward. OPD then converts it through the public API (``OPDTrainer`` + ``OPDConfig``, the trainer's normal path, a
 full fine-tune in float32), and the converted student must reach >= 90% of that ceiling in dynamic decoding at 0.9
 (the project's sampler) while its static greedy text keeps the teacher's quality (teacher NLL per token within

@@ -1,65 +1,57 @@
 """Parallel-decoding diagnostics: how much parallelism is reachable, and what the student does.
 
-Four views, reported by ``opdlm-eval`` (``docs/evaluation.md``):
+Pure tensor functions and tallies, shared by the trainer's metrics (:class:`opdlm_trl.OPDTrainer` logs the
+out-of-order rate and the confidence by offset from its own rollouts and logits) and by evaluation
+(:mod:`opdlm_trl.eval` reports them for every student row, ``docs/evaluation.md``). Nothing here loads a model or
+imports :mod:`opdlm_trl.eval`, so training never loads the evaluation CLI or its code sandbox.
 
 * **Oracle ceiling** (a conservative chain bound): on a greedy text (the teacher's own; and, beside it,
   each student row's own output: how much parallelism the text the student actually writes allows),
-  a position ``j``
-  whose left neighbours ``i..j-1`` in its block are still masked can be predicted by a perfectly
-  distilled student with confidence at least ``prod_{k=i..j} p_T(x_k | x_<k)``: its prediction is
+  a position ``j`` whose left neighbours ``i..j-1`` in its block are still masked can be predicted by a
+  perfectly distilled student with confidence at least ``prod_{k=i..j} p_T(x_k | x_<k)``: its prediction is
   the teacher's marginal over the unknown neighbours, a sum in which the greedy path is one term.
   Conservative twice over (other paths add probability; the student may also be sure of a different
-  token). A student that commits every position
-  whose bound reaches the threshold needs one denoising step per chain restart;
-  ``tokens / steps`` is the tokens per forward it reaches (:func:`chain_bound_steps`,
-  :func:`oracle_ceiling`, :func:`teacher_oracle_ceiling`).
+  token). A student that commits every position whose bound reaches the threshold needs one denoising step per
+  chain restart; ``tokens / steps`` is the tokens per forward it reaches (:func:`chain_bound_steps`,
+  :func:`oracle_ceiling`, :class:`OracleCeiling`; :func:`opdlm_trl.eval.teacher_oracle_ceiling` runs it on a
+  teacher's greedy answers).
 * **Confidence by offset**: the student's top-1 probability at a masked position ``d`` places right
   of its block's frontier (first still-masked position), beside the teacher's max probability there.
   A student stuck at ~1 token per forward is confident at ``d = 0`` only.
 * **Out-of-order commits**: the fraction of the student's commits made while a position to their left
   in the block was still masked (:func:`out_of_order_commits`); OPD's targets condition on the left
   only, so these are the commits its training never checks. ``0`` for ``commit_order="left_to_right"``.
-* **Threshold sweep**: dynamic decoding at several thresholds, quality vs tokens per forward beside
-  the AR teacher and the oracle ceiling (:func:`threshold_sweep`, :func:`plot_sweep`).
 
-Everything here but the orchestration functions is a pure tensor function, so the trainer can log the
-same offset metrics from its own logits (:func:`offset_confidence_sums`).
+The threshold sweep (dynamic decoding at several thresholds beside the AR teacher and the oracle ceiling) is
+evaluation: :func:`opdlm_trl.eval.threshold_sweep`, drawn by :func:`opdlm_trl.eval.report.plot_sweep`.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable
 from typing import Any
 
 import torch
 
-from ..masks import blocks_needed, frontier_offsets
-from ..modeling import suppress_mask_logit
+from .masks import blocks_needed, frontier_offsets
+from .modeling import suppress_mask_logit
 
 __all__ = [
     "CEILING_NOTE",
-    "OWN_TEXT_NOTE",
-    "DEFAULT_SWEEP",
     "HISTOGRAM_BINS",
+    "OWN_TEXT_NOTE",
     "OffsetConfidence",
     "OracleCeiling",
     "chain_bound_steps",
-    "format_sweep",
     "offset_confidence_metrics",
     "offset_confidence_sums",
     "oracle_ceiling",
     "out_of_order_commits",
-    "plot_sweep",
-    "sweep_rows",
-    "sweep_system",
-    "teacher_oracle_ceiling",
     "teacher_top1_logprob",
-    "threshold_sweep",
     "top1_probability",
 ]
 
-DEFAULT_SWEEP = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
 HISTOGRAM_BINS = 10  # bins of 0.1 over [0, 1]
 DEFAULT_OFFSETS = 4  # frontier offsets 0..3
 CEILING_NOTE = (
@@ -164,39 +156,6 @@ class OracleCeiling:
             "note": self.note,
             "by_block": {str(b): {f"{t:g}": self.ceiling(b, t) for t in self.thresholds} for b in self.block_sizes},
         }
-
-
-@torch.no_grad()
-def teacher_oracle_ceiling(
-    teacher,
-    tokenizer,
-    prompts: Sequence[Sequence[int]],
-    max_new_tokens: int,
-    block_sizes: Iterable[int | None] = (4,),
-    thresholds: Iterable[float] = DEFAULT_SWEEP,
-    batch_size: int = 8,
-    stop_token_ids: Sequence[int] | None = None,
-) -> OracleCeiling:
-    """Generate the teacher's greedy completions (HF ``generate``), score them, pool the chain bound.
-
-    ``teacher`` is an HF causal LM; ``prompts`` token-id lists (e.g. :func:`opdlm_trl.data.tokenize_prompts`).
-    Stop tokens default to :func:`opdlm_trl.sampling.default_stop_token_ids`.
-    """
-    from ..autoregressive import autoregressive_greedy
-    from ..sampling import default_stop_token_ids
-    from ..teachers import LocalTeacher
-
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
-    stop_ids = list(stop_token_ids) if stop_token_ids is not None else default_stop_token_ids(tokenizer)
-    scorer, tally = LocalTeacher(teacher), OracleCeiling(block_sizes, thresholds)
-    for start in range(0, len(prompts), batch_size):
-        prompt_ids, prompt_mask, completion_ids, completion_mask = autoregressive_greedy(
-            teacher, prompts[start : start + batch_size], tokenizer.pad_token_id, max_new_tokens, stop_ids
-        )
-        targets = scorer.score(prompt_ids, prompt_mask, completion_ids, completion_mask, 1)
-        tally.add(targets.token_logprobs.cpu(), targets.mask.cpu())
-    return tally
 
 
 # ------------------------------------------------------------------------------------ out-of-order commits
@@ -374,159 +333,3 @@ class OffsetConfidence:
             "student_hist": self.student_hist.tolist(),
             "teacher_hist": self.teacher_hist.tolist() if has_teacher else None,
         }
-
-
-# ------------------------------------------------------------------------------------------ threshold sweep
-
-
-def sweep_system(threshold: float, commit_order: str = "confidence") -> str:
-    """Result-row name of dynamic decoding at ``threshold`` in a sweep (``student_dynamic@0.9``; with the
-    left-to-right commit order ``student_dynamic_left_to_right@0.9``)."""
-    order = "" if commit_order == "confidence" else f"_{commit_order}"
-    return f"student_dynamic{order}@{threshold:g}"
-
-
-def sweep_rows(report: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """One row per dynamic-decoding (commit order, threshold) of an :func:`opdlm_trl.eval.evaluate_model` report.
-
-    Sorted by commit order, then threshold. Each row: ``threshold``, ``commit_order``, ``system`` and the
-    row's ``tokens_per_forward``, ``teacher_nll_per_token``, ``top1_agreement``, ``pass_at_1``,
-    ``tokens_per_second``, ``out_of_order_rate``, ``oracle_ceiling`` (None without an AR teacher run) and
-    ``own_text_ceiling`` (the chain bound on the row's own text at its threshold; None without a teacher).
-    """
-    keys = ("tokens_per_forward", "teacher_nll_per_token", "top1_agreement", "pass_at_1", "tokens_per_second")
-    rows = []
-    for name, metrics in report["results"].items():
-        if "threshold" not in metrics:
-            continue
-        row = {"threshold": metrics["threshold"], "commit_order": metrics.get("commit_order", "confidence")}
-        row["system"] = name
-        row.update({key: metrics.get(key) for key in keys})
-        row["out_of_order_rate"] = metrics.get("out_of_order_rate")
-        row["oracle_ceiling"] = metrics.get("oracle_ceiling")
-        row["own_text_ceiling"] = (metrics.get("own_text_oracle_ceiling") or {}).get(f"{metrics['threshold']:g}")
-        rows.append(row)
-    return sorted(rows, key=lambda row: (row["commit_order"], row["threshold"]))
-
-
-def _cell(value, digits: int = 3) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "-"
-    return f"{value:.{digits}f}"
-
-
-def format_sweep(report: Mapping[str, Any]) -> str:
-    """Fixed-width table of the sweep (one line per commit order and threshold) with the AR teacher's row below.
-
-    ``oracle``: the chain bound on the teacher's text; ``own-text``: the same bound on the row's own output;
-    ``out-of-order``: the fraction of the row's commits made right of a still-masked position.
-    """
-    header = ("order", "threshold", "tok/fwd", "oracle", "own-text", "NLL/tok", "top1-agr", "out-of-order", "pass@1")
-    header += ("tok/s",)
-    lines = [header]
-    for row in report.get("sweep", []):
-        lines.append(
-            (
-                row.get("commit_order", "confidence"),
-                f"{row['threshold']:g}",
-                _cell(row["tokens_per_forward"], 2),
-                _cell(row["oracle_ceiling"], 2),
-                _cell(row.get("own_text_ceiling"), 2),
-                _cell(row["teacher_nll_per_token"]),
-                _cell(row["top1_agreement"]),
-                _cell(row.get("out_of_order_rate")),
-                _cell(row["pass_at_1"]),
-                _cell(row["tokens_per_second"], 1),
-            )
-        )
-    teacher = report["results"].get("teacher_ar")
-    if teacher is not None:
-        lines.append(
-            (
-                "teacher_ar",
-                "-",
-                _cell(teacher["tokens_per_forward"], 2),
-                "-",
-                "-",
-                _cell(teacher["teacher_nll_per_token"]),
-                _cell(teacher["top1_agreement"]),
-                "-",
-                _cell(teacher["pass_at_1"]),
-                _cell(teacher["tokens_per_second"], 1),
-            )
-        )
-    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)) for line in lines)
-
-
-def plot_sweep(report: Mapping[str, Any], path: str) -> str:
-    """PNG of quality (teacher NLL, top-1 agreement) vs tokens per forward: student sweep, oracle, AR teacher.
-
-    The oracle points sit at the teacher's own quality (its greedy text: its NLL, agreement 1.0) and
-    the chain-bound tokens per forward of each threshold; the AR teacher is the point at 1.0 token per
-    forward. Needs matplotlib (the ``eval`` extra); uses the Agg backend (no display).
-    """
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as error:
-        raise ImportError("plot_sweep needs matplotlib: pip install 'opdlm-trl[eval]'.") from error
-    rows = report.get("sweep") or sweep_rows(report)
-    if not rows:
-        raise ValueError("The report has no dynamic-decoding rows to plot; run with decodings including 'dynamic'.")
-    teacher = report["results"].get("teacher_ar")
-    figure, axes = plt.subplots(1, 2, figsize=(10, 4))
-    panels = (
-        ("teacher_nll_per_token", "teacher NLL / token (lower is better)"),
-        ("top1_agreement", "top-1 agreement"),
-    )
-    for axis, (key, label) in zip(axes, panels, strict=True):
-        for order in dict.fromkeys(r.get("commit_order", "confidence") for r in rows):
-            points = [
-                (r["tokens_per_forward"], r[key], r["threshold"])
-                for r in rows
-                if r[key] is not None and r.get("commit_order", "confidence") == order
-            ]
-            if points:
-                axis.plot([p[0] for p in points], [p[1] for p in points], "o-", label=f"student (dynamic, {order})")
-                for x, y, threshold in points:
-                    axis.annotate(f"{threshold:g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
-        if teacher is not None and teacher.get(key) is not None:
-            axis.plot([1.0], [teacher[key]], "k*", markersize=12, label="AR teacher")
-            oracle = {r["threshold"]: r["oracle_ceiling"] for r in rows if r["oracle_ceiling"] is not None}
-            oracle = [(value, threshold) for threshold, value in oracle.items()]
-            if oracle:
-                axis.plot([o[0] for o in oracle], [teacher[key]] * len(oracle), "s--", color="gray",
-                          label="oracle ceiling (chain bound)")  # fmt: skip
-                for x, threshold in oracle:
-                    axis.annotate(f"{threshold:g}", (x, teacher[key]), textcoords="offset points", xytext=(4, -10),
-                                  fontsize=8, color="gray")  # fmt: skip
-        axis.set_xlabel("tokens per forward")
-        axis.set_ylabel(label)
-        axis.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
-    figure.suptitle(f"threshold sweep, block {report['settings'].get('block_size')}, {report['num_prompts']} prompts")
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
-    return path
-
-
-def threshold_sweep(
-    student, teacher=None, thresholds: Sequence[float] = DEFAULT_SWEEP, plot: str | None = None, **evaluate_kwargs
-) -> dict[str, Any]:
-    """Dynamic decoding at each threshold beside the AR teacher and the oracle ceiling (one report).
-
-    A thin layer over :func:`opdlm_trl.eval.evaluate_model` (``evaluate_kwargs`` go there; default
-    ``decodings=("dynamic",)``): the report's ``sweep`` lists one row per threshold
-    (:func:`sweep_rows`); ``plot`` also writes :func:`plot_sweep`'s PNG there.
-    """
-    from .cli import evaluate_model
-
-    evaluate_kwargs.setdefault("decodings", ("dynamic",))
-    report = evaluate_model(student, teacher=teacher, thresholds=thresholds, **evaluate_kwargs)
-    if plot:
-        plot_sweep(report, plot)
-    return report
