@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import time
 from dataclasses import dataclass, field
 
 import torch
@@ -30,11 +29,8 @@ from transformers import AutoTokenizer
 from trl import ModelConfig, ScriptArguments, TrlParser, get_peft_config
 
 from opdlm_trl import OPDConfig, OPDTrainer
-from opdlm_trl.autoregressive import autoregressive_greedy
-from opdlm_trl.data import default_model_dir, humaneval_prompt_dataset, load_prompt_dataset, render_prompts
-from opdlm_trl.modeling import adapters_disabled
-from opdlm_trl.sampling import DiffusionSampler
-from opdlm_trl.teachers import LocalTeacher, SharedWeightsTeacher
+from opdlm_trl.data import default_model_dir, humaneval_prompt_dataset, load_prompt_dataset
+from opdlm_trl.eval import EvalSettings, evaluate_model, format_table
 from opdlm_trl.trainer import load_pretrained
 
 EMBEDDED = "embedded"
@@ -75,110 +71,36 @@ def load_datasets(script_args: ConvertArguments):
     return train, heldout
 
 
-def _score_row(trainer, rollout_or_rows, seconds: float, forwards: int) -> dict:
-    """Teacher NLL per token of a decoded batch, its tokens per forward (per row) and tokens per second."""
-    prompt_ids, prompt_mask, completion_ids, completion_mask = rollout_or_rows
-    targets = trainer.teacher.score(prompt_ids, prompt_mask, completion_ids, completion_mask, top_k=1)
-    mask = completion_mask.bool()
-    tokens = int(mask.sum())
-    return {
-        "teacher_nll_per_token": (-targets.token_logprobs[mask]).mean().item() if tokens else float("nan"),
-        "tokens_per_forward": tokens / max(forwards, 1),
-        "tokens_per_second": tokens / seconds if seconds else float("nan"),
-        "tokens": tokens,
-    }
-
-
-def _teacher_model(trainer):
-    """The AR teacher as a model that can ``generate``: a local copy, or the student with adapters off; None for
-    a vLLM teacher (it serves scores only)."""
-    if isinstance(trainer.teacher, LocalTeacher):
-        return contextlib.nullcontext(trainer.teacher.model)
-    if isinstance(trainer.teacher, SharedWeightsTeacher):
-        return adapters_disabled(trainer.accelerator.unwrap_model(trainer.model))
-    return None
-
-
 @torch.no_grad()
-def report(
-    trainer: OPDTrainer, prompts, max_new_tokens: int, title: str, thresholds=(0.9, 0.7), teacher: dict | None = None
-) -> dict:
+def report(trainer: OPDTrainer, prompts, max_new_tokens: int, title: str, thresholds=(0.9, 0.7)) -> dict:
     """Held-out prompts decoded greedily by the student, statically (one token per step: the quality reference) and
     dynamically at each of ``thresholds`` (several tokens per forward where the student is confident), in the
-    training run's ``commit_order``, each with the teacher's NLL per token of what it wrote, tokens per forward and
-    speed. ``teacher=None`` also decodes the teacher itself (HF ``generate``, 1 token per forward: the answer and
-    speed a converted model must match); pass an earlier report's ``teacher`` entry to print it again instead."""
+    training run's ``commit_order``, beside the AR teacher's own greedy answers (none for a vLLM teacher: it only
+    scores). One :func:`opdlm_trl.eval.evaluate_model` call with the trainer's teacher, so the report is
+    ``opdlm-eval``'s: per row teacher NLL per token, top-1 agreement, tokens per forward, speed, out-of-order rate."""
     model = trainer.accelerator.unwrap_model(trainer.model)
-    tokenizer = trainer.processing_class
-    token_lists = render_prompts(prompts, tokenizer, trainer.chat_template_kwargs)
-    stop_ids = list(trainer.eos_token_ids)
-    rows, samples = {}, {}
     was_training = model.training
-    model.eval()
-    decodings = [("static", "static", trainer.args.threshold)]
-    decodings += [(f"dynamic@{value:g}", "dynamic", value) for value in thresholds]
-    for name, remasking, threshold in decodings:
-        config = trainer.args.rollout_sampler_config(
-            max_new_tokens=max_new_tokens,
-            remasking=remasking,
-            threshold=threshold,
-            temperature=0.0,
-            stop_token_ids=stop_ids,
-        )
-        began = time.perf_counter()
-        rollout = DiffusionSampler(config, pad_token_id=tokenizer.pad_token_id).sample(model, token_lists)
-        seconds = time.perf_counter() - began
-        rows[name] = _score_row(
-            trainer,
-            (rollout.prompt_ids, rollout.prompt_mask, rollout.completion_ids, rollout.completion_mask),
-            seconds,
-            int(rollout.block_steps.sum()),
-        )
-        samples[name] = rollout.texts(tokenizer)
-    if teacher is None:
-        teacher = _teacher_answers(trainer, token_lists, max_new_tokens, stop_ids)
-    if teacher is not None:
-        rows["teacher_ar"], samples["teacher_ar"] = teacher["row"], teacher["samples"]
+    settings = EvalSettings(
+        dataset=prompts.select_columns([name for name in ("task_id", "prompt") if name in prompts.column_names]),
+        chat_template_kwargs=trainer.chat_template_kwargs,
+        max_new_tokens=max_new_tokens,
+        thresholds=thresholds,
+        commit_orders=(trainer.args.commit_order,),
+    )  # prompts only: the report decodes and scores, it does not run the dataset's tests
+    result = evaluate_model(model, trainer.teacher, settings, tokenizer=trainer.processing_class)
     model.train(was_training)
     if trainer.accelerator.is_main_process:
-        _print_report(f"{title} (commit order: {trainer.args.commit_order})", rows, samples)
-    return {**rows["static"], "rows": rows, "samples": samples["static"], "all_samples": samples, "teacher": teacher}
+        _print_report(f"{title} (commit order: {trainer.args.commit_order})", result)
+    return result
 
 
-def _teacher_answers(trainer: OPDTrainer, token_lists, max_new_tokens: int, stop_ids) -> dict | None:
-    """The AR teacher's greedy answers, scored like the student's; None for a teacher that only scores (vLLM)."""
-    context = _teacher_model(trainer)
-    if context is None:
-        return None
-    tokenizer = trainer.processing_class
-    with context as ar_model:
-        began = time.perf_counter()
-        ar_rows = autoregressive_greedy(ar_model, token_lists, tokenizer.pad_token_id, max_new_tokens, stop_ids)
-        seconds = time.perf_counter() - began
-    texts = [
-        tokenizer.decode(ids[mask.bool()], skip_special_tokens=True)
-        for ids, mask in zip(ar_rows[2], ar_rows[3], strict=True)
-    ]
-    return {"row": _score_row(trainer, ar_rows, seconds, int(ar_rows[3].sum())), "samples": texts}
-
-
-def _print_report(title: str, rows: dict, samples: dict) -> None:
-    def label(key: str) -> str:
-        if key == "teacher_ar":
-            return "teacher, AR generate"
-        return "student, " + key.replace("@", " ")
-
+def _print_report(title: str, result: dict) -> None:
     print(f"\n===== {title} =====")
-    print(f"{'decoding':<26}{'tokens/forward':>15}{'tokens/s':>10}{'teacher NLL/token':>19}")
-    for key, row in rows.items():
-        print(
-            f"{label(key):<26}{row['tokens_per_forward']:>15.2f}{row['tokens_per_second']:>10.1f}"
-            f"{row['teacher_nll_per_token']:>19.3f}"
-        )
-    for index in range(len(samples["static"])):
+    print(format_table(result))
+    for index, sample in enumerate(result["samples"]):
         print(f"----- prompt {index + 1}")
-        for key in samples:
-            print("-" * 26 + f" {label(key)}:\n" + samples[key][index].strip()[:400])
+        for system, text in sample["outputs"].items():
+            print("-" * 26 + f" {system}:\n" + text.strip()[:400])
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[ConvertArguments, OPDConfig, ModelConfig]:
@@ -255,12 +177,7 @@ def run(script_args: ConvertArguments, training_args: OPDConfig, model_args: Mod
         report(trainer, report_prompts, script_args.report_tokens, "before", thresholds) if report_prompts else None
     )
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    teacher = before["teacher"] if before else None
-    after = (
-        report(trainer, report_prompts, script_args.report_tokens, "after", thresholds, teacher)
-        if report_prompts
-        else None
-    )
+    after = report(trainer, report_prompts, script_args.report_tokens, "after", thresholds) if report_prompts else None
     trainer.save_model(training_args.output_dir)
     if trainer.accelerator.is_main_process:
         tokenizer.save_pretrained(training_args.output_dir)

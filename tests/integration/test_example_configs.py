@@ -46,6 +46,7 @@ import torch
 import yaml
 
 from opdlm_trl import OPDConfig, diffusion_settings, load_diffusion_model
+from opdlm_trl.eval.report import TEACHER_SYSTEM, student_system, sweep_system
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = sorted(path.stem for path in (ROOT / "examples" / "configs").glob("*.yaml"))
@@ -142,15 +143,19 @@ def test_config_trains_two_steps(convert, qwen3_dir, prompt_file, tmp_path, name
     assert trainer.chat_template_kwargs == (config.get("chat_template_kwargs") or {})
     report = json.loads((output_dir / "opd_report.json").read_text())
     assert report["training_tokens"] > 0 and report["after"]["samples"]
-    # the demo's report: static and dynamic (0.9 and 0.7) decoding of the student beside the AR teacher's answers
-    student_rows = {"static", "dynamic@0.9", "dynamic@0.7"}
-    teacher_rows = set() if config.get("teacher_backend") == "vllm_server" else {"teacher_ar"}
-    assert set(report["before"]["rows"]) == set(report["after"]["rows"]) == student_rows | teacher_rows
-    for row in (*report["before"]["rows"].values(), *report["after"]["rows"].values()):
-        assert row["tokens_per_forward"] > 0 and row["tokens_per_second"] > 0
+    # the demo's report (one evaluate_model call): static and dynamic (0.9 and 0.7) decoding of the student in the
+    # run's commit order beside the AR teacher's answers
+    order = trainer.args.commit_order
+    student_rows = {student_system("static", order), sweep_system(0.9, order), sweep_system(0.7, order)}
+    teacher_rows = set() if config.get("teacher_backend") == "vllm_server" else {TEACHER_SYSTEM}
+    before, after = report["before"]["results"], report["after"]["results"]
+    assert set(before) == set(after) == student_rows | teacher_rows
+    for row in (*before.values(), *after.values()):
+        assert row["tokens_per_forward"] > 0 and row["tokens_per_second"] > 0 and row["teacher_nll_per_token"] > 0
     if config.get("teacher_backend") != "vllm_server":
-        assert report["before"]["rows"]["teacher_ar"]["tokens_per_forward"] == 1.0  # one forward per AR token
-    assert report["before"]["rows"]["static"]["tokens_per_forward"] == 1.0  # static block-4, one token per step
+        assert before[TEACHER_SYSTEM]["tokens_per_forward"] == 1.0  # one forward per AR token
+    assert before[student_system("static", order)]["tokens_per_forward"] == 1.0  # static block-4, one token a step
+    assert report["after"]["settings"]["commit_orders"] == [order]
     student, tokenizer = load_diffusion_model(str(output_dir))
     settings = diffusion_settings(student)
     assert QWEN3_TOKENS <= settings.mask_token_id < QWEN3_ROWS and settings.teacher_vocab_size == QWEN3_ROWS
