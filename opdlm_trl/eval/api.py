@@ -234,11 +234,6 @@ def _load_prompts(dataset, split: str, heldout_size: int, seed: int, limit: int 
     return rows
 
 
-def _stop_ids(tokenizer, model) -> list[int]:
-    """The package's one stop rule (tokenizer + the student's generation_config), for every system alike."""
-    return default_stop_token_ids(tokenizer, model)
-
-
 # ------------------------------------------------------------------------------------------ systems
 
 
@@ -415,7 +410,8 @@ def evaluate_model(
     threshold, sweep, batch_size = settings.threshold, settings.thresholds, settings.batch_size
 
     sampling = {"block_size": settings.block_size, "max_new_tokens": max_new_tokens, "threshold": threshold}
-    sampling["stop_token_ids"] = _stop_ids(tokenizer, student)
+    # the package's one stop rule (tokenizer + the student's generation_config), for every system alike
+    sampling["stop_token_ids"] = default_stop_token_ids(tokenizer, student)
     records = {}
     for name, decoding, run_threshold, order in _student_systems(
         settings.decodings, threshold, sweep, settings.commit_orders

@@ -224,6 +224,21 @@ def test_cli_writes_strict_json(tmp_path, tiny_pair, capsys):
     assert "student_dynamic" in capsys.readouterr().out
 
 
+def test_cli_defaults_are_the_settings_defaults_but_its_two_own():
+    """Every flag defaults to its EvalSettings field; only the command line's fuller picture differs (every registered
+    commit rule, confidence by offset on), so the API and the CLI cannot drift apart."""
+    from dataclasses import asdict, replace
+
+    from opdlm_trl.eval import EvalSettings
+    from opdlm_trl.eval.cli import build_parser, settings_from_args
+    from opdlm_trl.sampling import COMMIT_RULES
+
+    parsed = settings_from_args(build_parser().parse_args(["--student", "s"]))
+    assert asdict(parsed) == asdict(replace(EvalSettings(), commit_orders=list(COMMIT_RULES), confidence=True))
+    with pytest.raises(TypeError, match="EvalSettings fields"):
+        evaluate_model("no/such/student", max_new_token=8)  # a misspelt setting is named before anything loads
+
+
 # ------------------------------------------------------------------ lm-eval-harness model
 
 
