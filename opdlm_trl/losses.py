@@ -42,6 +42,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from .registry import register
+
 if TYPE_CHECKING:
     from .batch import SupervisedRows
 
@@ -335,14 +337,7 @@ def register_divergence(name: str, fn: DivergenceFn | None = None, *, replace: b
     def add(function: DivergenceFn) -> DivergenceFn:
         if not callable(function):
             raise TypeError(f"register_divergence({name!r}) needs a callable, got {type(function).__name__}.")
-        taken = DIVERGENCES.get(name)
-        if taken is not None and taken is not function and not replace:
-            raise ValueError(
-                f"A loss named {name!r} is already registered ({taken.__module__}.{taken.__qualname__}); choose "
-                "another name or pass replace=True."
-            )
-        DIVERGENCES[name] = function
-        return function
+        return register(DIVERGENCES, name, function, "loss", replace)
 
     return add if fn is None else add(fn)
 

@@ -41,6 +41,7 @@ from .masks import (
     widen_to_blocks,
 )
 from .modeling import diffusion_settings, restrict_to_teacher_vocab, student_forward, unwrap_model
+from .registry import register
 
 __all__ = [
     "COMMIT_RULES",
@@ -84,14 +85,7 @@ def register_commit_rule(name: str, rule: CommitRule | None = None, *, replace: 
     def add(function: CommitRule) -> CommitRule:
         if not callable(function):
             raise TypeError(f"register_commit_rule({name!r}) needs a callable, got {type(function).__name__}.")
-        taken = COMMIT_RULES.get(name)
-        if taken is not None and taken is not function and not replace:
-            raise ValueError(
-                f"A commit rule named {name!r} is already registered ({taken.__module__}.{taken.__qualname__}); "
-                "choose another name or pass replace=True."
-            )
-        COMMIT_RULES[name] = function
-        return function
+        return register(COMMIT_RULES, name, function, "commit rule", replace)
 
     return add if rule is None else add(rule)
 

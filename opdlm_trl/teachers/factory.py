@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from ..modeling import diffusion_settings
+from ..registry import register
 from .hf import LocalTeacher, SharedWeightsTeacher
 from .targets import Teacher, TeacherBackend, TeacherContext, excluded_token_ids
 from .vllm import VLLMColocateTeacher, VLLMServerTeacher
@@ -47,14 +48,7 @@ def register_teacher(kind: str, backend: type[TeacherBackend] | None = None, *, 
                 f"register_teacher({kind!r}) needs a subclass of opdlm_trl.teachers.TeacherBackend (its class "
                 f"attributes say what the trainer may do with it), got {cls!r}."
             )
-        taken = TEACHERS.get(kind)
-        if taken is not None and taken is not cls and not replace:
-            raise ValueError(
-                f"A teacher kind {kind!r} is already registered ({taken.__module__}.{taken.__qualname__}); choose "
-                "another name or pass replace=True."
-            )
-        TEACHERS[kind] = cls
-        return cls
+        return register(TEACHERS, kind, cls, "teacher kind", replace)
 
     return add if backend is None else add(backend)
 
