@@ -1,7 +1,7 @@
 """A synthetic language a tiny teacher learns in seconds, for end-to-end checks that OPD yields parallel decoding.
 
 On a real teacher, whether a student *could* decode several tokens per forward is unknown until measured (the oracle
-ceiling of :mod:`opdlm_trl.eval.diagnostics`). Here it is designed in: the language mixes tokens that are
+ceiling of :mod:`opdlm_trl.diagnostics`). Here it is designed in: the language mixes tokens that are
 deterministic functions of what came before (a counter, fixed phrases, copies of the prompt) with genuinely random
 choices, so a teacher trained on it is near-certain in most places and unsure in a known few. OPD must then teach
 the student to commit the certain stretches together; a broken training signal cannot.
