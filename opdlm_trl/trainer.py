@@ -27,7 +27,6 @@ from ._trl import prepare_deepspeed, unwrap_model_for_generation
 from .batch import SupervisedRows, TrainingBatch
 from .config import DiffusionTrainingConfig, OPDConfig
 from .curriculum import completion_length, rollout_threshold
-from .diffusion_trainer import DiffusionTrainer, OPDProgress, is_converted, load_pretrained, load_student
 from .diagnostics import (
     offset_confidence_metrics,
     offset_confidence_sums,
@@ -35,6 +34,7 @@ from .diagnostics import (
     teacher_top1_logprob,
     top1_probability,
 )
+from .diffusion_trainer import DiffusionTrainer, OPDProgress, is_converted, load_pretrained, load_student
 from .grouping import merge_groups, plan_groups
 from .heads import OutputHead
 from .masks import shown_at
