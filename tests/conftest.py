@@ -8,6 +8,7 @@ Fixture and constant names other test modules rely on:
 
 * ``ARCHS`` / ``ATTNS``: the architectures (llama, qwen2, qwen3, mistral) and the attention backends
   (sdpa, eager) a diffusion student supports; use them in ``pytest.mark.parametrize``.
+* (autouse) accelerate's process-wide state is emptied after every test; see ``tests/helpers.py``.
 * ``arch`` / ``attn``: the same as parametrised fixtures (a test that asks for ``arch`` runs once per
   architecture).
 * ``tokenizer``: a fresh tiny tokenizer per test (conversion adds a mask token to it in place).
@@ -38,6 +39,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from accelerate.state import AcceleratorState, GradientState
 
 from opdlm_trl.modeling import SUPPORTED_ATTENTION, to_diffusion
 from opdlm_trl.tiny import ARCHITECTURES, tiny_model, tiny_tokenizer
@@ -58,6 +60,19 @@ def build_model(arch: str, attn: str = "sdpa", **kwargs) -> torch.nn.Module:
     if key not in _MODEL_CACHE:
         _MODEL_CACHE[key] = tiny_model(arch, attn_implementation=attn, **kwargs)
     return copy.deepcopy(_MODEL_CACHE[key])
+
+
+@pytest.fixture(autouse=True)
+def _unconfigured_accelerate():
+    """Empty accelerate's process-wide state after every test (what accelerate's own ``AccelerateTestCase`` does).
+
+    Trainers read that state at use time and transformers empties it whenever a config sets up its device, so a test
+    must not depend on what an earlier test left there: a trainer shared between tests puts its own state back
+    (``tests.helpers.restore_accelerate_state``), everything else builds its own.
+    """
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
 
 
 @pytest.fixture(params=ARCHS)

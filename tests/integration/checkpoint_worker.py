@@ -25,8 +25,9 @@ import torch
 from datasets import Dataset
 from transformers import TrainerCallback
 
-from opdlm_trl import OPDConfig, OPDTrainer
+from opdlm_trl import OPDTrainer
 from opdlm_trl.tiny import tiny_model, tiny_tokenizer
+from tests.helpers import cpu_config
 
 PROMPTS = [[{"role": "user", "content": f"def f{i}(x):"}] for i in range(12)]
 MAX_STEPS = 6
@@ -59,25 +60,10 @@ class KilledWhileSaving(OPDTrainer):
 
 def build_trainer(output_dir: str, trainer_class=OPDTrainer, **overrides) -> OPDTrainer:
     """The run under test: full fine-tune of a tiny Llama, sampled rollouts, checkpoints every 2 steps."""
-    values = dict(
-        output_dir=str(output_dir),
-        use_cpu=True,
-        bf16=False,
-        report_to="none",
-        per_device_train_batch_size=4,
-        max_steps=MAX_STEPS,
-        logging_steps=1,
-        max_completion_length=8,
-        learning_rate=1e-3,
-        save_strategy="steps",
-        save_steps=SAVE_STEPS,
-        disable_tqdm=True,
-        seed=0,
-    )
-    values.update(overrides)
+    settings = dict(max_steps=MAX_STEPS, save_strategy="steps", save_steps=SAVE_STEPS, gradient_checkpointing=True)
     return trainer_class(
         tiny_model("llama"),
-        args=OPDConfig(**values),
+        args=cpu_config(output_dir, **{**settings, **overrides}),
         train_dataset=Dataset.from_list([{"prompt": prompt} for prompt in PROMPTS]),
         processing_class=tiny_tokenizer(),
     )

@@ -33,6 +33,7 @@ from datasets import Dataset
 from opdlm_trl import OPDConfig, OPDTrainer
 from opdlm_trl.sampling import DiffusionSampler
 from opdlm_trl.tiny import tiny_model, tiny_tokenizer
+from tests.helpers import cpu_config
 
 # The fifth prompt is never trained (one step of 4, no shuffling): it leaves a remainder (5 % 4) in the dataset, the
 # case in which accelerate's gather_for_metrics truncates what it gathers on the last batch.
@@ -61,24 +62,18 @@ def parse_args() -> argparse.Namespace:
 
 
 def build_config(args: argparse.Namespace, normalization: str, output_dir: str) -> OPDConfig:
-    return OPDConfig(
-        output_dir=output_dir,
-        use_cpu=True,  # with WORLD_SIZE > 1 (accelerate launch --multi_gpu / torchrun): MULTI_CPU over gloo
-        bf16=False,
-        gradient_checkpointing=False,
-        report_to="none",
+    # cpu_config's use_cpu: with WORLD_SIZE > 1 (accelerate launch --multi_gpu / torchrun), MULTI_CPU over gloo.
+    return cpu_config(
+        output_dir,
         per_device_train_batch_size=args.per_device_batch,
         gradient_accumulation_steps=1,
         max_steps=1,
-        logging_steps=1,
-        save_strategy="no",
         learning_rate=LEARNING_RATE,
         adam_epsilon=ADAM_EPSILON,
         weight_decay=0.0,
         lr_scheduler_type="constant",
         max_grad_norm=1e6,
         shuffle_dataset=False,  # the batch is the first four prompts, split in order over the ranks
-        seed=0,
         block_size=4,
         remasking="static",
         steps_per_block=1,

@@ -20,31 +20,15 @@ from opdlm_trl.baselines import (
 from opdlm_trl.modeling import student_forward, suppress_mask_logit
 from opdlm_trl.tiny import tiny_model, tiny_tokenizer
 from opdlm_trl.trainer import TeacherDistillationTrainer
+from tests.helpers import cpu_config
 
 BLOCK = 4
 SHIFTS = [False, True]
 
 
 def _config(shift: bool, **overrides) -> MDLMConfig:
-    values = dict(
-        output_dir="/tmp/opdlm-test-baselines",
-        max_steps=2,
-        per_device_train_batch_size=4,
-        learning_rate=1e-3,
-        use_cpu=True,
-        bf16=False,
-        report_to="none",
-        logging_steps=1,
-        save_strategy="no",
-        disable_tqdm=True,
-        gradient_checkpointing=False,
-        shift=shift,
-        block_size=BLOCK,
-        max_completion_length=16,
-        seed=0,
-    )
-    values.update(overrides)
-    return MDLMConfig(**values)
+    settings = dict(shift=shift, block_size=BLOCK, max_completion_length=16)
+    return cpu_config("/tmp/opdlm-test-baselines", MDLMConfig, **{**settings, **overrides})
 
 
 def _rows(completions: list[str]) -> Dataset:

@@ -27,87 +27,34 @@ import opdlm_trl.trainer as trainer_module
 from opdlm_trl import load_diffusion_model
 from opdlm_trl import losses as L
 from opdlm_trl.batch import TrainingBatch
-from opdlm_trl.config import DiffusionTrainingConfig, OPDConfig
+from opdlm_trl.config import DiffusionTrainingConfig
 from opdlm_trl.curriculum import completion_length
 from opdlm_trl.diffusion_trainer import DiffusionTrainer
 from opdlm_trl.masks import pad_to_blocks, training_layout
 from opdlm_trl.modeling import student_forward, suppress_mask_logit, unwrap_model
-from opdlm_trl.sampling import DiffusionSampler, Rollout
+from opdlm_trl.sampling import Rollout
 from opdlm_trl.states import SELECTIONS, select_states
 from opdlm_trl.teachers import LocalTeacher, SharedWeightsTeacher
 from opdlm_trl.tiny import tiny_model, tiny_tokenizer
 from opdlm_trl.trainer import OPDProgress, OPDTrainer
+from tests.helpers import (
+    PROMPTS,
+    accelerate_state,
+    cpu_config,
+    eval_loss,
+    fixed_batch,
+    make_trainer,
+    prompt_dataset,
+    restore_accelerate_state,
+    roll_out,
+    score,
+    snapshot,
+)
 
-PROMPTS = [[{"role": "user", "content": f"def add{i}(a, b):"}] for i in range(4)]
 LORA_LR = 2e-2
 
 
 # ------------------------------------------------------------------------------------------------- helpers
-def prompt_dataset(n: int = 4) -> Dataset:
-    return Dataset.from_list([{"prompt": PROMPTS[i % len(PROMPTS)]} for i in range(n)])
-
-
-# A CPU, float32, no-logging run of a few steps (any trainer's config)
-OPD_TEST_VALUES = dict(
-    use_cpu=True,
-    bf16=False,
-    report_to="none",
-    gradient_checkpointing=False,
-    per_device_train_batch_size=4,
-    max_steps=2,
-    logging_steps=1,
-    max_completion_length=8,
-    learning_rate=1e-3,
-    save_strategy="no",
-    disable_tqdm=True,
-    seed=0,
-)
-
-
-def opd_config(output_dir, **overrides) -> OPDConfig:
-    """:data:`OPD_TEST_VALUES` in ``output_dir``; ``overrides`` win."""
-    return OPDConfig(**{**OPD_TEST_VALUES, "output_dir": str(output_dir), **overrides})
-
-
-def make_trainer(output_dir, model=None, peft_config=None, dataset=None, teacher_model=None, **overrides):
-    return OPDTrainer(
-        model if model is not None else tiny_model("llama"),
-        teacher_model=teacher_model,
-        args=opd_config(output_dir, **overrides),
-        train_dataset=dataset if dataset is not None else prompt_dataset(),
-        processing_class=tiny_tokenizer(),
-        peft_config=peft_config,
-    )
-
-
-def roll_out(trainer: OPDTrainer, seed: int = 0, record: bool = False) -> tuple[Rollout, DiffusionSampler]:
-    """One rollout of ``PROMPTS`` with the trainer's own sampler settings, seeded (optionally recording logits)."""
-    config = trainer.sampler_config(trainer.current_completion_length())
-    sampler = DiffusionSampler(config, pad_token_id=trainer._tokenizer.pad_token_id, record_logits=record)
-    rollout = trainer.rollout(PROMPTS, sampler=sampler, generator=torch.Generator().manual_seed(seed))
-    return rollout, sampler
-
-
-def score(trainer: OPDTrainer, rollout: Rollout, top_k: int | None):
-    return trainer.teacher.score(
-        rollout.prompt_ids, rollout.prompt_mask, rollout.completion_ids, rollout.completion_mask, top_k=top_k
-    )
-
-
-def fixed_batch(trainer: OPDTrainer, rollout: Rollout, selection: str = "per_block", seed: int = 0, top_k=None):
-    """The trainer's training batch for a rollout with seeded state selection; returns ``(batch, states)``."""
-    states = select_states(rollout, selection, generator=torch.Generator().manual_seed(seed))
-    return trainer.training_batch(rollout, score(trainer, rollout, top_k), states).to_dict(), states
-
-
-def eval_loss(trainer: OPDTrainer, batch: dict) -> float:
-    trainer.model.eval()
-    with torch.no_grad():
-        return trainer.compute_loss(trainer.model, batch).item()
-
-
-def snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {name: p.detach().clone() for name, p in module.named_parameters()}
 
 
 def canvas_logits(model, settings, seed: int = 0) -> torch.Tensor:
@@ -158,7 +105,7 @@ CURRICULUM = dict(
 
 
 @pytest.fixture(scope="module")
-def checkpointed_run(tmp_path_factory):
+def _checkpointed_run(tmp_path_factory):
     """A 2-step full fine-tune that saves checkpoint-2 (curriculum 4 -> 16 tokens and threshold 0.9 -> 0.5 over 4
     steps)."""
     output_dir = tmp_path_factory.mktemp("opd_full")
@@ -166,11 +113,18 @@ def checkpointed_run(tmp_path_factory):
     initial = snapshot(trainer.model)
     teacher_initial = snapshot(trainer.teacher.model)
     trainer.train()
-    return trainer, output_dir, initial, teacher_initial
+    return (trainer, output_dir, initial, teacher_initial), accelerate_state()
+
+
+@pytest.fixture
+def checkpointed_run(_checkpointed_run):
+    run, state = _checkpointed_run
+    restore_accelerate_state(state)  # the module's trainers share it: see tests/helpers.py
+    return run
 
 
 @pytest.fixture(scope="module")
-def lora_run(tmp_path_factory):
+def _lora_run(tmp_path_factory):
     """A 4-step LoRA run (q_proj / v_proj) with the default (shared-weights) teacher and merge-on-save."""
     output_dir = tmp_path_factory.mktemp("opd_lora")
     peft_config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"])
@@ -182,7 +136,14 @@ def lora_run(tmp_path_factory):
         rows_before = trainer.model.get_input_embeddings()(torch.arange(vocab)).clone()
     initial = snapshot(trainer.model)
     trainer.train()
-    return trainer, output_dir, initial, rows_before
+    return (trainer, output_dir, initial, rows_before), accelerate_state()
+
+
+@pytest.fixture
+def lora_run(_lora_run):
+    run, state = _lora_run
+    restore_accelerate_state(state)
+    return run
 
 
 # ------------------------------------------------------------------------------------------------- what training changes
@@ -296,12 +257,19 @@ def test_training_forward_reproduces_the_sampler_logits_at_every_supervised_stat
 
 # ------------------------------------------------------------------------------------------------- states x losses
 @pytest.fixture(scope="module")
-def scored_rollout(tmp_path_factory):
+def _scored_rollout(tmp_path_factory):
     """A trainer, one seeded rollout and its teacher targets (full vocabulary and top-4), shared by the grid."""
     trainer = make_trainer(tmp_path_factory.mktemp("opd_grid"), max_completion_length=12)
     rollout, _ = roll_out(trainer, seed=4)
     targets = {None: score(trainer, rollout, None), 4: score(trainer, rollout, 4)}
-    return trainer, rollout, targets
+    return (trainer, rollout, targets), accelerate_state()
+
+
+@pytest.fixture
+def scored_rollout(_scored_rollout):
+    shared, state = _scored_rollout
+    restore_accelerate_state(state)
+    return shared
 
 
 @pytest.mark.parametrize("loss_type", ["forward_kl", "reverse_kl", "jsd", "token_pg"])
@@ -464,8 +432,7 @@ class FixedAnswerTrainer(DiffusionTrainer):
 def test_a_trainer_written_on_the_base_class_trains(tmp_path):
     """The base brings conversion, forward, loss plumbing, normaliser, token count and logging: the toy trainer's
     loss falls, its metric is logged and its tokens counted, with no teacher and no rollout."""
-    values = {**OPD_TEST_VALUES, "max_steps": 8, "learning_rate": 1e-2, "lr_scheduler_type": "constant"}
-    args = DiffusionTrainingConfig(**{**values, "output_dir": str(tmp_path)})
+    args = cpu_config(tmp_path, DiffusionTrainingConfig, max_steps=8, learning_rate=1e-2, lr_scheduler_type="constant")
     trainer = FixedAnswerTrainer(
         tiny_model("llama"), args=args, train_dataset=prompt_dataset(), processing_class=tiny_tokenizer()
     )
@@ -607,13 +574,13 @@ def test_teacher_with_another_vocabulary_is_refused(tmp_path):
 
 def test_student_generation_with_vllm_is_refused(tmp_path):
     with pytest.raises(ValueError, match="use_vllm=True.*teacher_backend='vllm_server'"):
-        opd_config(tmp_path, use_vllm=True)
+        cpu_config(tmp_path, use_vllm=True)
 
 
 @pytest.mark.parametrize("backend", ["vllm_server", "vllm_colocate"])
 def test_vllm_teacher_without_top_k_is_refused(tmp_path, backend):
     with pytest.raises(ValueError, match="returns top-k log-probs only: set teacher_top_k"):
-        opd_config(tmp_path, teacher_backend=backend, teacher_url="http://127.0.0.1:1")
+        cpu_config(tmp_path, teacher_backend=backend, teacher_url="http://127.0.0.1:1")
 
 
 def test_nan_student_stops_with_a_floating_point_error(tmp_path):

@@ -22,8 +22,9 @@ from accelerate.utils import gather_object
 from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from opdlm_trl import OPDConfig, OPDTrainer
+from opdlm_trl import OPDTrainer
 from opdlm_trl.teachers import LocalTeacher
+from tests.helpers import cpu_config
 
 PROMPTS = [[{"role": "user", "content": f"Write function number {i} in Python."}] for i in range(8)]
 TOP_K = 4
@@ -124,19 +125,11 @@ def compare_with_local(model_dir: str, calls: list[dict]) -> dict:
 def build_trainer(args: argparse.Namespace, output_dir: str) -> OPDTrainer:
     """Full fine-tune of the served model, converted on entry; 8-token sampled rollouts, top-k vLLM targets."""
     model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.float32, attn_implementation="sdpa")
-    config = OPDConfig(
-        output_dir=output_dir,
-        use_cpu=True,
-        bf16=False,
-        report_to="none",
+    config = cpu_config(
+        output_dir,
         per_device_train_batch_size=args.per_device_batch,
         max_steps=args.steps,
-        logging_steps=1,
-        save_strategy="no",
-        learning_rate=1e-3,
-        max_completion_length=8,
-        seed=0,
-        disable_tqdm=True,
+        gradient_checkpointing=True,
         teacher_backend="vllm_server",
         teacher_url=args.url,
         teacher_top_k=TOP_K,

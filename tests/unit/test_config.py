@@ -13,11 +13,11 @@ from opdlm_trl.losses import DIVERGENCES, NORMALIZATIONS
 from opdlm_trl.sampling import COMMIT_RULES, CONFIDENCE, REMASKING, SamplerConfig
 from opdlm_trl.states import SELECTIONS
 from opdlm_trl.teachers import TEACHERS
+from tests.helpers import cpu_config
 
 
 def _config(cls=OPDConfig, **overrides):
-    values = dict(output_dir="/tmp/opdlm-test-config", use_cpu=True, bf16=False, report_to="none")
-    return cls(**{**values, **overrides})
+    return cpu_config("/tmp/opdlm-test-config", cls, **overrides)
 
 
 def test_entropy_confidence_takes_a_negative_threshold():

@@ -25,7 +25,7 @@ from opdlm_trl.eval.cli import main as eval_main
 from opdlm_trl.masks import frontier_offsets
 from opdlm_trl.modeling import to_diffusion
 from opdlm_trl.sampling import StepRecord
-from tests.integration.test_trainer import eval_loss, fixed_batch, make_trainer, roll_out
+from tests.helpers import eval_loss, fixed_batch, make_trainer, roll_out
 
 # ------------------------------------------------------------------ oracle ceiling (chain bound)
 

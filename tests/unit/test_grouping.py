@@ -12,7 +12,7 @@ from opdlm_trl.sampling import DiffusionSampler
 from opdlm_trl.states import select_states
 from opdlm_trl.tiny import tiny_model, tiny_tokenizer
 from opdlm_trl.trainer import OPDTrainer
-from tests.integration.test_trainer import opd_config
+from tests.helpers import cpu_config
 
 # prompts of very different lengths, so groups really cut padding
 MIXED_PROMPTS = [
@@ -57,7 +57,7 @@ def _trainer(tmp_path, groups: int) -> OPDTrainer:
     dataset = Dataset.from_list([{"prompt": p} for p in MIXED_PROMPTS])
     return OPDTrainer(
         tiny_model("llama", seed=3),
-        args=opd_config(tmp_path / f"g{groups}", length_groups=groups, per_device_train_batch_size=5),
+        args=cpu_config(tmp_path / f"g{groups}", length_groups=groups, per_device_train_batch_size=5),
         train_dataset=dataset,
         processing_class=tiny_tokenizer(),
     )
@@ -96,4 +96,4 @@ def test_grouped_step_equals_the_single_padded_batch(tmp_path, groups):
 
 def test_negative_length_groups_is_refused(tmp_path):
     with pytest.raises(ValueError, match="length_groups"):
-        opd_config(tmp_path, length_groups=-1)
+        cpu_config(tmp_path, length_groups=-1)

@@ -16,43 +16,33 @@ import warnings
 
 import pytest
 import torch
-from datasets import Dataset
 from peft import LoraConfig
 from transformers import TrainerCallback
 
-from opdlm_trl import OPDConfig, OPDTrainer, precision
+from opdlm_trl import OPDTrainer, precision
 from opdlm_trl.modeling import unwrap_model
 from opdlm_trl.precision import check_master_weights
 from opdlm_trl.sampling import DiffusionSampler
 from opdlm_trl.states import select_states
-from opdlm_trl.tiny import tiny_model, tiny_tokenizer
+from opdlm_trl.tiny import tiny_model
+from tests import helpers
+from tests.helpers import PROMPTS, cpu_config
 
-PROMPTS = [[{"role": "user", "content": f"def add{i}(a, b):"}] for i in range(4)]
 COMPLETION = 12
 
 
 def make_trainer(output_dir, model, peft_config=None, **overrides) -> OPDTrainer:
-    values = dict(
-        output_dir=str(output_dir),
-        use_cpu=True,
-        bf16=False,
-        report_to="none",
-        per_device_train_batch_size=4,
+    """One step of 12-token rollouts with raw gradients, at OPDConfig's default learning rate, logging interval and
+    gradient checkpointing."""
+    settings = dict(
         max_steps=1,
         max_completion_length=COMPLETION,
         max_grad_norm=0.0,  # record raw gradients
-        save_strategy="no",
-        disable_tqdm=True,
-        seed=0,
+        learning_rate=1e-5,
+        logging_steps=10,
+        gradient_checkpointing=True,
     )
-    values.update(overrides)
-    return OPDTrainer(
-        model,
-        args=OPDConfig(**values),
-        train_dataset=Dataset.from_list([{"prompt": prompt} for prompt in PROMPTS]),
-        processing_class=tiny_tokenizer(),
-        peft_config=peft_config,
-    )
+    return helpers.make_trainer(output_dir, model, peft_config, **{**settings, **overrides})
 
 
 class GradientRecorder(TrainerCallback):
@@ -299,7 +289,7 @@ def test_bf16_on_a_cpu_without_bf16_instructions_warns_naming_the_feature(tmp_pa
     assert precision.bf16_is_fast_here(use_cpu=True) is False
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
-        assert not precision.warn_if_cpu_bf16_is_slow(OPDConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False))
+        assert not precision.warn_if_cpu_bf16_is_slow(cpu_config(tmp_path, bf16=False))
     _pretend_cpu(monkeypatch, tmp_path, X86_WITH_AMX)
-    assert not precision.warn_if_cpu_bf16_is_slow(OPDConfig(output_dir=str(tmp_path), use_cpu=True, bf16=True))
+    assert not precision.warn_if_cpu_bf16_is_slow(cpu_config(tmp_path, bf16=True))
     assert precision.bf16_is_fast_here(use_cpu=True) is True

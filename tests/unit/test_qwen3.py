@@ -16,6 +16,7 @@ from datasets import Dataset
 from opdlm_trl import OPDConfig, OPDTrainer, diffusion_settings, generate, to_diffusion
 from opdlm_trl.data import render_prompts
 from opdlm_trl.sampling import DiffusionSampler, default_stop_token_ids
+from tests.helpers import cpu_config
 
 NON_THINKING = {"enable_thinking": False}
 EMPTY_THINK = "<think>\n\n</think>\n\n"  # what Qwen3's template writes after the header with enable_thinking=false
@@ -30,21 +31,8 @@ MESSAGES = [
 
 def _args(tmp_path, **overrides) -> OPDConfig:
     """A one-step CPU run: batch 2, 8-token rollouts, nothing saved."""
-    settings = dict(
-        output_dir=str(tmp_path / "out"),
-        use_cpu=True,
-        bf16=False,
-        report_to="none",
-        max_steps=1,
-        per_device_train_batch_size=2,
-        max_completion_length=8,
-        learning_rate=1e-3,
-        logging_steps=1,
-        save_strategy="no",
-        seed=0,
-    )
-    settings.update(overrides)
-    return OPDConfig(**settings)
+    settings = dict(max_steps=1, per_device_train_batch_size=2, gradient_checkpointing=True)
+    return cpu_config(tmp_path / "out", **{**settings, **overrides})
 
 
 def _trainer(qwen3_pair, tmp_path, **overrides) -> OPDTrainer:

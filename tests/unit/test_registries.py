@@ -25,7 +25,7 @@ from opdlm_trl.sampling import COMMIT_RULES, DiffusionSampler, SamplerConfig, re
 from opdlm_trl.teachers import TEACHERS, TeacherBackend, TeacherTargets, register_teacher
 from opdlm_trl.teachers.targets import empty_targets
 from opdlm_trl.tiny import tiny_model, tiny_tokenizer
-from tests.integration.test_trainer import PROMPTS, fixed_batch, make_trainer, opd_config, roll_out, snapshot
+from tests.helpers import PROMPTS, cpu_config, fixed_batch, make_trainer, roll_out, snapshot
 
 TOY_LOSS = "toy_double_forward_kl"
 TOY_TEACHER = "toy_constant"
@@ -151,7 +151,7 @@ def test_a_registered_teacher_is_built_from_the_config_and_trains_the_student_to
 
 def test_a_teacher_without_full_vocabulary_needs_top_k_at_config_time(tmp_path, toy_teacher):
     with pytest.raises(ValueError, match="returns top-k log-probs only: set teacher_top_k"):
-        opd_config(tmp_path, teacher_backend=TOY_TEACHER)
+        cpu_config(tmp_path, teacher_backend=TOY_TEACHER)
 
 
 def test_a_registered_commit_rule_decodes_evaluates_and_trains(tmp_path, toy_rule):
@@ -208,7 +208,7 @@ REGISTRIES = {"loss_type": L.DIVERGENCES, "teacher_backend": TEACHERS, "commit_o
 )
 def test_an_unknown_name_fails_when_the_config_is_made_listing_the_registered_ones(tmp_path, field, registrar):
     with pytest.raises(ValueError) as error:
-        opd_config(tmp_path, **{field: "not_registered"})
+        cpu_config(tmp_path, **{field: "not_registered"})
     message = str(error.value)
     known = REGISTRIES[field]
     assert f"{field}='not_registered'" in message and registrar in message
@@ -216,7 +216,7 @@ def test_an_unknown_name_fails_when_the_config_is_made_listing_the_registered_on
 
 
 def test_registered_names_appear_in_the_choices_and_are_accepted(tmp_path, toy_loss, toy_teacher, toy_rule):
-    config = opd_config(
+    config = cpu_config(
         tmp_path, loss_type=TOY_LOSS, teacher_backend=TOY_TEACHER, teacher_top_k=1, commit_order=TOY_RULE
     )
     assert (config.loss_type, config.teacher_backend, config.commit_order) == (TOY_LOSS, TOY_TEACHER, TOY_RULE)

@@ -405,17 +405,17 @@ def test_scoring_requests_are_bounded_by_tokens_and_give_the_one_request_result(
 
 
 def test_config_passes_the_token_budget_and_refuses_colocated_vllm_only_with_several_processes(tmp_path):
-    from opdlm_trl import OPDConfig
+    from tests.helpers import cpu_config
 
-    config = OPDConfig(
-        output_dir=str(tmp_path), use_cpu=True, teacher_backend="vllm_server", teacher_url="http://127.0.0.1:1",
+    config = cpu_config(
+        tmp_path, teacher_backend="vllm_server", teacher_url="http://127.0.0.1:1",
         teacher_top_k=4, teacher_max_tokens_per_request=2048,
     )  # fmt: skip
     assert config.teacher_options()["max_tokens_per_request"] == 2048
     with pytest.raises(ValueError, match="teacher_max_tokens_per_request"):
-        OPDConfig(output_dir=str(tmp_path), use_cpu=True, teacher_max_tokens_per_request=0)
-    one_process = OPDConfig(
-        output_dir=str(tmp_path), use_cpu=True, teacher_backend="vllm_colocate", teacher_top_k=4,
+        cpu_config(tmp_path, teacher_max_tokens_per_request=0)
+    one_process = cpu_config(
+        tmp_path, teacher_backend="vllm_colocate", teacher_top_k=4,
         teacher_model_name_or_path="unused",
     )  # fmt: skip
     assert one_process.world_size == 1 and one_process.teacher_backend == "vllm_colocate"
