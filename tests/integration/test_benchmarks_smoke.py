@@ -3,6 +3,9 @@ each ``--smoke`` run (tiny local models) writes JSON with finite numbers.
 
 The scripts run as subprocesses exactly as a user starts them, so argument parsing, output writing and
 imports are covered, not only the functions behind them.
+
+Each launch costs 6-40 CPU-seconds (a fresh interpreter importing torch, transformers and TRL, then the run), so
+those tests are marked ``slow``: CI runs them, the developers' ``pytest -m "not slow"`` loop does not.
 """
 
 from __future__ import annotations
@@ -59,6 +62,7 @@ OTHER_SCRIPTS = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script", OTHER_SCRIPTS)
 def test_benchmark_smoke_writes_finite_json(script, tmp_path):
     output = tmp_path / "out.json"
@@ -67,6 +71,7 @@ def test_benchmark_smoke_writes_finite_json(script, tmp_path):
     assert _assert_finite(json.loads(output.read_text())) > 0
 
 
+@pytest.mark.slow
 def test_token_efficiency_smoke(tmp_path):
     _run("token_efficiency.py", "--out-dir", str(tmp_path))
     results = json.loads((tmp_path / "results.json").read_text())
@@ -92,6 +97,7 @@ def test_token_efficiency_smoke(tmp_path):
     assert "Tokens to reach a fraction of the teacher" in (tmp_path / "token_efficiency.md").read_text()
 
 
+@pytest.mark.slow
 def test_token_efficiency_lanes_merge(tmp_path):
     """Lanes (as the CPU grid script runs them) merge into one table; dynamic only at the last budget."""
     init, lane_a, lane_b, merged = tmp_path / "init", tmp_path / "a", tmp_path / "b", tmp_path / "merged"
@@ -154,6 +160,7 @@ def test_token_targets_on_a_constructed_table():
     assert module.summary(results)["opd|shift=1|static|pass_at_1|0.9"]["tokens"] == 1024  # 0.02 < 0.045 <= 0.05
 
 
+@pytest.mark.slow
 def test_train_step_paths_smoke_compares_both_length_group_settings(tmp_path):
     """The side-by-side of the previous (one padded batch) and the grouped path writes both, with speed-ups."""
     output = tmp_path / "paths.json"
@@ -165,6 +172,7 @@ def test_train_step_paths_smoke_compares_both_length_group_settings(tmp_path):
     assert all(row["generated_tokens_per_second"] > 0 for row in paths.values())
 
 
+@pytest.mark.slow
 def test_train_step_precision_smoke_times_both_and_measures_bf16_fidelity(tmp_path):
     """float32 against bf16 autocast on the same full-length rollout: both timed, and bf16 stays close."""
     output = tmp_path / "precision.json"
@@ -186,6 +194,7 @@ def test_training_curve_smoke_reads_a_log_and_writes_the_curve(tmp_path):
     assert speed["smoothed"][2] == sum(speed["raw"][:3]) / 3  # trailing mean over the window
 
 
+@pytest.mark.slow
 def test_short_prompts_writes_the_training_problems_as_short_prompts(tmp_path):
     """The short-prompt lever's file: the 64 training problems, each one sentence naming its entry function, and
     the rendered prompts well under half the long ones' tokens."""
@@ -198,6 +207,7 @@ def test_short_prompts_writes_the_training_problems_as_short_prompts(tmp_path):
     assert summary["short_mean_tokens"] < 0.5 * summary["long_mean_tokens"]
 
 
+@pytest.mark.slow
 def test_stdlib_prompts_are_humaneval_shaped_compilable_stubs(tmp_path):
     """The many-prompts lever's file: the 64 training problems first, then hundreds of distinct stdlib functions and
     methods, each a signature + docstring that parses as Python, in the HumanEval instruction's framing."""
@@ -307,6 +317,7 @@ def test_levers_script_finds_the_repository_from_any_directory(tmp_path):
     assert unknown.returncode == 2 and "unknown cell no_such_cell" in unknown.stderr
 
 
+@pytest.mark.slow
 def test_memory_benchmark_and_model(tmp_path):
     """benchmarks/memory.py (tiny widths): every phase measured, hidden-state targets held (O(H) per token), and
     benchmarks/memory_model.py turns the cells into the per-config table."""
@@ -328,6 +339,7 @@ def test_memory_benchmark_and_model(tmp_path):
     assert table.count("| `") == 4 and "GiB" in table
 
 
+@pytest.mark.slow
 def test_synthetic_curve_smoke_records_a_curve_and_skips_complete_seeds(tmp_path):
     output = tmp_path / "curve.json"
     _run("synthetic_curve.py", "--out", str(output))

@@ -128,6 +128,7 @@ def test_a_wrong_config_field_fails(convert, tmp_path, field, value, message):
         convert.parse_args(["--config", str(path)])
 
 
+@pytest.mark.slow  # a whole recipe run with before/after reports: 17-22 CPU-seconds each
 @pytest.mark.parametrize("name", [name for name in CONFIGS if name not in NOT_TRAINED])
 def test_config_trains_two_steps(convert, qwen3_dir, prompt_file, tmp_path, name):
     path, config = _config(name)

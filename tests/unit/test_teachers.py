@@ -436,6 +436,7 @@ print("RESULT " + json.dumps({"world_size": dist.get_world_size(), "error": erro
 """
 
 
+@pytest.mark.slow  # two launched processes, each importing TRL
 def test_colocated_vllm_is_refused_under_two_processes_naming_the_server(tmp_path):
     """Two gloo processes (torchrun): the config itself refuses, before any model or vLLM engine is loaded."""
     (tmp_path / "config.py").write_text(COLOCATE_CONFIG_SCRIPT)
