@@ -11,6 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -30,6 +32,7 @@ def _memory_measurements(path: Path) -> Path:
     return path
 
 
+@pytest.mark.slow  # the whole launched check: training, logits and decoding at Qwen3's real vocabulary
 def test_gpu_check_dry_run_runs_every_phase_and_passes(tmp_path, qwen3_tokenizer_dir):
     output = tmp_path / "gpu_check.json"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
