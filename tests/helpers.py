@@ -2,7 +2,8 @@
 
 A plain module rather than conftest.py because the worker scripts the integration tests launch as subprocesses
 (``tests/integration/*_worker.py``) import it too (their launchers put the repo root on ``PYTHONPATH``; pytest gets
-it from ``pythonpath`` in pyproject.toml). conftest.py exposes fixtures built on it.
+it from ``pythonpath`` in pyproject.toml); conftest.py does not import it, so a run of tests that need no trainer
+skips TRL's import time.
 
 ``cpu_config(output_dir, **overrides)`` is the canonical test run: CPU, float32, nothing logged or saved, seeded, a
 tiny model's two steps of four 8-token rollouts. A test that depends on a value passes it as an override even where
