@@ -42,6 +42,7 @@ __all__ = [
     "teacher_forward",
     "to_diffusion",
     "unwrap_model",
+    "whole_models_while_loading",
 ]
 
 CONFIG_KEY = "opdlm"
@@ -308,6 +309,34 @@ def load_diffusion_model(
             f"{settings.mask_token_id}: load the tokenizer saved with this student."
         )
     return model, tokenizer
+
+
+@contextlib.contextmanager
+def whole_models_while_loading(training_args):
+    """Inside, ``from_pretrained`` loads models whole in every process, also under DeepSpeed ZeRO-3.
+
+    Under ``accelerate launch`` with a ZeRO-3 config, building the ``TrainingArguments`` (an ``OPDConfig``) registers
+    DeepSpeed's config with transformers, and from then on ``from_pretrained`` shards every model while it loads
+    (``deepspeed.zero.Init``), whatever ``zero3_init_flag`` says: :func:`to_diffusion` and the teacher vocabulary
+    check would then read empty (0-row) embeddings. The trainer shards the student and the teacher when it prepares
+    them, so a script loads them whole first (host RAM: one copy per model per process) and the registration is put
+    back on the way out. No-op without ZeRO-3.
+    """
+    from transformers.integrations.deepspeed import (
+        is_deepspeed_zero3_enabled,
+        set_hf_deepspeed_config,
+        unset_hf_deepspeed_config,
+    )
+
+    plugin = getattr(training_args, "deepspeed_plugin", None)  # the one TrainingArguments registered
+    if not is_deepspeed_zero3_enabled() or getattr(plugin, "dschf", None) is None:
+        yield
+        return
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        set_hf_deepspeed_config(plugin.dschf)
 
 
 def suppress_mask_logit(logits: torch.Tensor, mask_token_id: int) -> torch.Tensor:

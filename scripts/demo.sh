@@ -10,4 +10,4 @@ bash scripts/setup.sh
 # has not (emulated), so the precision follows this CPU (opdlm_trl/precision.py decides); arguments given here win.
 bf16=$(python -m opdlm_trl.precision --use-cpu)
 echo "training precision: bf16=$bf16"
-python examples/convert.py --config examples/configs/cpu_demo.yaml --bf16 "$bf16" "$@"
+opdlm-convert --config examples/configs/cpu_demo.yaml --bf16 "$bf16" "$@"

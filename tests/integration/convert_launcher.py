@@ -1,14 +1,14 @@
-"""``examples/convert.py`` exactly as written, for ``accelerate launch`` on CPU in tests/integration/test_example_configs.py.
+"""``opdlm-convert`` (opdlm_trl/cli/convert.py) for ``accelerate launch`` on CPU in
+tests/integration/test_example_configs.py.
 
-The one difference from launching the script itself: DeepSpeed's shared-memory all-reduce kernel is not built.
-DeepSpeed's CPU backend JIT-compiles it on first use (~3.5 min on 2 cores, see docs/multi-gpu.md); it only speeds up
-intra-node all-reduce and changes no ZeRO logic, so plain gloo collectives are used instead, as in
-tests/integration/distributed_worker.py. Arguments go to convert.py unchanged.
+The one difference from ``accelerate launch -m opdlm_trl.cli.convert``: DeepSpeed's shared-memory all-reduce kernel is
+not built. DeepSpeed's CPU backend JIT-compiles it on first use (~3.5 min on 2 cores, see docs/multi-gpu.md); it only
+speeds up intra-node all-reduce and changes no ZeRO logic, so plain gloo collectives are used instead, as in
+tests/integration/distributed_worker.py. Arguments go to the command unchanged.
 """
 
 from __future__ import annotations
 
-import runpy
 import sys
 from pathlib import Path
 
@@ -19,4 +19,7 @@ if __name__ == "__main__":
     from distributed_worker import skip_deepspeed_shm_kernel
 
     skip_deepspeed_shm_kernel()
-    runpy.run_path(str(ROOT / "examples" / "convert.py"), run_name="__main__")
+
+    from opdlm_trl.cli.convert import main
+
+    main()

@@ -184,19 +184,16 @@ def test_a_run_killed_while_saving_resumes_from_the_last_complete_checkpoint(tmp
     with pytest.raises(IncompleteCheckpointError, match="missing trainer_state.json"):
         worker.build_trainer(tmp_path).train(resume_from_checkpoint=str(half_written))
     with caplog.at_level(logging.WARNING, logger="opdlm_trl.checkpoints"):
-        resume_and_compare(tmp_path, "true", uninterrupted)  # the string examples/convert.py receives; checkpoint-2
+        resume_and_compare(tmp_path, "true", uninterrupted)  # the string opdlm-convert receives; checkpoint-2
     assert any(f"Skipping incomplete checkpoint {half_written}" in r.getMessage() for r in caplog.records)
 
 
-def test_convert_py_resumes_with_true_from_the_command_line(tmp_path, caplog):
+def test_opdlm_convert_resumes_with_true_from_the_command_line(tmp_path, caplog):
     """The reported case: ``--resume_from_checkpoint true`` after a kill that left checkpoint-4 without
     trainer_state.json, rng_state.pth and scheduler.pt (the CLI hands the trainer the string ``"true"``)."""
+    from opdlm_trl.cli import convert
     from opdlm_trl.tiny import save_tiny_pair
 
-    spec = importlib.util.spec_from_file_location("opdlm_convert_example", ROOT / "examples" / "convert.py")
-    convert = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = convert  # its dataclasses resolve their (string) annotations through sys.modules
-    spec.loader.exec_module(convert)
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": f"def f{i}(x):"}) + "\n" for i in range(4)))
     output_dir = tmp_path / "out"

@@ -1,4 +1,4 @@
-"""Multi-process training on CPU (DDP, DeepSpeed ZeRO-2/3) and the example configs for ``examples/convert.py``.
+"""Multi-process training on CPU (DDP, DeepSpeed ZeRO-2/3) and the example configs for ``opdlm-convert``.
 
 DDP, ZeRO-2 and ZeRO-3 must give the single-process step, number for number.
 
@@ -15,7 +15,6 @@ overridden on the command line) and the accelerate configs must load with accele
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import socket
@@ -202,22 +201,14 @@ def test_sampler_ranks_stay_in_step_when_forwards_are_collectives(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------- example configs
-def _convert_example():
-    """``examples/convert.py`` as a module (it is a script, not part of the package)."""
-    spec = importlib.util.spec_from_file_location("opdlm_convert_example", ROOT / "examples" / "convert.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve their module while the class is built
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def convert_dataclasses() -> tuple:
     from trl import ModelConfig
 
     from opdlm_trl import OPDConfig
+    from opdlm_trl.cli.convert import ConvertArguments
 
-    return _convert_example().ConvertArguments, OPDConfig, ModelConfig
+    return ConvertArguments, OPDConfig, ModelConfig
 
 
 def test_example_configs_exist():
@@ -243,7 +234,7 @@ def test_example_config_keys_are_known_fields(path, convert_dataclasses):
 
 
 @pytest.mark.parametrize("path", EXAMPLE_CONFIGS, ids=lambda path: path.name)
-def test_example_config_parses_like_convert_py(path, convert_dataclasses, tmp_path):
+def test_example_config_parses_like_opdlm_convert(path, convert_dataclasses, tmp_path):
     """TrlParser builds the three dataclasses (OPDConfig validates its choices); values survive unchanged."""
     from trl import TrlParser
 

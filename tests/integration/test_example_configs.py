@@ -1,4 +1,4 @@
-"""Every ``examples/configs/*.yaml`` goes through ``examples/convert.py``'s own parse -> build -> train path.
+"""Every ``examples/configs/*.yaml`` goes through ``opdlm-convert``'s own parse -> build -> train path.
 
 What a test changes in a config, and why (everything else runs as written, so a wrong field fails here):
 
@@ -24,7 +24,7 @@ Every config also runs the way its header says it runs:
   (``examples/configs/accelerate/deepspeed_zero3.yaml``) as 2 CPU processes (gloo) for 2 optimizer steps, with
   ``--num_processes 2 --mixed_precision no`` on the launcher and ``--save_steps 2`` (so that the DeepSpeed
   checkpoint is written and checked) as the only further changes; ``tests/integration/convert_launcher.py`` runs
-  ``examples/convert.py`` without building DeepSpeed's optional shared-memory kernel (minutes of JIT compile);
+  ``opdlm-convert`` without building DeepSpeed's optional shared-memory kernel (minutes of JIT compile);
 * the vLLM-server recipe against the real vLLM CPU server scripts/test.sh starts, with the model replaced by the
   directory the server serves (``OPDLM_VLLM_MODEL_DIR``, a tiny Llama: the student must be converted from the
   served weights) and ``teacher_url`` by ``OPDLM_VLLM_URL``. Without the server it skips (fails under CI=true).
@@ -46,6 +46,7 @@ import torch
 import yaml
 
 from opdlm_trl import OPDConfig, diffusion_settings, load_diffusion_model
+from opdlm_trl.cli import convert
 from opdlm_trl.eval.report import TEACHER_SYSTEM, student_system, sweep_system
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -56,15 +57,6 @@ LAUNCH_TIMEOUT_S = 400
 QWEN3_TOKENS, QWEN3_ROWS = 151_669, 151_936
 # 16 prompts: two optimizer steps of the largest recipe batch (8 prompts a step), so no config runs out of data.
 PROMPTS = [f"Write a Python function that multiplies a number by {n}." for n in range(16)]
-
-
-@pytest.fixture(scope="module")
-def convert():
-    spec = importlib.util.spec_from_file_location("opdlm_convert_example", ROOT / "examples" / "convert.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses resolve their (string) annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +96,7 @@ def _substitutions(
 
 
 @pytest.mark.parametrize("name", CONFIGS)
-def test_config_parses_into_a_valid_opd_config(convert, name):
+def test_config_parses_into_a_valid_opd_config(name):
     """As written (plus use_cpu where there is no GPU): every field is known and passes OPDConfig's checks."""
     path, config = _config(name)
     cpu = ["--use_cpu", "true"] if not torch.cuda.is_available() else []
@@ -119,7 +111,7 @@ def test_config_parses_into_a_valid_opd_config(convert, name):
     ("field", "value", "message"),
     [("lerning_rate", 1e-5, "Unknown arguments"), ("loss_type", "kl", "loss_type")],
 )
-def test_a_wrong_config_field_fails(convert, tmp_path, field, value, message):
+def test_a_wrong_config_field_fails(tmp_path, field, value, message):
     _, config = _config("cpu_demo")
     config[field] = value
     path = tmp_path / "wrong.yaml"
@@ -130,7 +122,7 @@ def test_a_wrong_config_field_fails(convert, tmp_path, field, value, message):
 
 @pytest.mark.slow  # a whole recipe run with before/after reports: 17-22 CPU-seconds each
 @pytest.mark.parametrize("name", [name for name in CONFIGS if name not in NOT_TRAINED])
-def test_config_trains_two_steps(convert, qwen3_dir, prompt_file, tmp_path, name):
+def test_config_trains_two_steps(qwen3_dir, prompt_file, tmp_path, name):
     path, config = _config(name)
     output_dir = tmp_path / "out"
     argv = ["--config", path, *_substitutions(config, qwen3_dir, prompt_file, output_dir), *_cpu_overrides(config)]
@@ -183,7 +175,7 @@ def qwen3_bf16_dir(qwen3_dir, tmp_path_factory) -> str:
 
 
 @pytest.mark.parametrize("name", CONFIGS)
-def test_config_trains_float32_master_weights(convert, qwen3_bf16_dir, prompt_file, tmp_path, name):
+def test_config_trains_float32_master_weights(qwen3_bf16_dir, prompt_file, tmp_path, name):
     """Each recipe's loading path, with its own ``dtype`` and ``bf16`` (only ``use_cpu`` added on CPU), gives the
     optimizer float32 trainable parameters; a DeepSpeed recipe gets them from DeepSpeed's bf16 optimizer, so run
     plainly it is refused, and its launcher file must turn bf16 on."""
@@ -270,7 +262,7 @@ def vllm_server() -> tuple[str, str]:
 
 
 @pytest.mark.vllm
-def test_vllm_server_config_trains_two_steps(convert, vllm_server, prompt_file, tmp_path):
+def test_vllm_server_config_trains_two_steps(vllm_server, prompt_file, tmp_path):
     """The vLLM-teacher recipe against the real server, the student converted from the weights it serves."""
     spec = importlib.util.spec_from_file_location(
         "opdlm_vllm_worker", ROOT / "tests" / "integration" / "vllm_training_worker.py"

@@ -7,12 +7,21 @@ modeling code: a pattern that holds for one is no evidence for another.
 
 from __future__ import annotations
 
+import contextlib
+from types import SimpleNamespace
+
 import pytest
 import torch
 
 from opdlm_trl import diffusion_settings, load_diffusion_model, to_diffusion
 from opdlm_trl.masks import gather_predictions, left_pad_to_block, position_ids_from_mask, training_layout
-from opdlm_trl.modeling import DEFAULT_MASK_TOKEN, SUPPORTED_ATTENTION, student_forward, teacher_forward
+from opdlm_trl.modeling import (
+    DEFAULT_MASK_TOKEN,
+    SUPPORTED_ATTENTION,
+    student_forward,
+    teacher_forward,
+    whole_models_while_loading,
+)
 from opdlm_trl.tiny import ARCHITECTURES, save_tiny_pair
 
 EXACT = 1e-6  # "unchanged": identical up to float32 reassociation of the same numbers
@@ -448,3 +457,46 @@ def test_published_qwen3_shapes_have_their_published_parameter_counts():
     assert parameter_count(qwen3_config("Qwen/Qwen3-0.6B", num_hidden_layers=2)) < counts["Qwen/Qwen3-0.6B"]
     with pytest.raises(ValueError, match="choose from"):
         qwen3_config("Qwen/Qwen3-0.5B")
+
+
+# --------------------------------------------------------------------------------------------------
+# loading under DeepSpeed ZeRO-3
+# --------------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def zero3_registered():
+    """DeepSpeed ZeRO-3 registered with transformers, as building TrainingArguments under ``accelerate launch`` with
+    a ZeRO-3 config does; yields such arguments and removes the registration afterwards (no other test sees it)."""
+    from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
+
+    config = HfDeepSpeedConfig({"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": 1})
+    try:
+        yield SimpleNamespace(deepspeed_plugin=SimpleNamespace(dschf=config))
+    finally:
+        unset_hf_deepspeed_config()
+
+
+def test_models_load_whole_under_zero3_and_the_registration_comes_back(tmp_path):
+    from transformers import AutoModelForCausalLM
+    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+
+    path = save_tiny_pair(tmp_path / "tiny")  # before ZeRO-3 is registered: it would shard even a new model
+    with zero3_registered() as training_args:
+        assert is_deepspeed_zero3_enabled()
+        with whole_models_while_loading(training_args):
+            assert not is_deepspeed_zero3_enabled()
+            model = AutoModelForCausalLM.from_pretrained(path)  # under ZeRO-3: 0-row embeddings, or no process group
+        assert model.get_input_embeddings().weight.shape[0] == model.config.vocab_size > 0
+        assert is_deepspeed_zero3_enabled()  # the trainer shards the models when it prepares them
+        with pytest.raises(RuntimeError), whole_models_while_loading(training_args):
+            raise RuntimeError("a failed load")
+        assert is_deepspeed_zero3_enabled()
+
+
+def test_whole_models_while_loading_is_a_no_op_without_zero3():
+    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+
+    with whole_models_while_loading(SimpleNamespace(deepspeed_plugin=None)):
+        assert not is_deepspeed_zero3_enabled()
+    assert not is_deepspeed_zero3_enabled()
