@@ -317,6 +317,42 @@ def test_levers_script_finds_the_repository_from_any_directory(tmp_path):
     assert unknown.returncode == 2 and "unknown cell no_such_cell" in unknown.stderr
 
 
+_RECORDING_PYTHON = """#!/usr/bin/env bash
+(IFS=$'\\x1f'; printf '%s\\n' "$*") >> "$FAKE_PYTHON_LOG"
+previous=""
+for argument in "$@"; do [[ $previous == --output ]] && echo '{}' > "$argument"; previous=$argument; done
+[[ " $* " == *" --use-cpu "* ]] && echo false
+exit 0
+"""
+
+
+def test_every_lever_cell_is_accepted_by_the_convert_command(tmp_path):
+    """Each cell's override, word-split by bash exactly as levers.sh passes it, parses into the convert command's
+    arguments on top of the long recipe: a misspelt flag or a badly quoted value would otherwise fail an hour into a
+    run (the cosine_lr cell's JSON kwargs, the lora cell's module list)."""
+    from opdlm_trl.cli.convert import parse_args
+
+    fake, log = tmp_path / "python", tmp_path / "calls.log"
+    fake.write_text(_RECORDING_PYTHON)
+    fake.chmod(0o755)
+    env = {**os.environ, "PYTHON": str(fake), "FAKE_PYTHON_LOG": str(log), "BF16": "false"}
+    result = subprocess.run(
+        ["bash", str(LEVERS / "levers.sh"), "out", "2"], cwd=tmp_path, env=env, capture_output=True, text=True,
+        timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    calls = [line.split("\x1f") for line in log.read_text().splitlines()]
+    trainings = {Path(call[call.index("--output_dir") + 1]).name: call[1:] for call in calls if "--output_dir" in call}
+    assert {"plain", "left_to_right", "cosine_lr", "lora"} <= set(trainings)
+    parsed = {cell: parse_args(argv) for cell, argv in trainings.items()}
+    for cell, (_, opd, _) in parsed.items():
+        assert opd.max_steps == 2 and opd.output_dir.endswith(cell), cell
+    assert parsed["left_to_right"][1].commit_order == "left_to_right"
+    assert parsed["cosine_lr"][1].lr_scheduler_kwargs == {"min_lr_rate": 0.1}
+    lora = parsed["lora"][2]
+    assert lora.use_peft and len(lora.lora_target_modules) == 7 and parsed["lora"][1].teacher_backend == "shared"
+
+
 @pytest.mark.slow
 def test_memory_benchmark_and_model(tmp_path):
     """benchmarks/memory.py (tiny widths): every phase measured, hidden-state targets held (O(H) per token), and
