@@ -163,6 +163,10 @@ class _CausalLMScorer(TeacherBackend):
 class LocalTeacher(_CausalLMScorer):
     """A separate frozen HF causal LM (any device and dtype) scored in chunks.
 
+    Scoring runs without gradients in eval mode, so a model passed here is used as it is and left as it was (an
+    evaluation may borrow a model that is still being trained); the trainer's teacher is frozen by
+    :meth:`from_context`.
+
     Costs a full copy of the teacher's parameters in the trainer process; use
     :class:`SharedWeightsTeacher` for a LoRA student, or a vLLM teacher to move the work elsewhere.
     """
@@ -182,8 +186,9 @@ class LocalTeacher(_CausalLMScorer):
             kwargs = {}
         if model is None:
             raise ValueError("teacher_backend='local' needs `teacher_model` (a model or a path): pass model=.")
+        model = freeze(model)  # the trainer's teacher: never trained, never in an optimizer
         if context.prepare_model is not None:
-            model = context.prepare_model(freeze(model))
+            model = context.prepare_model(model)
         teacher = cls(model, chunk_size=chunk_size, exclude_token_ids=context.exclude_token_ids, **kwargs)
         settings = context.settings
         if settings and teacher.vocab_size != settings.teacher_vocab_size:
@@ -202,7 +207,7 @@ class LocalTeacher(_CausalLMScorer):
     ):
         if hasattr(model, "peft_config"):
             raise ValueError("LocalTeacher takes a plain causal LM; for a peft student use SharedWeightsTeacher.")
-        self.model = freeze(model)
+        self.model = model
         self.chunk_size = chunk_size
         self.exclude_token_ids = tuple(int(i) for i in exclude_token_ids)
         self.vocab_size = vocab_size or output_rows(model)

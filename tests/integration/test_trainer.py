@@ -154,6 +154,7 @@ def test_full_finetune_moves_every_student_tensor_and_no_teacher_tensor(checkpoi
     assert sorted(moved) == sorted(initial), f"parameters that did not move: {set(initial) - set(moved)}"
     for name, p in trainer.teacher.model.named_parameters():
         assert torch.equal(p, teacher_initial[name]), name
+        assert not p.requires_grad, f"the trainer's teacher is not frozen: {name}"
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     assert len(losses) == 2 and all(math.isfinite(v) and v > 0 for v in losses)
 

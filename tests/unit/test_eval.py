@@ -178,6 +178,19 @@ def test_student_nll_of_teacher_text_is_the_teacher_nll_for_a_block_one_student(
     assert ar["student_nll_per_token"] == pytest.approx(ar["teacher_nll_per_token"], abs=1e-4)
 
 
+def test_evaluate_model_leaves_a_borrowed_teacher_trainable(make_model, tokenizer, problems):
+    """A model passed as the teacher comes back as it was: evaluating mid-training must not freeze a model that is
+    still being trained (scoring needs no gradients and switches to eval mode only while it runs)."""
+    teacher = make_model("llama")
+    student, student_tokenizer = to_diffusion(copy.deepcopy(teacher), tokenizer, block_size=4, shift=True)
+    teacher.requires_grad_(True)
+    evaluate_model(
+        student, teacher=teacher, tokenizer=student_tokenizer, dataset=Dataset.from_list(problems[:1]),
+        max_new_tokens=4, max_prompt_length=24, decodings=["static"], device="cpu",
+    )  # fmt: skip
+    assert all(p.requires_grad for p in teacher.parameters())
+
+
 def test_evaluate_model_side_by_side(tiny_pair, problems):
     teacher, student, tokenizer = tiny_pair
     dataset = Dataset.from_list(problems)
