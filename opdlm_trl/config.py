@@ -288,7 +288,7 @@ class OPDConfig(DiffusionTrainingConfig):
             "least the static count) or 'static' (a fixed number per step)."
         },
     )
-    commit_order: str = field(default="confidence", metadata={"help": _COMMIT_ORDER_HELP})
+    commit_order: str = field(default=SamplerConfig.commit_order, metadata={"help": _COMMIT_ORDER_HELP})
     threshold: float = field(
         default=0.9,
         metadata={

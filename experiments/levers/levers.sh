@@ -8,7 +8,16 @@
 #   bash experiments/levers/levers.sh OUT_DIR 26 plain@1 plain@2   # CELL@N: the same cell with training seed N (default 0)
 #
 # Resumable: a cell with its report.json is skipped, a trained cell without one is only evaluated, and a killed
-# cell resumes from its newest complete checkpoint (every 13 steps). One torch thread per process: run two lanes
+# cell resumes from its newest complete checkpoint (every 13 steps).
+#
+# Curves (issue 20's long runs, experiments/long_runs/README.md): CURVE_EVERY=N keeps a checkpoint every N steps
+# (resumable from the newest) and evaluates each one, as the final model, into CELL/curve/stepN.json; an evaluated
+# checkpoint is deleted once a newer complete one exists (the newest stays, for resuming or continuing). EVAL_ONLY=1
+# does only that evaluation, so a second lane can follow a training lane:
+#   CURVE_EVERY=40 bash experiments/levers/levers.sh long/ 220 left_to_right &
+#   while sleep 600; do EVAL_ONLY=1 bash experiments/levers/levers.sh long/ 220 left_to_right; done
+# experiments/levers/curve_table.py prints the curve. A cell directory seeded with another run's checkpoint-N
+# (copied in) continues from it: a run with a constant learning rate is the same run, only longer. One torch thread per process: run two lanes
 # (disjoint cells) side by side on a 2-core machine, not more (each training process holds ~8 GB). every_step trains
 # up to 4 state rows per rollout: the same 8 rollouts per optimizer step, their up to 32 state rows in 4 accumulation
 # chunks (the same step's gradient; 32 rows in one forward ran out of 24 GB). threshold_ramp_0.7 ramps the rollout
@@ -51,6 +60,38 @@ cells=("$@")
 [[ ${#cells[@]} -gt 0 ]] || cells=(plain every_step rollout_threshold_0.7 token_normalisation train_block_8
   rollout_temperature_0.7 threshold_ramp_0.7 completion_128 short_prompts stdlib_prompts left_to_right cosine_lr lora)
 python=${PYTHON:-python}
+curve_every=${CURVE_EVERY:-}
+[[ -z $curve_every || $curve_every =~ ^[1-9][0-9]*$ ]] || { echo "CURVE_EVERY must be a positive integer" >&2; exit 2; }
+
+evaluate() {  # STUDENT REPORT LOG: the one evaluation of every cell and checkpoint (float32, 24 held-out prompts)
+  "$python" -m opdlm_trl.eval.cli --student "$1" --teacher embedded --limit 24 --max-new-tokens 64 \
+    --block-size 4 --thresholds 0.5 0.9 --decodings static dynamic --batch-size 8 \
+    --output "${2%.json}.partial.json" >>"$3" 2>&1
+  mv "${2%.json}.partial.json" "$2"
+}
+
+complete_checkpoints() {  # DIR: its complete checkpoint-N directories, oldest first (a resume could read them)
+  local checkpoint
+  for checkpoint in "$1"/checkpoint-*; do
+    [[ $checkpoint =~ /checkpoint-[0-9]+$ && -d $checkpoint ]] || continue
+    "$python" -c 'import sys; from opdlm_trl.checkpoints import missing_checkpoint_files as missing
+sys.exit(1 if missing(sys.argv[1]) else 0)' "$checkpoint" && echo "${checkpoint##*-} $checkpoint"
+  done | sort -n | cut -d' ' -f2-
+}
+
+evaluate_checkpoints() {  # DIR FINAL_STEP: curve/stepN.json for each complete checkpoint; drop evaluated old ones
+  local dir=$1 final=$2 checkpoint step newest checkpoints
+  mapfile -t checkpoints < <(complete_checkpoints "$dir")
+  [[ ${#checkpoints[@]} -gt 0 ]] || return 0
+  newest=${checkpoints[-1]}
+  mkdir -p "$dir/curve"
+  for checkpoint in "${checkpoints[@]}"; do
+    step=${checkpoint##*-}
+    # the final step's model is the cell's own report.json
+    [[ $step == "$final" || -f $dir/curve/step$step.json ]] || evaluate "$checkpoint" "$dir/curve/step$step.json" "$dir/eval.log"
+    [[ $checkpoint == "$newest" || ! -f $dir/curve/step$step.json ]] || rm -rf "$checkpoint"
+  done
+}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 bf16=${BF16:-$("$python" -m opdlm_trl.precision --use-cpu)}
 echo "training precision: bf16=$bf16"
@@ -63,22 +104,26 @@ for spec in "${cells[@]}"; do
   [[ $seed =~ ^[0-9]+$ ]] || { echo "bad seed in $spec: write CELL@N with N an integer" >&2; exit 2; }
   dir="$out/$cell"
   [[ $seed == 0 ]] || dir="$out/$cell@$seed"
+  if [[ -n ${EVAL_ONLY:-} ]]; then
+    [[ -d $dir ]] && evaluate_checkpoints "$dir" "$steps"
+    continue
+  fi
   [[ -f $dir/report.json ]] && { echo "$spec: done"; continue; }
   mkdir -p "$dir"
   if [[ -v PROMPT_SETS[$cell] && ! -f $out/$cell.jsonl ]]; then
     "$python" "${PROMPT_SETS[$cell]}" "$out/$cell.jsonl"
   fi
   if [[ ! -f $dir/model.safetensors ]]; then
+    saving=(--save_steps 13 --save_total_limit 1)
+    [[ -z $curve_every ]] || saving=(--save_steps "$curve_every")
     resume=()
     compgen -G "$dir/checkpoint-*" >/dev/null && resume=(--resume_from_checkpoint true)
     # shellcheck disable=SC2086  # the cell's override is a list of arguments
     "$python" "$root/examples/convert.py" --config "$root/examples/configs/cpu_long_opd.yaml" --output_dir "$dir" \
-      --max_steps "$steps" --save_steps 13 --save_total_limit 1 --bf16 "$bf16" --report_prompts 0 --seed "$seed" ${CELLS[$cell]} "${resume[@]}" \
+      --max_steps "$steps" "${saving[@]}" --bf16 "$bf16" --report_prompts 0 --seed "$seed" ${CELLS[$cell]} "${resume[@]}" \
       >>"$dir/train.log" 2>&1
   fi
-  "$python" -m opdlm_trl.eval.cli --student "$dir" --teacher embedded --limit 24 --max-new-tokens 64 \
-    --block-size 4 --thresholds 0.5 0.9 --decodings static dynamic --batch-size 8 \
-    --output "$dir/report.partial.json" >>"$dir/eval.log" 2>&1
-  mv "$dir/report.partial.json" "$dir/report.json"
+  [[ -z $curve_every ]] || evaluate_checkpoints "$dir" "$steps"
+  evaluate "$dir" "$dir/report.json" "$dir/eval.log"
   echo "$spec: evaluated"
 done

@@ -19,39 +19,51 @@ THRESHOLDS = (0.9, 0.5)
 AVERAGED = ("static_nll", "tpf@0.9", "nll@0.9", "tpf@0.5", "nll@0.5")
 
 
-def _row_name(decoding: str, commit_order: str, threshold: float | None = None) -> str:
-    """opdlm-eval's result-row name: ``student_static``, ``student_dynamic@0.9``, and with the left-to-right commit
-    order ``student_static_left_to_right``, ``student_dynamic_left_to_right@0.9``."""
-    order = "" if commit_order == "confidence" else f"_{commit_order}"
-    return f"student_{decoding}{order}" + ("" if threshold is None else f"@{threshold:g}")
+def decoding_row(results: dict, decoding: str, commit_order: str, threshold: float | None = None) -> dict:
+    """opdlm-eval's result row of one student decoding in ``commit_order``.
+
+    Rows are named ``student_static``, ``student_dynamic@0.9`` for the sampler's default order and carry a suffix
+    (``student_static_left_to_right``) otherwise; each row also records its ``commit_order`` (records older than
+    the commit rules have none: they are all ``confidence``), so the row is found by what it says it is, whatever
+    the default was when it was written."""
+    at = "" if threshold is None else f"@{threshold:g}"
+    suffixed = results.get(f"student_{decoding}_{commit_order}{at}")
+    if suffixed is not None:
+        return suffixed
+    plain = results.get(f"student_{decoding}{at}")
+    if plain is not None and plain.get("commit_order", "confidence") == commit_order:
+        return plain
+    raise SystemExit(
+        f"No {decoding} row decoded in {commit_order} order: evaluate with --commit-orders {commit_order}."
+    )
+
+
+def evaluation_numbers(report: Path, commit_order: str = "confidence") -> dict:
+    """Static and dynamic (each of THRESHOLDS) numbers of one opdlm-eval report, decoded in ``commit_order``."""
+    results = json.loads(report.read_text())["results"]
+    static = decoding_row(results, "static", commit_order)
+    row = {"static_nll": static["teacher_nll_per_token"], "static_top1": static["top1_agreement"]}
+    for threshold in THRESHOLDS:
+        dynamic = decoding_row(results, "dynamic", commit_order, threshold)
+        row[f"tpf@{threshold}"] = dynamic["tokens_per_forward"]
+        row[f"nll@{threshold}"] = dynamic["teacher_nll_per_token"]
+        row[f"top1@{threshold}"] = dynamic["top1_agreement"]
+    row["confidence_offsets"] = decoding_row(results, "dynamic", commit_order, THRESHOLDS[0])["confidence_by_offset"][
+        "student_mean"
+    ]
+    return row
 
 
 def cell_row(directory: Path, tail_steps: int = 6, commit_order: str = "confidence") -> dict:
     """The numbers of one trained and evaluated cell, from the rows evaluated in ``commit_order``."""
-    results = json.loads((directory / "report.json").read_text())["results"]
-    if _row_name("static", commit_order) not in results:
-        raise SystemExit(
-            f"{directory}/report.json has no {commit_order} rows: evaluate with --commit-orders {commit_order}."
-        )
     training = json.loads((directory / "opd_report.json").read_text())
     rollout_speed = [e["rollout/tokens_per_step"] for e in training["log_history"] if "rollout/tokens_per_step" in e]
-    static = results[_row_name("static", commit_order)]
-    row = {
+    return {
         "cell": directory.name,
         "training_tokens": training["training_tokens"],
-        "static_nll": static["teacher_nll_per_token"],
-        "static_top1": static["top1_agreement"],
+        **evaluation_numbers(directory / "report.json", commit_order),
         "training_tokens_per_step_tail": [min(rollout_speed[-tail_steps:]), max(rollout_speed[-tail_steps:])],
     }
-    for threshold in THRESHOLDS:
-        dynamic = results[_row_name("dynamic", commit_order, threshold)]
-        row[f"tpf@{threshold}"] = dynamic["tokens_per_forward"]
-        row[f"nll@{threshold}"] = dynamic["teacher_nll_per_token"]
-        row[f"top1@{threshold}"] = dynamic["top1_agreement"]
-    row["confidence_offsets"] = results[_row_name("dynamic", commit_order, THRESHOLDS[0])]["confidence_by_offset"][
-        "student_mean"
-    ]
-    return row
 
 
 def seed_dirs(out: Path, cell: str) -> list[Path]:

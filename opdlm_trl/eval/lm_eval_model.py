@@ -115,7 +115,7 @@ class OPDLMEvalModel(TemplateLM):
         max_new_tokens: int = 256,
         steps_per_block: int | None = None,
         remasking: str = "static",
-        commit_order: str = "confidence",
+        commit_order: str = SamplerConfig.commit_order,
         threshold: float = 0.9,
         confidence: str = "prob",
         temperature: float = 0.0,

@@ -353,6 +353,98 @@ def test_every_lever_cell_is_accepted_by_the_convert_command(tmp_path):
     assert lora.use_peft and len(lora.lora_target_modules) == 7 and parsed["lora"][1].teacher_backend == "shared"
 
 
+def _checkpoint(directory: Path, step: int, history: list[dict]) -> Path:
+    checkpoint = directory / f"checkpoint-{step}"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "trainer_state.json").write_text(json.dumps({"log_history": history}))
+    return checkpoint
+
+
+def test_levers_curve_mode_evaluates_and_prunes_checkpoints(tmp_path):
+    """CURVE_EVERY keeps a checkpoint every N steps (no rotation), resumes from a seeded one, evaluates each
+    earlier checkpoint into curve/stepN.json (the final step is the cell's report.json) and deletes an evaluated
+    one once a newer exists; EVAL_ONLY=1 evaluates without training. Training and evaluation are a recording
+    stand-in for python, which calls every checkpoint complete."""
+    fake, log = tmp_path / "python", tmp_path / "calls.log"
+    fake.write_text(_RECORDING_PYTHON)
+    fake.chmod(0o755)
+    env = {**os.environ, "PYTHON": str(fake), "FAKE_PYTHON_LOG": str(log), "BF16": "false", "CURVE_EVERY": "2"}
+    cell = tmp_path / "out" / "left_to_right"
+    for step in (2, 4, 10):  # a continued run: 10 sorts after 2 and 4 by number, not by name
+        _checkpoint(cell, step, [])
+    result = subprocess.run(
+        ["bash", str(LEVERS / "levers.sh"), "out", "10", "left_to_right"], cwd=tmp_path, env=env,
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    calls = [line.split("\x1f") for line in log.read_text().splitlines()]
+    training = next(call for call in calls if "--output_dir" in call)
+    assert training[training.index("--save_steps") + 1] == "2" and "--save_total_limit" not in training
+    assert "--resume_from_checkpoint" in training
+    assert sorted(path.name for path in (cell / "curve").iterdir()) == ["step2.json", "step4.json"]
+    assert [path.name for path in cell.glob("checkpoint-*")] == ["checkpoint-10"]  # the newest stays
+    assert (cell / "report.json").exists()
+    log.write_text("")
+    _checkpoint(cell, 12, [])
+    only = subprocess.run(
+        ["bash", str(LEVERS / "levers.sh"), "out", "14", "left_to_right"], cwd=tmp_path,
+        env={**env, "EVAL_ONLY": "1"}, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert only.returncode == 0, only.stderr
+    assert not any("--output_dir" in line for line in log.read_text().splitlines())  # nothing trained
+    assert {path.name for path in (cell / "curve").iterdir()} == {
+        "step2.json",
+        "step4.json",
+        "step10.json",
+        "step12.json",
+    }
+    assert [path.name for path in cell.glob("checkpoint-*")] == ["checkpoint-12"]
+    bad = subprocess.run(
+        ["bash", str(LEVERS / "levers.sh"), "out", "2", "plain"], cwd=tmp_path, env={**env, "CURVE_EVERY": "x"},
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert bad.returncode == 2 and "CURVE_EVERY must be a positive integer" in bad.stderr
+
+
+def _report(path: Path, static_nll: float, order: str = "confidence") -> None:
+    """An opdlm-eval report whose rows carry their commit order, as the default order leaves them unsuffixed."""
+    suffix = "" if order == "confidence" else f"_{order}"
+
+    def row(tpf, nll):
+        return {"tokens_per_forward": tpf, "teacher_nll_per_token": nll, "top1_agreement": 0.9,
+                "commit_order": order, "confidence_by_offset": {"student_mean": [0.7, 0.3]}}  # fmt: skip
+
+    results = {f"student_static{suffix}": row(1.0, static_nll)}
+    results |= {f"student_dynamic{suffix}@{t:g}": row(1.0 + t, static_nll + t) for t in (0.9, 0.5)}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"results": results}))
+
+
+def test_curve_table_marks_the_first_drift_beyond_the_tolerance(tmp_path):
+    cell = tmp_path / "left_to_right"
+    history = [{"step": step, "training_tokens": 470 * step} for step in range(1, 61)]
+    _checkpoint(cell, 60, history)
+    for step, nll in ((20, 0.40), (40, 0.44)):
+        _report(cell / "curve" / f"step{step}.json", nll, "left_to_right")
+    _report(cell / "curve" / "step60.json", 0.46, "left_to_right")  # 0.06 above the best earlier: drift
+    output = tmp_path / "curve.json"
+    result = subprocess.run(
+        [sys.executable, str(LEVERS / "curve_table.py"), str(cell), "--commit-order", "left_to_right", "--json",
+         str(output)],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    rows = json.loads(output.read_text())["rows"]
+    assert [(row["step"], row["training_tokens"], row["holds"]) for row in rows] == [
+        (20, 9400, True), (40, 18800, True), (60, 28200, False)
+    ]  # fmt: skip
+    assert "first at step 60 (0.460 against 0.400 earlier)" in result.stdout
+    missing = subprocess.run(
+        [sys.executable, str(LEVERS / "curve_table.py"), str(cell)], capture_output=True, text=True, timeout=120
+    )
+    assert missing.returncode != 0 and "--commit-orders confidence" in missing.stderr
+
+
 @pytest.mark.slow
 def test_memory_benchmark_and_model(tmp_path):
     """benchmarks/memory.py (tiny widths): every phase measured, hidden-state targets held (O(H) per token), and
