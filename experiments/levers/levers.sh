@@ -17,8 +17,10 @@
 #   CURVE_EVERY=40 bash experiments/levers/levers.sh long/ 220 left_to_right &
 #   while sleep 600; do EVAL_ONLY=1 bash experiments/levers/levers.sh long/ 220 left_to_right; done
 # experiments/levers/curve_table.py prints the curve. A cell directory seeded with another run's checkpoint-N
-# (copied in) continues from it: a run with a constant learning rate is the same run, only longer. One torch thread per process: run two lanes
-# (disjoint cells) side by side on a 2-core machine, not more (each training process holds ~8 GB). every_step trains
+# (copied in) continues from it: a run with a constant learning rate is the same run, only longer.
+#
+# One torch thread per process: run two lanes (disjoint cells) side by side on a 2-core machine, not more (each
+# training process holds ~8 GB). every_step trains
 # up to 4 state rows per rollout: the same 8 rollouts per optimizer step, their up to 32 state rows in 4 accumulation
 # chunks (the same step's gradient; 32 rows in one forward ran out of 24 GB). threshold_ramp_0.7 ramps the rollout
 # threshold 0.9 -> 0.7 over the run (reference code's cosine shape); completion_128 trains 128-token rollouts at half
@@ -88,7 +90,8 @@ evaluate_checkpoints() {  # DIR FINAL_STEP: curve/stepN.json for each complete c
   for checkpoint in "${checkpoints[@]}"; do
     step=${checkpoint##*-}
     # the final step's model is the cell's own report.json
-    [[ $step == "$final" || -f $dir/curve/step$step.json ]] || evaluate "$checkpoint" "$dir/curve/step$step.json" "$dir/eval.log"
+    [[ $step == "$final" || -f $dir/curve/step$step.json ]] ||
+      evaluate "$checkpoint" "$dir/curve/step$step.json" "$dir/eval.log"
     [[ $checkpoint == "$newest" || ! -f $dir/curve/step$step.json ]] || rm -rf "$checkpoint"
   done
 }
