@@ -126,7 +126,7 @@ def evaluate(
     student, teacher, tokenizer, args: argparse.Namespace, teacher_generate: bool, decodings=DECODINGS
 ) -> dict:
     """Scores per decoding; a decoding not run gets ``{}`` (plots and tables skip it)."""
-    from opdlm_trl.eval import evaluate_model
+    from opdlm_trl.eval import evaluate_model, student_system
 
     was_training = student.training
     # A forked RNG: the training stream is the same whether or not an evaluation ran, so a cell resumed from a
@@ -150,7 +150,7 @@ def evaluate(
         )
     student.train(was_training)
     out = {
-        d: {m: report["results"][f"student_{d}"][m] for m in (*METRICS, "mean_completion_tokens")}
+        d: {m: report["results"][student_system(d)][m] for m in (*METRICS, "mean_completion_tokens")}
         if d in decodings
         else {}
         for d in DECODINGS
@@ -161,10 +161,10 @@ def evaluate(
         # the chain-bound ceiling of parallel decoding on the teacher's own greedy text (opdlm_trl.diagnostics)
         out["teacher_ar"]["oracle_ceiling"] = report.get("oracle_ceiling")
     if "dynamic" in decodings:
-        out["dynamic"]["oracle_ceiling"] = report["results"]["student_dynamic"].get("oracle_ceiling")
+        out["dynamic"]["oracle_ceiling"] = report["results"][student_system("dynamic")].get("oracle_ceiling")
     for decoding in decodings:
         # the same chain bound on the student's own text, and the share of its commits made out of reading order
-        student = report["results"][f"student_{decoding}"]
+        student = report["results"][student_system(decoding)]
         out[decoding]["own_text_oracle_ceiling"] = student.get("own_text_oracle_ceiling")
         out[decoding]["out_of_order_rate"] = student.get("out_of_order_rate")
     return out

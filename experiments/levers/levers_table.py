@@ -15,27 +15,24 @@ import json
 import statistics
 from pathlib import Path
 
+from opdlm_trl.eval.report import student_system, sweep_system
+
 THRESHOLDS = (0.9, 0.5)
 AVERAGED = ("static_nll", "tpf@0.9", "nll@0.9", "tpf@0.5", "nll@0.5")
 
 
 def decoding_row(results: dict, decoding: str, commit_order: str, threshold: float | None = None) -> dict:
-    """opdlm-eval's result row of one student decoding in ``commit_order``.
+    """opdlm-eval's result row of one student decoding in ``commit_order`` (at ``threshold`` in a sweep).
 
-    Rows are named ``student_static``, ``student_dynamic@0.9`` for the sampler's default order and carry a suffix
-    (``student_static_left_to_right``) otherwise; each row also records its ``commit_order`` (records older than
-    the commit rules have none: they are all ``confidence``), so the row is found by what it says it is, whatever
-    the default was when it was written."""
-    at = "" if threshold is None else f"@{threshold:g}"
-    suffixed = results.get(f"student_{decoding}_{commit_order}{at}")
-    if suffixed is not None:
-        return suffixed
-    plain = results.get(f"student_{decoding}{at}")
-    if plain is not None and plain.get("commit_order", "confidence") == commit_order:
-        return plain
-    raise SystemExit(
-        f"No {decoding} row decoded in {commit_order} order: evaluate with --commit-orders {commit_order}."
-    )
+    Row names follow :mod:`opdlm_trl.eval.report` (``student_static``, ``student_dynamic@0.9`` for confidence
+    order, a suffix for any other: ``student_static_left_to_right``), the same in every record whatever the
+    sampler's default was when it was written."""
+    name = student_system(decoding, commit_order) if threshold is None else sweep_system(threshold, commit_order)
+    if name not in results:
+        raise SystemExit(
+            f"No {decoding} row decoded in {commit_order} order ({name}): evaluate with --commit-orders {commit_order}."
+        )
+    return results[name]
 
 
 def evaluation_numbers(report: Path, commit_order: str = "confidence") -> dict:

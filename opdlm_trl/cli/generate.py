@@ -57,8 +57,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--commit-order",
         choices=tuple(COMMIT_RULES),
-        default="confidence",
-        help="left_to_right: from the block's frontier",
+        default=SamplerConfig.commit_order,
+        help="confidence: the most confident anywhere in the block; left_to_right: from the block's frontier",
     )
     parser.add_argument("--threshold", type=float, default=0.9)
     parser.add_argument("--confidence", choices=CONFIDENCE, default="prob")

@@ -24,26 +24,30 @@ __all__ = [
 ]
 
 TEACHER_SYSTEM = "teacher_ar"  # the AR teacher's own greedy answers (one forward per token)
-DEFAULT_ORDER = SamplerConfig.commit_order  # rows of the sampler's default commit rule carry no suffix
+# Rows of this commit rule carry no suffix, whatever the sampler's default is: every record written before commit
+# rules existed decoded by confidence, named its rows so and stored no ``commit_order``. Fixing the unsuffixed rule
+# (rather than tying it to the default) means a change of default never renames rows or misreads old records.
+UNSUFFIXED_ORDER = "confidence"
 
 
 # ------------------------------------------------------------------------------------------ row names
 
 
 def _order_suffix(commit_order: str) -> str:
-    return "" if commit_order == DEFAULT_ORDER else f"_{commit_order}"
+    return "" if commit_order == UNSUFFIXED_ORDER else f"_{commit_order}"
 
 
-def student_system(decoding: str, commit_order: str = DEFAULT_ORDER) -> str:
-    """Result-row name of a student decoding without a sweep: ``student_static``, ``student_dynamic``, and with
-    any other commit rule its name as a suffix, ``student_static_left_to_right`` etc. (sweep rows:
-    :func:`sweep_system`)."""
+def student_system(decoding: str, commit_order: str = SamplerConfig.commit_order) -> str:
+    """Result-row name of a student decoding without a sweep (default: in the sampler's default commit rule).
+
+    ``student_static``, ``student_dynamic`` for ``"confidence"``, and with any other commit rule its name as a
+    suffix, ``student_static_left_to_right`` etc. (sweep rows: :func:`sweep_system`)."""
     return f"student_{decoding}{_order_suffix(commit_order)}"
 
 
-def sweep_system(threshold: float, commit_order: str = DEFAULT_ORDER) -> str:
-    """Result-row name of dynamic decoding at ``threshold`` in a sweep (``student_dynamic@0.9``; with another
-    commit rule ``student_dynamic_left_to_right@0.9`` etc.)."""
+def sweep_system(threshold: float, commit_order: str = SamplerConfig.commit_order) -> str:
+    """Result-row name of dynamic decoding at ``threshold`` in a sweep (``student_dynamic@0.9`` for
+    ``"confidence"``, ``student_dynamic_left_to_right@0.9`` etc. for another commit rule)."""
     return f"student_dynamic{_order_suffix(commit_order)}@{threshold:g}"
 
 
@@ -63,7 +67,7 @@ def sweep_rows(report: Mapping[str, Any]) -> list[dict[str, Any]]:
     for name, metrics in report["results"].items():
         if "threshold" not in metrics:
             continue
-        row = {"threshold": metrics["threshold"], "commit_order": metrics.get("commit_order", DEFAULT_ORDER)}
+        row = {"threshold": metrics["threshold"], "commit_order": metrics.get("commit_order", UNSUFFIXED_ORDER)}
         row["system"] = name
         row.update({key: metrics.get(key) for key in keys})
         row["out_of_order_rate"] = metrics.get("out_of_order_rate")
@@ -114,7 +118,7 @@ def format_sweep(report: Mapping[str, Any]) -> str:
     for row in report.get("sweep", []):
         lines.append(
             (
-                row.get("commit_order", DEFAULT_ORDER),
+                row.get("commit_order", UNSUFFIXED_ORDER),
                 f"{row['threshold']:g}",
                 _cell(row["tokens_per_forward"], 2),
                 _cell(row["oracle_ceiling"], 2),
@@ -173,11 +177,11 @@ def plot_sweep(report: Mapping[str, Any], path: str) -> str:
         ("top1_agreement", "top-1 agreement"),
     )
     for axis, (key, label) in zip(axes, panels, strict=True):
-        for order in dict.fromkeys(r.get("commit_order", DEFAULT_ORDER) for r in rows):
+        for order in dict.fromkeys(r.get("commit_order", UNSUFFIXED_ORDER) for r in rows):
             points = [
                 (r["tokens_per_forward"], r[key], r["threshold"])
                 for r in rows
-                if r[key] is not None and r.get("commit_order", DEFAULT_ORDER) == order
+                if r[key] is not None and r.get("commit_order", UNSUFFIXED_ORDER) == order
             ]
             if points:
                 axis.plot([p[0] for p in points], [p[1] for p in points], "o-", label=f"student (dynamic, {order})")

@@ -14,7 +14,7 @@ import torch
 from datasets import Dataset
 
 from opdlm_trl.data import humaneval_prompt_dataset
-from opdlm_trl.eval import evaluate_model, format_table
+from opdlm_trl.eval import evaluate_model, format_table, student_system, sweep_rows, sweep_system
 from opdlm_trl.eval.cli import main as eval_main
 from opdlm_trl.eval.metrics import (
     check_humaneval,
@@ -33,7 +33,7 @@ from opdlm_trl.eval.metrics import (
 from opdlm_trl.eval.sandbox import GUARD_ONLY_ENV
 from opdlm_trl.masks import left_pad_to_block
 from opdlm_trl.modeling import to_diffusion
-from opdlm_trl.sampling import generate
+from opdlm_trl.sampling import SamplerConfig, generate
 from opdlm_trl.teachers import LocalTeacher
 
 # ------------------------------------------------------------------ pure metrics
@@ -199,8 +199,9 @@ def test_evaluate_model_side_by_side(tiny_pair, problems):
     )
     assert report["num_prompts"] == 2 and report["settings"]["max_new_tokens"] == 8  # rounded up to blocks
     results = report["results"]
-    assert set(results) == {"student_static", "student_dynamic", "teacher_ar"}
-    static, dynamic, ar = results["student_static"], results["student_dynamic"], results["teacher_ar"]
+    # one commit order by default: the sampler's
+    assert set(results) == {student_system("static"), student_system("dynamic"), "teacher_ar"}
+    static, dynamic, ar = results[student_system("static")], results[student_system("dynamic")], results["teacher_ar"]
     # static block-4 decoding: one token per step, 4 steps for every decoded block (the stop block included)
     assert static["forwards"] % 4 == 0 and static["forwards"] >= static["completion_tokens"]
     assert static["tokens_per_forward"] == pytest.approx(static["completion_tokens"] / static["forwards"])
@@ -213,7 +214,21 @@ def test_evaluate_model_side_by_side(tiny_pair, problems):
     assert 0.0 <= static["top1_agreement"] <= 1.0 and 0.0 <= dynamic["top1_agreement"] <= 1.0
     assert [sample["id"] for sample in report["samples"]] == [p["task_id"] for p in problems]
     assert set(report["samples"][0]["passed"]) == set(results)
-    assert "student_static" in format_table(report)
+    assert student_system("static") in format_table(report)
+
+
+def test_row_names_do_not_depend_on_the_default_commit_order():
+    """Confidence rows are unsuffixed, every other rule's carry its name, whatever ``SamplerConfig.commit_order``
+    is: old records (no ``commit_order`` field, all decoded by confidence) and new ones read the same way."""
+    assert (student_system("static", "confidence"), sweep_system(0.9, "confidence")) == (
+        "student_static",
+        "student_dynamic@0.9",
+    )
+    assert student_system("dynamic", "left_to_right") == "student_dynamic_left_to_right"
+    assert sweep_system(0.5, "left_to_right") == "student_dynamic_left_to_right@0.5"
+    assert student_system("static") == student_system("static", SamplerConfig.commit_order)
+    old_record = {"results": {"student_dynamic@0.9": {"threshold": 0.9, "tokens_per_forward": 1.2}}}
+    assert [row["commit_order"] for row in sweep_rows(old_record)] == ["confidence"]
 
 
 def test_cli_writes_strict_json(tmp_path, tiny_pair, capsys):
