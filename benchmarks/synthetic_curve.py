@@ -86,6 +86,15 @@ def load_or_train_teacher(directory: Path, language: PhraseChain, tokenizer, ste
     return teacher
 
 
+def lora_config(rank: int | None):
+    """LoRA on every linear layer at ``rank`` (alpha = 2 x rank, peft's usual scale), or None for a full fine-tune."""
+    if rank is None:
+        return None
+    from peft import LoraConfig
+
+    return LoraConfig(r=rank, lora_alpha=2 * rank, target_modules="all-linear", lora_dropout=0.0)
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="JSON written after every evaluation")
@@ -101,13 +110,24 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--smoke", action="store_true", help="CI: 2 steps of one seed, a 20-step teacher, 4 prompts")
     parser.add_argument("--set", dest="settings", type=parse_setting, action="append", default=[],
                         help="an OPDConfig field, name=value (repeatable)")  # fmt: skip
+    parser.add_argument("--train-prompts", type=int, default=None,
+                        help="cycle this many training prompts (the forgetting lever; default: a fresh prompt for "
+                             "every rollout, steps x batch)")  # fmt: skip
+    parser.add_argument("--lora-rank", type=int, default=None,
+                        help="train LoRA adapters of this rank on every linear layer instead of all weights (the "
+                             "teacher is then the base model with the adapters off)")  # fmt: skip
     args = parser.parse_args(argv)
+    if args.train_prompts is not None and args.train_prompts < 1:
+        parser.error(f"--train-prompts must be at least 1, got {args.train_prompts}.")
+    if args.lora_rank is not None and args.lora_rank < 1:
+        parser.error(f"--lora-rank must be at least 1, got {args.lora_rank}.")
     if args.smoke:
         args.seeds, args.steps, args.eval_every, args.eval_prompts, args.teacher_steps = [0], 2, 1, 4, 20
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     overrides = dict(args.settings)
+    run_shape = {"train_prompts": args.train_prompts, "lora_rank": args.lora_rank}
 
     language = PhraseChain()
     tokenizer = phrase_chain_tokenizer(language)
@@ -115,11 +135,14 @@ def main(argv: list[str] | None = None) -> dict:
     teacher = load_or_train_teacher(teacher_dir, language, tokenizer, args.teacher_steps)
     eval_prompts = prompt_dataset(language, args.eval_prompts, seed=EVAL_SEED)
     report = json.loads(out.read_text()) if out.exists() else {}
-    if report.get("settings", {}).get("overrides", overrides) != overrides:
+    recorded = report.get("settings")
+    if recorded and (recorded["overrides"], {k: recorded.get(k) for k in run_shape}) != (overrides, run_shape):
         raise SystemExit(
-            f"{out} holds a run with other settings ({report['settings']['overrides']}); use another --out."
+            f"{out} holds a run with other settings ({recorded['overrides']}, "
+            f"{ {k: recorded.get(k) for k in run_shape} }); use another --out."
         )
-    report.setdefault("settings", {"overrides": overrides, "steps": args.steps, "eval_prompts": args.eval_prompts,
+    report.setdefault("settings", {"overrides": overrides, **run_shape, "steps": args.steps,
+                                   "eval_prompts": args.eval_prompts,
                                    "language": repr(language), "teacher_steps": args.teacher_steps,
                                    "recipe": opd_config(os.devnull, **overrides).to_dict()})  # fmt: skip
     report.setdefault("runs", {})
@@ -155,10 +178,16 @@ def main(argv: list[str] | None = None) -> dict:
             out.with_suffix(f".seed{seed}"),
             **{"max_steps": args.steps, "seed": seed, "logging_steps": 10, **overrides},
         )
-        prompts = prompt_dataset(language, args.steps * config.per_device_train_batch_size, seed=seed + 1)
+        prompt_count = args.train_prompts or args.steps * config.per_device_train_batch_size
+        prompts = prompt_dataset(language, prompt_count, seed=seed + 1)
         student = copy.deepcopy(teacher).requires_grad_(True)  # evaluate_student's scorer froze the teacher in place
         trainer = OPDTrainer(
-            student, args=config, train_dataset=prompts, processing_class=tokenizer, callbacks=[callback]
+            student,
+            args=config,
+            train_dataset=prompts,
+            processing_class=tokenizer,
+            callbacks=[callback],
+            peft_config=lora_config(args.lora_rank),
         )
         callback.trainer = trainer
         trainer.train()

@@ -485,8 +485,24 @@ class DiffusionTrainer(DistillationTrainer):
         return super().train(checkpoint, *args, **kwargs)
 
     def _get_train_sampler(self, dataset=None):
-        """TRL's sampler, with an epoch order that a resume repeats (TRL's replays epoch 0's order on resume)."""
-        return resumable_sampler(super()._get_train_sampler(dataset))
+        """TRL's sampler, with an epoch order that a resume repeats (TRL's replays epoch 0's order on resume).
+
+        TRL's sampler yields whole generation batches only (per-device batch x processes x accumulation steps), so
+        a dataset smaller than one batch yields nothing and the run would "finish" without a single step: refused
+        here, before any rollout."""
+        sampler = super()._get_train_sampler(dataset)
+        if len(sampler) == 0:
+            prompts = len(dataset if dataset is not None else self.train_dataset)
+            batch = self.args.per_device_train_batch_size * self.accelerator.num_processes
+            batch *= self.args.gradient_accumulation_steps
+            raise ValueError(
+                f"The training dataset has {prompts} prompts, fewer than one generation batch of {batch} "
+                f"(per_device_train_batch_size {self.args.per_device_train_batch_size} x "
+                f"{self.accelerator.num_processes} processes x gradient_accumulation_steps "
+                f"{self.args.gradient_accumulation_steps}): every batch would be dropped and nothing trained. "
+                "Add prompts or lower the batch size."
+            )
+        return resumable_sampler(sampler)
 
     # ----------------------------------------------------------------------------------------------- saving
     def _load_callback_state(self) -> None:

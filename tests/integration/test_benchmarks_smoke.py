@@ -484,6 +484,24 @@ def test_synthetic_curve_smoke_records_a_curve_and_skips_complete_seeds(tmp_path
     assert json.loads(output.read_text())["runs"] == report["runs"]
 
 
+@pytest.mark.slow
+def test_synthetic_curve_drift_levers_cycle_prompts_and_train_lora_only(tmp_path):
+    """The drift levers of the synthetic testbed: a few training prompts cycled (forgetting) and LoRA adapters
+    instead of all weights. Both are recorded in the settings, and a rerun into the same JSON with another setting
+    is refused rather than mixed into the curve."""
+    output = tmp_path / "lora.json"
+    _run("synthetic_curve.py", "--out", str(output), "--train-prompts", "40", "--lora-rank", "4")
+    report = json.loads(output.read_text())
+    assert (report["settings"]["train_prompts"], report["settings"]["lora_rank"]) == (40, 4)
+    assert report["runs"]["0"]["complete"] and report["runs"]["0"]["points"][-1]["training_tokens"] > 0
+    _assert_finite(report["runs"])
+    other = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "synthetic_curve.py"), "--smoke", "--out", str(output), "--lora-rank", "8"],
+        cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert other.returncode != 0 and "other settings" in other.stderr
+
+
 def test_memory_benchmark_writes_out_the_published_qwen3_widths():
     """benchmarks/memory.py spells Qwen3-0.6B's widths out (``--previous-code`` runs it against checkouts that may
     predate ``opdlm_trl.tiny.qwen3_config``); they must stay the published shape the memory model predicts from."""

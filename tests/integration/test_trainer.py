@@ -549,6 +549,15 @@ def test_empty_dataset_is_refused(tmp_path):
         make_trainer(tmp_path, dataset=Dataset.from_list([]))
 
 
+def test_dataset_smaller_than_one_batch_is_refused_before_any_rollout(tmp_path):
+    """TRL's sampler yields whole batches only: 3 prompts at batch 2 x accumulation 2 would train nothing at all."""
+    trainer = make_trainer(tmp_path, dataset=prompt_dataset(3), per_device_train_batch_size=2,
+                           gradient_accumulation_steps=2)  # fmt: skip
+    with pytest.raises(ValueError, match=r"3 prompts, fewer than one generation batch of 4.*Add prompts"):
+        trainer.train()
+    assert trainer.state.global_step == 0
+
+
 def test_dataset_without_prompt_column_is_refused_with_a_hint(tmp_path):
     dataset = Dataset.from_list([{"messages": PROMPTS[0]}])
     with pytest.raises(ValueError, match=r"no `prompt` column.*Rename `messages` to `prompt`"):
