@@ -81,7 +81,14 @@ sys.exit(1 if missing(sys.argv[1]) else 0)' "$checkpoint" && echo "${checkpoint#
   done | sort -n | cut -d' ' -f2-
 }
 
+on_curve() {  # STEP: a curve point (a multiple of CURVE_EVERY; every step without it)
+  [[ -z $curve_every ]] || (($1 % curve_every == 0))
+}
+
 evaluate_checkpoints() {  # DIR FINAL_STEP: curve/stepN.json for each complete checkpoint; drop evaluated old ones
+  # A continued run keeps the save_steps of the checkpoint it resumed from (transformers restores the trainer
+  # state after reading the arguments), so its checkpoints can fall between curve points: those only serve a
+  # resume, and go once a newer complete one exists.
   local dir=$1 final=$2 checkpoint step newest checkpoints
   mapfile -t checkpoints < <(complete_checkpoints "$dir")
   [[ ${#checkpoints[@]} -gt 0 ]] || return 0
@@ -90,9 +97,11 @@ evaluate_checkpoints() {  # DIR FINAL_STEP: curve/stepN.json for each complete c
   for checkpoint in "${checkpoints[@]}"; do
     step=${checkpoint##*-}
     # the final step's model is the cell's own report.json
-    [[ $step == "$final" || -f $dir/curve/step$step.json ]] ||
+    [[ $step == "$final" || -f $dir/curve/step$step.json ]] || ! on_curve "$step" ||
       evaluate "$checkpoint" "$dir/curve/step$step.json" "$dir/eval.log"
-    [[ $checkpoint == "$newest" || ! -f $dir/curve/step$step.json ]] || rm -rf "$checkpoint"
+    if [[ $checkpoint != "$newest" ]] && { [[ -f $dir/curve/step$step.json ]] || ! on_curve "$step"; }; then
+      rm -rf "$checkpoint"
+    fi
   done
 }
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}

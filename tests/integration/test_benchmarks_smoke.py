@@ -362,8 +362,9 @@ def _checkpoint(directory: Path, step: int, history: list[dict]) -> Path:
 
 def test_levers_curve_mode_evaluates_and_prunes_checkpoints(tmp_path):
     """CURVE_EVERY keeps a checkpoint every N steps (no rotation), resumes from a seeded one, evaluates each
-    earlier checkpoint into curve/stepN.json (the final step is the cell's report.json) and deletes an evaluated
-    one once a newer exists; EVAL_ONLY=1 evaluates without training. Training and evaluation are a recording
+    earlier checkpoint on the curve (a step multiple of N) into curve/stepN.json (the final step is the cell's
+    report.json) and deletes an evaluated or off-curve one once a newer exists; EVAL_ONLY=1 evaluates without
+    training. Training and evaluation are a recording
     stand-in for python, which calls every checkpoint complete."""
     fake, log = tmp_path / "python", tmp_path / "calls.log"
     fake.write_text(_RECORDING_PYTHON)
@@ -385,7 +386,10 @@ def test_levers_curve_mode_evaluates_and_prunes_checkpoints(tmp_path):
     assert [path.name for path in cell.glob("checkpoint-*")] == ["checkpoint-10"]  # the newest stays
     assert (cell / "report.json").exists()
     log.write_text("")
-    _checkpoint(cell, 12, [])
+    # a continued run keeps its first run's save_steps: 11 and 13 fall between curve points (CURVE_EVERY=2), so
+    # they are never evaluated; 11 goes once a newer checkpoint exists, 13 (the newest) stays for a resume
+    for step in (11, 12, 13):
+        _checkpoint(cell, step, [])
     only = subprocess.run(
         ["bash", str(LEVERS / "levers.sh"), "out", "14", "left_to_right"], cwd=tmp_path,
         env={**env, "EVAL_ONLY": "1"}, capture_output=True, text=True, timeout=120,
@@ -398,7 +402,7 @@ def test_levers_curve_mode_evaluates_and_prunes_checkpoints(tmp_path):
         "step10.json",
         "step12.json",
     }
-    assert [path.name for path in cell.glob("checkpoint-*")] == ["checkpoint-12"]
+    assert [path.name for path in cell.glob("checkpoint-*")] == ["checkpoint-13"]
     bad = subprocess.run(
         ["bash", str(LEVERS / "levers.sh"), "out", "2", "plain"], cwd=tmp_path, env={**env, "CURVE_EVERY": "x"},
         capture_output=True, text=True,
