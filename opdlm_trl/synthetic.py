@@ -248,11 +248,12 @@ def evaluate_student(
     prompts,
     max_new_tokens: int = 32,
     threshold: float = EVAL_THRESHOLD,
-    commit_order: str = "confidence",
+    commit_order: str | None = None,
 ):
     """What the end-to-end check asserts, from one :func:`opdlm_trl.eval.evaluate_model` run.
 
-    Returns ``tokens_per_forward`` (dynamic greedy decoding at ``threshold`` with ``commit_order``), ``ceiling``
+    Returns ``tokens_per_forward`` (dynamic greedy decoding at ``threshold`` with ``commit_order``, default the
+    sampler's, so the end-to-end check converts and decodes the way a user does by default), ``ceiling``
     (the chain-bound oracle on the teacher's greedy text at the same threshold and the student's block size),
     teacher NLL per token of the student's static and dynamic greedy output beside the teacher's own greedy text
     (``static_nll``, ``dynamic_nll``, ``teacher_nll``) and the dynamic decoding's ``out_of_order_rate``.
@@ -260,6 +261,9 @@ def evaluate_student(
     from .eval import evaluate_model
     from .eval.report import student_system
     from .modeling import diffusion_settings
+    from .sampling import SamplerConfig
+
+    commit_order = commit_order or SamplerConfig.commit_order
 
     report = evaluate_model(
         student,

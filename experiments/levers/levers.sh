@@ -14,10 +14,12 @@
 # (resumable from the newest) and evaluates each one, as the final model, into CELL/curve/stepN.json; an evaluated
 # checkpoint is deleted once a newer complete one exists (the newest stays, for resuming or continuing). EVAL_ONLY=1
 # does only that evaluation, so a second lane can follow a training lane:
-#   CURVE_EVERY=40 bash experiments/levers/levers.sh long/ 220 left_to_right &
-#   while sleep 600; do EVAL_ONLY=1 bash experiments/levers/levers.sh long/ 220 left_to_right; done
+#   CURVE_EVERY=39 bash experiments/levers/levers.sh long/ 220 left_to_right &
+#   while sleep 600; do CURVE_EVERY=39 EVAL_ONLY=1 bash experiments/levers/levers.sh long/ 220 left_to_right; done
 # experiments/levers/curve_table.py prints the curve. A cell directory seeded with another run's checkpoint-N
-# (copied in) continues from it: a run with a constant learning rate is the same run, only longer.
+# (copied in) continues from it: a run with a constant learning rate is the same run, only longer. It also keeps
+# that run's save_steps (13 for a cell trained without CURVE_EVERY: transformers restores them from the checkpoint),
+# so pick N a multiple of 13 there; checkpoints between curve points are only kept for a resume.
 #
 # One torch thread per process: run two lanes (disjoint cells) side by side on a 2-core machine, not more (each
 # training process holds ~8 GB). every_step trains

@@ -69,12 +69,12 @@ def test_sampler_errors_are_the_samplers_own_at_config_time(overrides, message):
 def test_rollout_sampler_config_maps_the_rollout_fields():
     config = _config(
         block_size=8, max_completion_length=24, remasking="static", steps_per_block=2, temperature=0.7, top_k=5,
-        use_kv_cache=False, commit_order="left_to_right",
+        use_kv_cache=False, commit_order="confidence",
     )  # fmt: skip
     sampler = config.rollout_sampler_config(max_new_tokens=16, stop_token_ids=[2])
     assert (sampler.block_size, sampler.max_new_tokens, sampler.steps_per_block) == (8, 16, 2)
     assert (sampler.remasking, sampler.temperature, sampler.top_k) == ("static", 0.7, 5)
-    assert sampler.commit_order == "left_to_right"
+    assert sampler.commit_order == "confidence"  # not the default: the field is passed on
     assert sampler.use_cache is False  # from use_kv_cache, not TrainingArguments.use_cache
     assert sampler.stop_token_ids == (2,)
 
