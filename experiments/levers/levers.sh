@@ -32,7 +32,8 @@
 # commits rollouts from each block's frontier only (issue 20's rule comparison; every cell is evaluated in both
 # commit orders); cosine_lr decays the learning rate 5e-5 -> 5e-6 over the run (the paper's 1e-5 -> 1e-6 cosine at this
 # recipe's rate) and lora trains rank-16 adapters on every linear layer at 10x the rate with the frozen base as teacher
-# (issue 20's levers against forgetting). OUT_DIR is relative to the current directory (the script finds the repository from its own
+# (issue 20's levers against forgetting). A combined cell A+B makes both changes (left_to_right+cosine_lr: the
+# drift levers under the default commit order, which this base config pins to the recorded runs' confidence). OUT_DIR is relative to the current directory (the script finds the repository from its own
 # path) and must not contain spaces. Training precision: bf16 autocast where the CPU has bf16 instructions
 # (avx512_bf16 / amx_bf16 / aarch64 bf16; the published cells ran so), float32 where it has none (bf16 is emulated
 # there: 10x slower steps); BF16=true|false overrides (opdlm_trl/precision.py decides the default).
@@ -114,7 +115,12 @@ for spec in "${cells[@]}"; do
   cell=${spec%@*}
   seed=0
   [[ $spec == *@* ]] && seed=${spec##*@}
-  [[ -v CELLS[$cell] ]] || { echo "unknown cell $cell; choose from: ${!CELLS[*]}" >&2; exit 2; }
+  IFS=+ read -ra parts <<<"$cell"  # a combined cell, A+B, makes both changes at once
+  overrides=""
+  for part in "${parts[@]}"; do
+    [[ -v CELLS[$part] ]] || { echo "unknown cell $part; choose from: ${!CELLS[*]}" >&2; exit 2; }
+    overrides+=" ${CELLS[$part]}"
+  done
   [[ $seed =~ ^[0-9]+$ ]] || { echo "bad seed in $spec: write CELL@N with N an integer" >&2; exit 2; }
   dir="$out/$cell"
   [[ $seed == 0 ]] || dir="$out/$cell@$seed"
@@ -124,9 +130,11 @@ for spec in "${cells[@]}"; do
   fi
   [[ -f $dir/report.json ]] && { echo "$spec: done"; continue; }
   mkdir -p "$dir"
-  if [[ -v PROMPT_SETS[$cell] && ! -f $out/$cell.jsonl ]]; then
-    "$python" "${PROMPT_SETS[$cell]}" "$out/$cell.jsonl"
-  fi
+  for part in "${parts[@]}"; do
+    if [[ -v PROMPT_SETS[$part] && ! -f $out/$part.jsonl ]]; then
+      "$python" "${PROMPT_SETS[$part]}" "$out/$part.jsonl"
+    fi
+  done
   if [[ ! -f $dir/model.safetensors ]]; then
     saving=(--save_steps 13 --save_total_limit 1)
     [[ -z $curve_every ]] || saving=(--save_steps "$curve_every")
@@ -134,7 +142,7 @@ for spec in "${cells[@]}"; do
     compgen -G "$dir/checkpoint-*" >/dev/null && resume=(--resume_from_checkpoint true)
     # shellcheck disable=SC2086  # the cell's override is a list of arguments
     "$python" "$root/examples/convert.py" --config "$root/examples/configs/cpu_long_opd.yaml" --output_dir "$dir" \
-      --max_steps "$steps" "${saving[@]}" --bf16 "$bf16" --report_prompts 0 --seed "$seed" ${CELLS[$cell]} "${resume[@]}" \
+      --max_steps "$steps" "${saving[@]}" --bf16 "$bf16" --report_prompts 0 --seed "$seed" $overrides "${resume[@]}" \
       >>"$dir/train.log" 2>&1
   fi
   [[ -z $curve_every ]] || evaluate_checkpoints "$dir" "$steps"

@@ -302,7 +302,15 @@ def test_levers_script_finds_the_repository_from_any_directory(tmp_path):
     fake.chmod(0o755)
     env = {**os.environ, "PYTHON": str(fake), "FAKE_PYTHON_LOG": str(log)}
     env.pop("BF16", None)
-    command = ["bash", str(LEVERS / "levers.sh"), "out", "2", "plain", "short_prompts@1"]
+    command = [
+        "bash",
+        str(LEVERS / "levers.sh"),
+        "out",
+        "2",
+        "plain",
+        "short_prompts@1",
+        "left_to_right+stdlib_prompts",
+    ]
     result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert "training precision: bf16=false" in result.stdout
@@ -313,8 +321,16 @@ def test_levers_script_finds_the_repository_from_any_directory(tmp_path):
     assert str(ROOT / "examples" / "convert.py") in scripts and str(LEVERS / "short_prompts.py") in scripts
     assert all(Path(script).is_file() for script in scripts), scripts
     assert any("--seed 1" in call and "--dataset_name out/short_prompts.jsonl" in call for call in calls)
+    # a combined cell makes both changes and writes the prompt set its part needs
+    assert (tmp_path / "out" / "left_to_right+stdlib_prompts" / "report.json").exists()
+    assert str(LEVERS / "stdlib_prompts.py") in scripts
+    assert any(
+        "--commit_order left_to_right" in call and "--dataset_name out/stdlib_prompts.jsonl" in call for call in calls
+    )
     unknown = subprocess.run(command[:4] + ["no_such_cell"], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert unknown.returncode == 2 and "unknown cell no_such_cell" in unknown.stderr
+    unknown_part = subprocess.run(command[:4] + ["lora+nope"], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert unknown_part.returncode == 2 and "unknown cell nope" in unknown_part.stderr
 
 
 _RECORDING_PYTHON = """#!/usr/bin/env bash
