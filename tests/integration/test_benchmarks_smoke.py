@@ -240,11 +240,15 @@ def _lever_cell(directory: Path, static_nll: float, tpf_05: float) -> None:
                 "confidence_by_offset": confidence}  # fmt: skip
 
     results = {
-        "student_static": {"teacher_nll_per_token": static_nll, "top1_agreement": 0.9},
+        "student_static": {"tokens_per_forward": 1.0, "teacher_nll_per_token": static_nll, "top1_agreement": 0.9},
         "student_dynamic@0.9": decoding(1.0, static_nll),
         "student_dynamic@0.5": decoding(tpf_05, 2 * static_nll),
         # the same cell decoded left to right (opdlm-eval's default --commit-orders evaluates both)
-        "student_static_left_to_right": {"teacher_nll_per_token": static_nll / 2, "top1_agreement": 0.9},
+        "student_static_left_to_right": {
+            "tokens_per_forward": 1.0,
+            "teacher_nll_per_token": static_nll / 2,
+            "top1_agreement": 0.9,
+        },  # fmt: skip
         "student_dynamic_left_to_right@0.9": decoding(1.0, static_nll / 2),
         "student_dynamic_left_to_right@0.5": decoding(tpf_05 + 1, static_nll),
     }
@@ -282,6 +286,28 @@ def test_levers_table_rows_and_mean_over_seeds(tmp_path):
     assert left_to_right.returncode == 0, left_to_right.stderr
     plain = json.loads(summary.read_text())["plain"]["summary"]
     assert plain["static_nll"]["mean"] == pytest.approx(0.35) and plain["tpf@0.5"]["mean"] == pytest.approx(2.2)
+
+
+def test_quality_speed_curves_average_the_seeds_of_each_cell_and_order(tmp_path):
+    _lever_cell(tmp_path / "plain", 0.6, 1.1)
+    _lever_cell(tmp_path / "plain@2", 0.8, 1.3)
+    out = tmp_path / "figure.png"
+    records = f"{tmp_path / 'plain' / 'report.json'},{tmp_path / 'plain@2' / 'report.json'}"
+    result = subprocess.run(
+        [sys.executable, str(LEVERS / "quality_speed.py"), "--out", str(out), "--cell", f"plain={records}",
+         "--teacher-nll", "0.2"],
+        cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert out.stat().st_size > 0
+    curves = json.loads(out.with_suffix(".json").read_text())["curves"]
+    # static, then dynamic at 0.9 and 0.5: (tokens per forward, NLL) means over the two seeds
+    confidence, left_to_right = (
+        sum(curves[f"plain / decoded {order}"]["points"], []) for order in ("confidence", "left_to_right")
+    )
+    assert confidence == pytest.approx([1.0, 0.7, 1.0, 0.7, 1.2, 1.4])
+    assert left_to_right == pytest.approx([1.0, 0.35, 1.0, 0.35, 2.2, 0.7])
+    assert curves["plain / decoded confidence"]["seeds"] == 2
 
 
 _FAKE_PYTHON = """#!/usr/bin/env bash
