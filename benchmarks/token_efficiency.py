@@ -620,6 +620,8 @@ def parse(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> dict:
+    from opdlm_trl.sampling import SamplerConfig
+
     args = parse(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -631,6 +633,7 @@ def main(argv=None) -> dict:
         mode="smoke (tiny random models)" if args.smoke else f"{args.finetune} fine-tune, constant lr",
         loss="forward_kl full vocabulary",
         rollout_temperature=1.0,
+        commit_order=SamplerConfig.commit_order,  # rollouts and evaluation (records before session 10: confidence)
         host=platform.node(),
         torch_threads=torch.get_num_threads(),
     )
