@@ -422,7 +422,7 @@ def test_config_passes_the_token_budget_and_refuses_colocated_vllm_only_with_sev
 
 
 COLOCATE_CONFIG_SCRIPT = """
-import json, sys
+import json, pathlib, sys
 import torch.distributed as dist
 from opdlm_trl import OPDConfig
 
@@ -432,7 +432,9 @@ try:
     error = None
 except ValueError as refused:
     error = str(refused)
-print("RESULT " + json.dumps({"world_size": dist.get_world_size(), "error": error}), flush=True)
+# one file per rank: two ranks printing to one pipe can interleave their lines
+outcome = pathlib.Path(sys.argv[1] + f"-rank{dist.get_rank()}.json")
+outcome.write_text(json.dumps({"world_size": dist.get_world_size(), "error": error}))
 """
 
 
@@ -453,10 +455,7 @@ def test_colocated_vllm_is_refused_under_two_processes_naming_the_server(tmp_pat
     command += [str(tmp_path / "config.py"), str(tmp_path / "out")]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    outcomes = [
-        json.loads(line[len("RESULT ") :]) for line in result.stdout.splitlines() if line.startswith("RESULT ")
-    ]
-    assert len(outcomes) == 2
+    outcomes = [json.loads((tmp_path / f"out-rank{rank}.json").read_text()) for rank in range(2)]
     for outcome in outcomes:
         assert outcome["world_size"] == 2
         assert (
