@@ -2,6 +2,7 @@
 whether its quality holds: every checkpoint's static teacher NLL within TOLERANCE of the best earlier one.
 
     python experiments/levers/curve_table.py OUT_DIR/CELL [--commit-order left_to_right] [--json curve.json]
+        [--plot curve.png]    # both decoding orders against rollout tokens: quality left, tokens per forward right
 
 Points: CELL/curve/stepN.json (each evaluated checkpoint) and CELL/report.json (the final model, once trained).
 Rollout tokens at each step come from the run's log history (opd_report.json once trained, else the newest
@@ -11,10 +12,14 @@ checkpoint's trainer_state.json), which a continued run carries over from the ru
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 from pathlib import Path
 
 from levers_table import THRESHOLDS, evaluation_numbers
+
+from opdlm_trl.eval.report import TEACHER_SYSTEM
+from opdlm_trl.sampling import COMMIT_RULES
 
 TOLERANCE = 0.05  # issue 20: "each checkpoint within 0.05 of the best earlier one"
 
@@ -62,11 +67,42 @@ def markdown_row(row: dict) -> str:
     )
 
 
+def plot(cell: Path, out: Path, orders: list[str]) -> None:
+    """Static NLL and tokens per forward against rollout tokens, decoded in each of ``orders``: whether quality holds
+    while parallelism grows is read off one figure (the two panels share the x axis)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (quality, speed) = plt.subplots(1, 2, figsize=(10, 4))
+    for order, style in zip(orders, itertools.cycle(("o-", "s--", "^:", "v-.")), strict=False):
+        rows = [row for row in curve(cell, order) if row["training_tokens"] is not None]
+        tokens = [row["training_tokens"] for row in rows]
+        quality.plot(tokens, [row["static_nll"] for row in rows], style, label=f"decoded {order}")
+        for threshold in THRESHOLDS:
+            speed.plot(tokens, [row[f"tpf@{threshold}"] for row in rows], style, label=f"{order}, {threshold:g}")
+    teacher = json.loads(points(cell)[-1][1].read_text())["results"].get(TEACHER_SYSTEM)
+    if teacher is not None:
+        quality.axhline(teacher["teacher_nll_per_token"], color="black", linestyle=":", label="the teacher's own text")
+    quality.set_ylabel("teacher NLL / token of static decoding (lower is better)")
+    speed.set_ylabel("tokens per forward (dynamic, at each threshold)")
+    for axis in (quality, speed):
+        axis.set_xlabel("rollout tokens trained on")
+        axis.legend(fontsize=8)
+    figure.suptitle(f"{cell.name}: quality and parallelism as training goes on", fontsize=10)
+    figure.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(out, dpi=120)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("cell", type=Path, help="A cell directory of experiments/levers/levers.sh (OUT_DIR/CELL).")
     parser.add_argument("--commit-order", default="confidence", help="Read the rows decoded in this commit order.")
     parser.add_argument("--json", type=Path, help="Also write the rows here.")
+    parser.add_argument("--plot", type=Path, help="Also draw the curve, decoded in each of --plot-orders, as a PNG.")
+    parser.add_argument("--plot-orders", nargs="+", default=list(COMMIT_RULES), help="The commit orders drawn.")
     args = parser.parse_args()
     rows = curve(args.cell, args.commit_order)
     thresholds = " | ".join(f"{t:g}: tok/fwd / NLL" for t in THRESHOLDS)
@@ -83,6 +119,8 @@ def main() -> None:
     )
     if args.json:
         args.json.write_text(json.dumps({"commit_order": args.commit_order, "rows": rows}, indent=2))
+    if args.plot:
+        plot(args.cell, args.plot, args.plot_orders)
 
 
 if __name__ == "__main__":

@@ -489,6 +489,20 @@ def test_curve_table_marks_the_first_drift_beyond_the_tolerance(tmp_path):
         [sys.executable, str(LEVERS / "curve_table.py"), str(cell)], capture_output=True, text=True, timeout=120
     )
     assert missing.returncode != 0 and "--commit-orders confidence" in missing.stderr
+    figure = tmp_path / "curve.png"
+    plotted = subprocess.run(
+        [sys.executable, str(LEVERS / "curve_table.py"), str(cell), "--commit-order", "left_to_right", "--plot",
+         str(figure), "--plot-orders", "left_to_right"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert plotted.returncode == 0, plotted.stderr
+    assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    unplottable = subprocess.run(
+        [sys.executable, str(LEVERS / "curve_table.py"), str(cell), "--commit-order", "left_to_right", "--plot",
+         str(tmp_path / "both.png")],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert unplottable.returncode != 0 and "--commit-orders confidence" in unplottable.stderr
 
 
 @pytest.mark.slow
