@@ -12,7 +12,7 @@ imported when a check runs.
 """
 
 from ..diagnostics import oracle_ceiling
-from .api import EvalSettings, evaluate_model, teacher_oracle_ceiling, threshold_sweep
+from .api import EvalSettings, evaluate_model, evaluation_prompts, teacher_oracle_ceiling, threshold_sweep
 from .metrics import (
     check_humaneval,
     exact_match,
@@ -31,6 +31,7 @@ __all__ = [
     "EvalSettings",
     "check_humaneval",
     "evaluate_model",
+    "evaluation_prompts",
     "exact_match",
     "extract_code",
     "format_sweep",

@@ -234,13 +234,22 @@ def _load_prompts(dataset, split: str, heldout_size: int, seed: int, limit: int 
     return rows
 
 
+def evaluation_prompts(settings: EvalSettings, tokenizer) -> tuple[Any, list[list[int]]]:
+    """The prompt rows and their token ids that :func:`evaluate_model` decodes under ``settings``.
+
+    One rule for both: a record's texts can then be re-scored against exactly the prompts they answered."""
+    rows = _load_prompts(settings.dataset, settings.split, settings.heldout_size, settings.seed, settings.limit)
+    prompts = tokenize_prompts(rows, tokenizer, settings.max_prompt_length, "left", settings.chat_template_kwargs)
+    return rows, prompts
+
+
 # ------------------------------------------------------------------------------------------ systems
 
 
 def _new_record() -> dict[str, Any]:
     return {
         "texts": [], "nll_sum": 0.0, "agree": 0, "scored": 0, "tokens": 0, "forwards": 0, "nfe": 0, "seconds": 0.0,
-        "out_of_order": 0, "commits": 0,
+        "out_of_order": 0, "commits": 0, "sample_scores": [],
     }  # fmt: skip
 
 
@@ -253,6 +262,10 @@ def _add_scores(record: dict[str, Any], teacher, prompt_ids, prompt_mask, comple
     record["nll_sum"] += scores["nll_sum"]
     record["agree"] += scores["agree_count"]
     record["scored"] += scores["tokens"]
+    record["sample_scores"] += [
+        {"nll_sum": nll_sum, "tokens": int(tokens)}
+        for nll_sum, tokens in zip(scores["sequence_nll_sum"], scores["sequence_tokens"], strict=True)
+    ]
     return targets
 
 
@@ -403,8 +416,7 @@ def evaluate_model(
     settings = EvalSettings.of(settings, **options)  # every setting is checked before any model loads
     student, tokenizer = _load_student(student, tokenizer, settings.device, settings.dtype)
     scorer, writer = _teacher_roles(teacher, student)
-    rows = _load_prompts(settings.dataset, settings.split, settings.heldout_size, settings.seed, settings.limit)
-    prompts = tokenize_prompts(rows, tokenizer, settings.max_prompt_length, "left", settings.chat_template_kwargs)
+    rows, prompts = evaluation_prompts(settings, tokenizer)
     block_size = settings.block_size or diffusion_settings(student).block_size
     max_new_tokens = round_up_to_block(settings.max_new_tokens, block_size)
     threshold, sweep, batch_size = settings.threshold, settings.thresholds, settings.batch_size
@@ -522,6 +534,11 @@ def _samples(rows, records, outcomes) -> list[dict[str, Any]]:
     samples = []
     for index, identifier in enumerate(identifiers):
         sample = {"id": identifier, "outputs": {name: record["texts"][index] for name, record in records.items()}}
+        # each system's teacher NLL of this prompt's text (a sum over its tokens): two records can then be compared
+        # prompt by prompt (paired), which separates a real change from which prompts happened to go well
+        scores = {name: record["sample_scores"][index] for name, record in records.items() if record["sample_scores"]}
+        if scores:
+            sample["teacher_scores"] = scores
         if any(value is not None for value in outcomes.values()):
             sample["passed"] = {name: value[index]["passed"] for name, value in outcomes.items() if value is not None}
         samples.append(sample)

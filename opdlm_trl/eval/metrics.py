@@ -115,6 +115,7 @@ def scores_from_targets(targets, completion_ids: torch.Tensor) -> dict[str, Any]
         "agree_count": int(agree.sum()),
         "tokens": int(mask.sum()),
         "sequence_nll": sequence_nll(token_logprobs, mask).tolist(),
+        "sequence_nll_sum": (-(token_logprobs.float() * mask).sum(-1)).tolist(),
         "sequence_tokens": mask.sum(-1).tolist(),
     }
 

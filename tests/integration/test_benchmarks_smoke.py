@@ -581,3 +581,40 @@ def test_memory_benchmark_writes_out_the_published_qwen3_widths():
         head_dim=config.head_dim,
         vocab=config.vocab_size,
     )
+
+
+def _scored_report(path: Path, per_prompt: list[tuple[float, int]]) -> Path:
+    """An opdlm-eval report with per-prompt teacher scores of the left-to-right static row."""
+    system = "student_static_left_to_right"
+    nll = sum(s for s, _ in per_prompt) / sum(t for _, t in per_prompt)
+    samples = [
+        {"id": i, "outputs": {system: "x"}, "teacher_scores": {system: {"nll_sum": s, "tokens": t}}}
+        for i, (s, t) in enumerate(per_prompt)
+    ]
+    path.write_text(json.dumps({"results": {system: {"teacher_nll_per_token": nll}}, "samples": samples}))
+    return path
+
+
+def test_paired_nll_separates_a_uniform_rise_from_one_prompt_going_badly(tmp_path):
+    """Paired over prompts: every prompt a little worse is a real rise (interval above 0); the same pooled rise
+    from one prompt alone is not (its interval reaches 0)."""
+    base = _scored_report(tmp_path / "base.json", [(10.0 + i, 20) for i in range(24)])
+    uniform = _scored_report(tmp_path / "uniform.json", [(12.0 + i, 20) for i in range(24)])
+    one_prompt = _scored_report(tmp_path / "one.json", [(10.0 + i + (48.0 if i == 0 else 0.0), 20) for i in range(24)])
+    out = tmp_path / "paired.json"
+    result = subprocess.run(
+        [sys.executable, str(LEVERS / "paired_nll.py"), str(base), str(uniform), str(one_prompt), "--json", str(out)],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    uniform_rise, one_prompt_rise = json.loads(out.read_text())
+    assert uniform_rise["difference"] == pytest.approx(0.1) == one_prompt_rise["difference"]
+    assert uniform_rise["interval95"][0] > 0 and uniform_rise["prompts_worse"] == 24
+    assert one_prompt_rise["interval95"][0] <= 0 and one_prompt_rise["prompts_worse"] == 1
+    legacy = tmp_path / "legacy.json"
+    legacy.write_text(json.dumps({"results": {}, "samples": [{"id": 0, "outputs": {}}]}))
+    refused = subprocess.run(
+        [sys.executable, str(LEVERS / "paired_nll.py"), str(legacy), str(base)], capture_output=True, text=True,
+        timeout=120,
+    )  # fmt: skip
+    assert refused.returncode != 0 and "--rescore" in refused.stderr

@@ -214,6 +214,12 @@ def test_evaluate_model_side_by_side(tiny_pair, problems):
     assert 0.0 <= static["top1_agreement"] <= 1.0 and 0.0 <= dynamic["top1_agreement"] <= 1.0
     assert [sample["id"] for sample in report["samples"]] == [p["task_id"] for p in problems]
     assert set(report["samples"][0]["passed"]) == set(results)
+    # per-prompt teacher scores (for paired comparisons) pool back to each row's NLL per token
+    for name, metrics in results.items():
+        scores = [sample["teacher_scores"][name] for sample in report["samples"]]
+        assert sum(score["tokens"] for score in scores) == metrics["completion_tokens"]
+        pooled = sum(score["nll_sum"] for score in scores) / metrics["completion_tokens"]
+        assert pooled == pytest.approx(metrics["teacher_nll_per_token"], rel=1e-5)
     assert student_system("static") in format_table(report)
 
 
