@@ -83,8 +83,8 @@ def paired(base: list[tuple[float, int]], other: list[tuple[float, int]], seed: 
     )
     per_prompt = [o[0] / max(o[1], 1) - b[0] / max(b[1], 1) for b, o in zip(base, other, strict=True)]
     return {
-        "base": pooled(base, everything),
-        "other": pooled(other, everything),
+        "base_nll": pooled(base, everything),
+        "other_nll": pooled(other, everything),
         "difference": pooled(other, everything) - pooled(base, everything),
         "interval95": [differences[int(0.025 * BOOTSTRAP_SAMPLES)], differences[int(0.975 * BOOTSTRAP_SAMPLES) - 1]],
         "prompts_worse": sum(d > 0 for d in per_prompt),
@@ -121,7 +121,7 @@ def main() -> None:
         comparisons.append(result)
         low, high = result["interval95"]
         print(
-            f"{path}: {result['other']:.3f} vs {result['base']:.3f}: {result['difference']:+.3f} "
+            f"{path}: {result['other_nll']:.3f} vs {result['base_nll']:.3f}: {result['difference']:+.3f} "
             f"(95% [{low:+.3f}, {high:+.3f}]), worse on {result['prompts_worse']} of {result['prompts']} prompts"
         )
     if args.json:

@@ -609,6 +609,7 @@ def test_paired_nll_separates_a_uniform_rise_from_one_prompt_going_badly(tmp_pat
     assert result.returncode == 0, result.stderr
     uniform_rise, one_prompt_rise = json.loads(out.read_text())
     assert uniform_rise["difference"] == pytest.approx(0.1) == one_prompt_rise["difference"]
+    assert uniform_rise["base"] == str(base) and uniform_rise["base_nll"] == pytest.approx(516 / 480)
     assert uniform_rise["interval95"][0] > 0 and uniform_rise["prompts_worse"] == 24
     assert one_prompt_rise["interval95"][0] <= 0 and one_prompt_rise["prompts_worse"] == 1
     legacy = tmp_path / "legacy.json"
