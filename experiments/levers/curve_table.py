@@ -71,6 +71,7 @@ def plot(cell: Path, out: Path, orders: list[str]) -> None:
     """Static NLL and tokens per forward against rollout tokens, decoded in each of ``orders``: whether quality holds
     while parallelism grows is read off one figure (the two panels share the x axis)."""
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -89,6 +90,7 @@ def plot(cell: Path, out: Path, orders: list[str]) -> None:
     speed.set_ylabel("tokens per forward (dynamic, at each threshold)")
     for axis in (quality, speed):
         axis.set_xlabel("rollout tokens trained on")
+        axis.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda tokens, _: f"{tokens / 1000:g}k"))
         axis.legend(fontsize=8)
     figure.suptitle(f"{cell.name}: quality and parallelism as training goes on", fontsize=10)
     figure.tight_layout()
