@@ -9,7 +9,7 @@ difference, a bootstrap 95% interval of that difference over prompts (the prompt
 prompt is compared with itself), and on how many prompts OTHER is worse.
 
 Per-prompt scores come from the records (``samples[i]["teacher_scores"]``, written by opdlm-eval since session
-11). ``--rescore`` computes them for older records: the embedded teacher scores each saved text, re-tokenised,
+11). ``--rescore`` computes them for older records: the embedded teacher (the package's LocalTeacher, as in opdlm-eval) scores each saved text, re-tokenised,
 after exactly the prompt it answered (:func:`opdlm_trl.eval.evaluation_prompts`). Re-tokenising may differ from the
 ids the student wrote (a stop token, a non-canonical split), so the pooled value it gives is printed beside the
 record's own: trust the test where they agree.
@@ -48,21 +48,23 @@ def teacher_scorer(settings: dict):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from opdlm_trl.data import default_model_dir
-    from opdlm_trl.eval import EvalSettings, evaluation_prompts
+    from opdlm_trl.eval import EvalSettings, evaluation_prompts, score_with_teacher
+    from opdlm_trl.teachers import LocalTeacher
 
     tokenizer = AutoTokenizer.from_pretrained(default_model_dir())
     model = AutoModelForCausalLM.from_pretrained(default_model_dir(), dtype=torch.float32).eval()
     options = ("dataset", "split", "limit", "chat_template_kwargs")
     _, prompts = evaluation_prompts(EvalSettings(**{key: settings[key] for key in options}), tokenizer)
 
-    @torch.no_grad()
+    teacher = LocalTeacher(model)
+
     def score(index: int, text: str) -> tuple[float, int]:
         completion = tokenizer(text, add_special_tokens=False)["input_ids"]
         if not completion:
             return 0.0, 0
-        ids = torch.tensor([prompts[index] + completion])
-        logprobs = model(ids).logits[0, len(prompts[index]) - 1 : -1].float().log_softmax(-1)
-        return float(-logprobs.gather(-1, torch.tensor(completion)[:, None]).sum()), len(completion)
+        prompt, completion = torch.tensor([prompts[index]]), torch.tensor([completion])
+        scores = score_with_teacher(teacher, prompt, torch.ones_like(prompt), completion, torch.ones_like(completion))
+        return scores["nll_sum"], scores["tokens"]
 
     return score
 
