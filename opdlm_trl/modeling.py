@@ -41,6 +41,7 @@ __all__ = [
     "suppress_mask_logit",
     "teacher_forward",
     "to_diffusion",
+    "trainable_tokens_merged",
     "unwrap_model",
     "whole_models_while_loading",
 ]
@@ -427,6 +428,47 @@ def adapters_disabled(model: torch.nn.Module):
             yield model
     else:
         yield model
+
+
+def _unmerged_trainable_token_layers(model: torch.nn.Module) -> list:
+    """peft ``TrainableTokensLayer`` s of ``model`` that an exact merge applies to: active and not merged. DeepSpeed
+    ZeRO-3 parameters (``ds_id``) are left alone: outside a gather they hold no weight, and peft's merge replaces a
+    parameter's ``.data``, which this project has not run against ZeRO-3's gather and release."""
+    try:
+        from peft.tuners.trainable_tokens import TrainableTokensLayer
+    except ImportError:  # peft is optional
+        return []
+    return [
+        layer
+        for layer in model.modules()
+        if isinstance(layer, TrainableTokensLayer)
+        and not layer.merged
+        and not layer.disable_adapters
+        and not hasattr(layer.get_base_layer().weight, "ds_id")
+    ]
+
+
+@contextlib.contextmanager
+def trainable_tokens_merged(model: torch.nn.Module):
+    """Write peft's trainable token rows (a LoRA student's mask row) into the frozen embedding for a no-grad decode.
+
+    Unmerged, peft's ``TrainableTokensLayer`` builds the whole ``(V, H)`` matrix with the rows replaced on every
+    forward, for the embedding and again for a tied ``lm_head``: two full copies per decoding step. Merged, the rows
+    are written once per decode (SmolLM2-shaped student on CPU: LoRA decoding at 2.3x a plain student's time before,
+    1.4x after; ``benchmarks/lora_decode.py``). Exact: the merged weight is the matrix peft would build, and unmerging
+    writes the saved original rows back, so the frozen base (the shared-weights teacher) is bitwise unchanged. LoRA
+    layers stay unmerged: their merge adds and later subtracts a low-rank product, which is not exact in bf16.
+    Only for forwards without gradients: a merged row gets no gradient.
+    """
+    layers = _unmerged_trainable_token_layers(model)
+    for layer in layers:
+        layer.merge()
+    try:
+        yield model
+    finally:
+        for layer in reversed(layers):
+            if layer.merged:
+                layer.unmerge()
 
 
 def teacher_forward(

@@ -40,7 +40,13 @@ from .masks import (
     split_previous_logit,
     widen_to_blocks,
 )
-from .modeling import diffusion_settings, restrict_to_teacher_vocab, student_forward, unwrap_model
+from .modeling import (
+    diffusion_settings,
+    restrict_to_teacher_vocab,
+    student_forward,
+    trainable_tokens_merged,
+    unwrap_model,
+)
 from .registry import register
 
 __all__ = [
@@ -610,7 +616,7 @@ class DiffusionSampler:
         was_training = model.training
         model.eval()
         try:
-            with torch.no_grad():
+            with torch.no_grad(), trainable_tokens_merged(model):
                 return self._decode(
                     model, settings, prompt_ids, prompt_mask, completion_length, block_size, mask_block_size, steps,
                     pad_id, generator,

@@ -72,6 +72,18 @@ def test_benchmark_smoke_writes_finite_json(script, tmp_path):
 
 
 @pytest.mark.slow
+def test_lora_decode_smoke_times_every_configuration_at_equal_forwards(tmp_path):
+    output = tmp_path / "lora_decode.json"
+    _run("lora_decode.py", "--output", str(output))
+    results = json.loads(output.read_text())["results"]
+    assert [r["configuration"] for r in results] == [
+        "plain", "lora, rows rebuilt", "lora, rows merged", "lora without mask row", "lora merged into weights",
+    ]  # fmt: skip
+    assert len({r["nfe"] for r in results}) == 1, "static decoding without stops: the same forwards everywhere"
+    assert results[0]["vs_plain"] == 1.0 and all(r["seconds"] > 0 for r in results)
+
+
+@pytest.mark.slow
 def test_token_efficiency_smoke(tmp_path):
     _run("token_efficiency.py", "--out-dir", str(tmp_path))
     results = json.loads((tmp_path / "results.json").read_text())

@@ -332,6 +332,57 @@ def test_fresh_lora_decodes_like_the_base_model(shift):
     assert torch.equal(base.step_map, lora.step_map)
 
 
+@pytest.mark.parametrize("architecture", ["llama", "qwen2"])  # lm_head untied / tied to the embedding
+def test_lora_mask_row_is_merged_for_decoding_exactly(architecture, monkeypatch):
+    """The sampler writes peft's trainable mask row into the frozen embedding once per decode instead of letting peft
+    rebuild the (V, H) matrix every forward: the same logits and tokens as peft's own path, the frozen base bitwise
+    unchanged afterwards, and the row still trained by the next gradient forward."""
+    peft = pytest.importorskip("peft", reason="peft is an optional dependency")
+    import contextlib
+
+    import opdlm_trl.sampling as sampling
+    from peft.tuners.trainable_tokens import TrainableTokensLayer
+
+    model, tokenizer = make_student(architecture, True)
+    config = peft.LoraConfig(
+        r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False,
+        trainable_token_indices=[tokenizer.mask_token_id],
+    )  # fmt: skip
+    wrapped = peft.get_peft_model(model, config)
+    deltas = [p for name, p in wrapped.named_parameters() if "trainable_tokens_delta" in name]
+    with torch.no_grad():
+        for delta in deltas:
+            delta.normal_()  # a trained mask row: decoding depends on it
+    frozen = {name: p.detach().clone() for name, p in wrapped.named_parameters() if not p.requires_grad}
+    rebuilds = []
+    rebuild = TrainableTokensLayer.get_merged_weights
+    monkeypatch.setattr(
+        TrainableTokensLayer, "get_merged_weights", lambda layer, *a: rebuilds.append(1) or rebuild(layer, *a)
+    )
+    prompts = prompts_for(tokenizer)
+
+    merged, merged_sampler = run(wrapped, prompts, record=True, remasking="dynamic", threshold=LOW)
+    assert not rebuilds, "peft rebuilt the embedding matrix inside the decode"
+    monkeypatch.setattr(sampling, "trainable_tokens_merged", contextlib.nullcontext)  # peft's per-forward path
+    unmerged, unmerged_sampler = run(wrapped, prompts, record=True, remasking="dynamic", threshold=LOW)
+    assert len(rebuilds) >= unmerged.nfe  # the reference really took peft's path
+
+    assert torch.equal(merged.completion_ids, unmerged.completion_ids)
+    assert torch.equal(merged.step_map, unmerged.step_map)
+    assert len(merged_sampler.records) == len(unmerged_sampler.records)
+    for ours, theirs in zip(merged_sampler.records, unmerged_sampler.records):
+        assert torch.equal(ours.logits, theirs.logits)
+    assert not any(layer.merged for layer in wrapped.modules() if isinstance(layer, TrainableTokensLayer))
+    for name, p in wrapped.named_parameters():
+        if name in frozen:
+            assert torch.equal(p, frozen[name]), f"the decode left {name} changed"
+
+    wrapped.train()
+    ids = merged.completion_ids.new_full((1, 8), tokenizer.mask_token_id)
+    student_forward(wrapped, ids, torch.ones_like(ids)).logits.float().square().mean().backward()
+    assert all(delta.grad is not None and delta.grad.abs().sum() > 0 for delta in deltas)
+
+
 def test_generate_text_and_chat():
     model, tokenizer = make_student("llama", True)
     stops = default_stop_token_ids(tokenizer)
