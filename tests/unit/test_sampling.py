@@ -340,8 +340,9 @@ def test_lora_mask_row_is_merged_for_decoding_exactly(architecture, monkeypatch)
     peft = pytest.importorskip("peft", reason="peft is an optional dependency")
     import contextlib
 
-    import opdlm_trl.sampling as sampling
     from peft.tuners.trainable_tokens import TrainableTokensLayer
+
+    import opdlm_trl.sampling as sampling
 
     model, tokenizer = make_student(architecture, True)
     config = peft.LoraConfig(
@@ -370,7 +371,7 @@ def test_lora_mask_row_is_merged_for_decoding_exactly(architecture, monkeypatch)
     assert torch.equal(merged.completion_ids, unmerged.completion_ids)
     assert torch.equal(merged.step_map, unmerged.step_map)
     assert len(merged_sampler.records) == len(unmerged_sampler.records)
-    for ours, theirs in zip(merged_sampler.records, unmerged_sampler.records):
+    for ours, theirs in zip(merged_sampler.records, unmerged_sampler.records, strict=True):
         assert torch.equal(ours.logits, theirs.logits)
     assert not any(layer.merged for layer in wrapped.modules() if isinstance(layer, TrainableTokensLayer))
     for name, p in wrapped.named_parameters():
