@@ -460,13 +460,14 @@ def trainable_tokens_merged(model: torch.nn.Module):
     layers stay unmerged: their merge adds and later subtracts a low-rank product, which is not exact in bf16.
     Only for forwards without gradients: a merged row gets no gradient.
     """
-    layers = _unmerged_trainable_token_layers(model)
-    for layer in layers:
-        layer.merge()
+    merged = []
     try:
+        for layer in _unmerged_trainable_token_layers(model):
+            layer.merge()
+            merged.append(layer)  # only what did merge is unmerged, even if a later merge raises
         yield model
     finally:
-        for layer in reversed(layers):
+        for layer in reversed(merged):
             if layer.merged:
                 layer.unmerge()
 
