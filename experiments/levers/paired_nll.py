@@ -9,8 +9,9 @@ difference, a bootstrap 95% interval of that difference over prompts (the prompt
 prompt is compared with itself), and on how many prompts OTHER is worse.
 
 Per-prompt scores come from the records (``samples[i]["teacher_scores"]``, written by opdlm-eval since session
-11). ``--rescore`` computes them for older records: the embedded teacher (the package's LocalTeacher, as in opdlm-eval) scores each saved text, re-tokenised,
-after exactly the prompt it answered (:func:`opdlm_trl.eval.evaluation_prompts`). Re-tokenising may differ from the
+11). ``--rescore`` computes them for older records: the embedded teacher (the package's LocalTeacher, as in
+opdlm-eval) scores each saved text, re-tokenised, after exactly the prompt it answered
+(:func:`opdlm_trl.eval.evaluation_prompts`). Re-tokenising may differ from the
 ids the student wrote (a stop token, a non-canonical split), so the pooled value it gives is printed beside the
 record's own: trust the test where they agree.
 """
