@@ -135,7 +135,8 @@ for spec in "${cells[@]}"; do
       "$python" "${PROMPT_SETS[$part]}" "$out/$part.jsonl"
     fi
   done
-  if [[ ! -f $dir/model.safetensors ]]; then
+  # training ended once convert.py wrote its opd_report.json (its last file; a LoRA cell saves no model.safetensors)
+  if [[ ! -f $dir/opd_report.json ]]; then
     saving=(--save_steps 13 --save_total_limit 1)
     [[ -z $curve_every ]] || saving=(--save_steps "$curve_every")
     resume=()

@@ -464,6 +464,29 @@ def test_levers_curve_mode_evaluates_and_prunes_checkpoints(tmp_path):
     assert bad.returncode == 2 and "CURVE_EVERY must be a positive integer" in bad.stderr
 
 
+def test_levers_trained_lora_cell_is_only_evaluated(tmp_path):
+    """A cell whose training ended (convert.py's opd_report.json written) but whose evaluation did not is only
+    evaluated on a rerun, also a LoRA cell, which saves an adapter and no model.safetensors: keying on the full
+    model's file re-ran its training from the newest checkpoint."""
+    fake, log = tmp_path / "python", tmp_path / "calls.log"
+    fake.write_text(_RECORDING_PYTHON)
+    fake.chmod(0o755)
+    env = {**os.environ, "PYTHON": str(fake), "FAKE_PYTHON_LOG": str(log), "BF16": "false"}
+    cell = tmp_path / "out" / "lora"
+    _checkpoint(cell, 2, [])
+    for name in ("adapter_model.safetensors", "adapter_config.json", "opd_report.json"):
+        (cell / name).write_text("{}")
+    result = subprocess.run(
+        ["bash", str(LEVERS / "levers.sh"), "out", "2", "lora"], cwd=tmp_path, env=env, capture_output=True,
+        text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    calls = log.read_text().splitlines()
+    assert not any("--output_dir" in call for call in calls), calls  # nothing trained
+    assert any("opdlm_trl.eval.cli" in call and str(Path("out") / "lora") in call for call in calls), calls
+    assert (cell / "report.json").exists()
+
+
 def _report(path: Path, static_nll: float, order: str = "confidence") -> None:
     """An opdlm-eval report whose rows carry their commit order, as the default order leaves them unsuffixed."""
     suffix = "" if order == "confidence" else f"_{order}"
